@@ -1,0 +1,154 @@
+"""The EAGLE-style draft: one decoder layer over [next-token embedding; target feature].
+
+Legend: B batch rows, Q tokens, D hidden (the target's), V vocab.
+
+Reference: Li et al., EAGLE (2024) and SpecVLM (arXiv 2509.11815) §3. At
+entry ``i`` the draft reads the target's last hidden feature ``f_i`` (the LM
+head's input at position i) and the embedding of the token at ``i + 1``, and
+predicts ``f_{i+1}``; the target's LM head turns that into a distribution
+over the token at ``i + 2``::
+
+    h = fc(cat(embed(x_{i+1}), f_i))      # [B, Q, 2D] -> [B, Q, D]
+    g = decoder_layer(h)                  # input RMSNorm inside (SpecVLM's fix)
+    logits = lm_head(g)
+
+For image placeholder tokens the "embedding" is the visual feature the
+target merged at that position, so the draft sees the same visual + text
+inputs as the target. The decoder layer is the target family's own HF class
+(Llama, Qwen2, Mistral, ...) at the target's width. The embedding and LM head
+are the target's, frozen, bound with `bind()`, and never saved with the draft.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, PretrainedConfig
+from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+def _family_classes(text_config: PretrainedConfig):
+    """The HF decoder-layer and rotary-embedding classes of a text model family."""
+    model_type = text_config.model_type
+    model_cls = MODEL_MAPPING_NAMES.get(model_type)
+    if model_cls is None:
+        raise ValueError(f"unsupported language model family {model_type!r} for the draft layer")
+    module = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
+    prefix = model_cls.removesuffix("Model")
+    try:
+        return getattr(module, f"{prefix}DecoderLayer"), getattr(module, f"{prefix}RotaryEmbedding")
+    except AttributeError as e:
+        raise ValueError(f"language model family {model_type!r} has no decoder layer the draft can use") from e
+
+
+class EagleDraft(nn.Module):
+    """One decoder layer that predicts the target's next feature.
+
+    Attributes saved by `save_pretrained`: ``fc`` and ``layer`` (and later
+    issues' compressor). ``embed_tokens`` / ``lm_head`` are the target's and
+    are held outside the module's parameters.
+    """
+
+    def __init__(self, text_config: PretrainedConfig):
+        super().__init__()
+        cfg = text_config.__class__.from_dict(text_config.to_dict())
+        cfg.num_hidden_layers = 1
+        cfg._attn_implementation = text_config._attn_implementation or "sdpa"
+        self.config = cfg
+        layer_cls, rope_cls = _family_classes(cfg)
+        D = cfg.hidden_size
+        self.fc = nn.Linear(2 * D, D, bias=True)
+        self.layer = layer_cls(cfg, layer_idx=0)
+        self.rotary_emb = rope_cls(config=cfg)
+        self._shared: tuple[nn.Module, nn.Module] | None = None  # (embed_tokens, lm_head), not registered
+
+    # ----------------------------------------------------------------- build
+    @classmethod
+    def from_target(cls, model: nn.Module, seed: int = 0) -> "EagleDraft":
+        """An untrained draft for ``model`` (any supported HF VLM), seeded, in its dtype/device."""
+        from .target import TargetAdapter
+
+        target = TargetAdapter(model)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            draft = cls(target.text_config)
+        param = next(model.parameters())
+        draft.to(device=param.device, dtype=param.dtype)
+        draft.bind(target.embed_tokens, target.lm_head)
+        return draft
+
+    def bind(self, embed_tokens: nn.Module, lm_head: nn.Module) -> "EagleDraft":
+        """Share the target's (frozen) token embedding and LM head."""
+        self._shared = (embed_tokens, lm_head)
+        return self
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """HF-style folder: config.json + model.safetensors (draft weights only)."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        meta = {"architecture": "EagleDraft", "text_config": self.config.to_dict()}
+        (path / CONFIG_NAME).write_text(json.dumps(meta, indent=2, default=str))
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(state, str(path / WEIGHTS_NAME))
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> "EagleDraft":
+        """Load a folder written by `save_pretrained`. Call `bind()` (the engine does) before use."""
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        if not (path / CONFIG_NAME).is_file() or not (path / WEIGHTS_NAME).is_file():
+            raise FileNotFoundError(f"{path} is not a draft folder (needs {CONFIG_NAME} and {WEIGHTS_NAME})")
+        meta = json.loads((path / CONFIG_NAME).read_text())
+        if meta.get("architecture") != "EagleDraft":
+            raise ValueError(f"{path / CONFIG_NAME} does not describe an EagleDraft")
+        tc = dict(meta["text_config"])
+        text_config = AutoConfig.for_model(tc.pop("model_type"), **tc)
+        state = load_file(str(path / WEIGHTS_NAME))
+        dtype = next(iter(state.values())).dtype
+        draft = cls(text_config).to(dtype)
+        draft.load_state_dict(state, strict=True)
+        return draft
+
+    # --------------------------------------------------------------- forward
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``[B, Q]`` token ids -> ``[B, Q, D]`` with the target's embedding."""
+        assert self._shared is not None, "draft is not bound to a target: call bind()"
+        return self._shared[0](tokens)
+
+    def log_probs(self, hidden: torch.Tensor, suppress: torch.Tensor | None = None) -> torch.Tensor:
+        """``[..., D]`` draft hidden -> ``[..., V]`` log-probs through the target's LM head."""
+        assert self._shared is not None, "draft is not bound to a target: call bind()"
+        logits = self._shared[1](hidden).float()
+        if suppress is not None and suppress.numel():
+            logits[..., suppress] = float("-inf")
+        return logits.log_softmax(-1)
+
+    def forward(
+        self,
+        token_embeds: torch.Tensor,  # [B, Q, D] embedding of the token at i+1
+        features: torch.Tensor,  # [B, Q, D] target (or parent draft) feature at i
+        position_ids: torch.Tensor,  # [B, Q] position of i
+        attention_mask: torch.Tensor | None,  # [B, 1, Q, V] additive, None = causal without cache
+        cache=None,  # SlotKVCache with one layer, or None (training)
+    ) -> torch.Tensor:
+        """Predicted next features ``[B, Q, D]``."""
+        h = self.fc(torch.cat([token_embeds, features.to(token_embeds.dtype)], dim=-1))  # [B, Q, D]
+        pos_emb = self.rotary_emb(h, position_ids)
+        return self.layer(
+            h,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=cache is not None,
+            position_embeddings=pos_emb,
+        )

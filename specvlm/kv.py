@@ -1,0 +1,140 @@
+"""The decode loop's KV cache: preallocated buffers, per-row lengths, in-place commit.
+
+Legend: L layers, B batch rows, H kv heads, S cache slots, D head dim,
+Q tokens written by one forward, A accepted tree nodes.
+
+One `SlotKVCache` serves the target (all its layers) and the draft (one layer).
+Every row owns slots ``[0, lengths[b])`` of committed tokens. A forward writes
+its Q new tokens at ``lengths[b] + offset + arange(Q)`` ("pending" slots) and
+attends to the committed prefix plus whatever pending slots the caller's
+tree mask allows. Pending slots are never committed implicitly:
+
+* `advance(n)` keeps the first ``n[b]`` pending slots as they are (prefill,
+  draft catch-up, autoregressive steps);
+* `commit(path, n)` moves the accepted tree nodes ``path[b, :n[b]]`` to the
+  front of the pending region with one gather + one scatter per layer, the
+  in-place "accept a tree path" step of speculative decoding. Nothing is
+  re-run through the model.
+
+Slots are physical; the rotary position of a token was applied to its key
+when written, so rows may sit at different lengths and a row's left padding
+is simply a slot marked invalid. `valid` excludes those pad slots.
+
+The class subclasses HF's `Cache` so HF decoder layers call `update()` on it;
+masks are always passed as explicit 4D additive masks built by
+`attention_mask()`, so no HF mask logic ever reads this cache.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache
+
+
+class SlotKVCache(Cache):
+    """Preallocated ``[L, B, H, S, D]`` keys/values with per-row committed lengths."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        batch_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        max_len: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        layer_offset: int = 0,
+    ):
+        # HF's Cache keeps a list of layer objects; we manage storage ourselves.
+        self.layers = []
+        self.layer_class_to_replicate = None
+        self.offloading = False
+        shape = (num_layers, batch_size, num_kv_heads, max_len, head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)  # [L, B, H, S, D]
+        self.values = torch.zeros(shape, dtype=dtype, device=device)  # [L, B, H, S, D]
+        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)  # [B]
+        self.valid = torch.ones(batch_size, max_len, dtype=torch.bool, device=device)  # [B, S]
+        self.max_len = max_len
+        self.layer_offset = layer_offset  # HF layer_idx of our layer 0 (the draft's layer is idx 0)
+        self._slots: torch.Tensor | None = None  # [B, Q] slots of the pending forward
+        self._view_len = 0
+
+    # ------------------------------------------------------------------ write
+    def begin(self, q: int, tree_mask: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        """Reserve ``q`` pending slots per row and return the 4D additive mask.
+
+        Args:
+            q: tokens the next forward writes per row.
+            tree_mask: ``[B, Q, offset + Q]`` bool; which pending tokens (earlier
+                writes of this round first, then this write) each query sees.
+            offset: pending slots already written this round (draft tree steps).
+        Returns:
+            ``[B, 1, Q, V]`` additive float mask over the cache view of V slots.
+        """
+        B = self.lengths.shape[0]
+        P = offset + q
+        assert tree_mask.shape == (B, q, P), (tree_mask.shape, (B, q, P))
+        start = self.lengths + offset  # [B]
+        self._slots = start[:, None] + torch.arange(q, device=start.device)  # [B, Q]
+        view = int(self.lengths.max()) + P
+        if view > self.max_len:
+            raise RuntimeError(f"KV cache overflow: need {view} slots, have {self.max_len}")
+        self._view_len = view
+        cols = torch.arange(view, device=start.device)  # [V]
+        prefix = (cols[None, :] < self.lengths[:, None]) & self.valid[:, :view]  # [B, V]
+        pending = torch.zeros(B, q, view, dtype=torch.bool, device=start.device)  # [B, Q, V]
+        pend_slots = self.lengths[:, None] + torch.arange(P, device=start.device)  # [B, P]
+        pending.scatter_(2, pend_slots[:, None, :].expand(B, q, P), tree_mask)
+        visible = prefix[:, None, :] | pending  # [B, Q, V]
+        mask = torch.zeros(B, 1, q, view, dtype=self.keys.dtype, device=start.device)
+        mask.masked_fill_(~visible[:, None], torch.finfo(self.keys.dtype).min)
+        return mask  # [B, 1, Q, V]
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        """HF hook: write ``[B, H, Q, D]`` at the pending slots, return the ``[B, H, V, D]`` view."""
+        layer = layer_idx - self.layer_offset
+        B, H, Q, D = key_states.shape
+        assert self._slots is not None and self._slots.shape == (B, Q), "call begin() before a forward"
+        idx = self._slots[:, None, :, None].expand(B, H, Q, D)
+        self.keys[layer].scatter_(2, idx, key_states.to(self.keys.dtype))
+        self.values[layer].scatter_(2, idx, value_states.to(self.values.dtype))
+        v = self._view_len
+        return self.keys[layer, :, :, :v], self.values[layer, :, :, :v]
+
+    # ----------------------------------------------------------------- commit
+    def advance(self, n: torch.Tensor) -> None:
+        """Keep the first ``n[b]`` pending slots of each row as written. n: ``[B]``."""
+        self.lengths += n
+
+    def commit(self, path: torch.Tensor, n: torch.Tensor) -> None:
+        """Keep accepted tree nodes: pending node ``path[b, a]`` moves to pending slot ``a``.
+
+        path: ``[B, A]`` node indices relative to the pending region, ascending per
+        row (a tree path: parents precede children, so ``path[b, a] >= a``);
+        entries at ``a >= n[b]`` are ignored. n: ``[B]`` accepted nodes per row.
+        """
+        B, A = path.shape
+        L, _, H, _, D = self.keys.shape
+        src = self.lengths[:, None] + path  # [B, A]
+        dst = self.lengths[:, None] + torch.arange(A, device=path.device)  # [B, A]
+        keep = torch.arange(A, device=path.device)[None, :] < n[:, None]  # [B, A]
+        src = torch.where(keep, src, dst)  # ignored entries copy onto themselves
+        src_idx = src[None, :, None, :, None].expand(L, B, H, A, D)
+        dst_idx = dst[None, :, None, :, None].expand(L, B, H, A, D)
+        self.keys.scatter_(3, dst_idx, self.keys.gather(3, src_idx))
+        self.values.scatter_(3, dst_idx, self.values.gather(3, src_idx))
+        self.lengths += n
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Keep only batch rows ``rows`` (``[B']`` indices); finished rows leave the batch."""
+        self.keys = self.keys[:, rows]
+        self.values = self.values[:, rows]
+        self.lengths = self.lengths[rows]
+        self.valid = self.valid[rows]
+
+    # HF Cache API bits that generic code may ask for.
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return int(self.lengths.max())
+
+    def __len__(self) -> int:
+        return self.keys.shape[0]

@@ -1,0 +1,140 @@
+"""EAGLE-2 dynamic draft tree: grow by cumulative log-prob, rerank, mask, positions.
+
+Legend: B batch rows, k top-k per expansion, K tree nodes (``total_tokens``,
+root included), C candidates, V vocab, D hidden.
+
+Reference: Li et al., "EAGLE-2: Faster Inference of Language Models with
+Dynamic Draft Trees" (2024). Each round:
+
+1. The root is the last verified token. The draft's hidden state for the root
+   gives log-probs for depth-1 candidates; keep the top-k (the frontier).
+2. For ``depth - 1`` steps, run the draft once over the k frontier nodes (tree
+   attention: each node sees the committed prefix and its own ancestors),
+   score every child by *cumulative* log-prob (parent score + child log-prob),
+   record all k*k children as candidates and keep the top-k as the new frontier.
+3. Rerank every candidate by score and keep the best ``K - 1``; sort them by
+   generation order so parents precede children; node 0 is the root.
+
+A child's score never exceeds its parent's (log-probs are <= 0); ties are
+broken towards the shallower node, so a kept node's parent is always kept.
+The draft therefore runs ``depth`` times per round counting the catch-up
+forward that produced the root's hidden state (see engine.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Tree:
+    """A batch of draft trees, one per row, all with K nodes; node 0 is the root."""
+
+    tokens: torch.Tensor  # [B, K] token id of each node
+    parents: torch.Tensor  # [B, K] parent node index (the root is its own parent)
+    depth: torch.Tensor  # [B, K] 0 for the root
+    ancestors: torch.Tensor  # [B, K, K] bool: ancestors[b, i, j] iff j is i or an ancestor of i
+
+    @property
+    def num_nodes(self) -> int:
+        return self.tokens.shape[1]
+
+
+def max_candidates(top_k: int, depth: int) -> int:
+    """Candidates one round produces: k at depth 1, then k*k per further step."""
+    return top_k + (depth - 1) * top_k * top_k
+
+
+def ancestor_mask(parents: torch.Tensor, max_depth: int) -> torch.Tensor:
+    """``[B, K]`` parents (root = own parent) -> ``[B, K, K]`` bool self-or-ancestor mask."""
+    B, K = parents.shape
+    anc = torch.eye(K, dtype=torch.bool, device=parents.device).expand(B, K, K).clone()
+    cur = torch.arange(K, device=parents.device).expand(B, K)
+    for _ in range(max_depth):
+        cur = parents.gather(1, cur)  # [B, K] walk one level up
+        anc.scatter_(2, cur[..., None], True)
+    return anc
+
+
+def select_tree(
+    root: torch.Tensor,  # [B]
+    cand_tokens: torch.Tensor,  # [B, C] in generation order
+    cand_scores: torch.Tensor,  # [B, C] cumulative log-probs
+    cand_parents: torch.Tensor,  # [B, C] candidate index of the parent, -1 for the root
+    cand_depth: torch.Tensor,  # [B, C] >= 1
+    total_tokens: int,
+) -> Tree:
+    """Keep the best ``total_tokens - 1`` candidates and build the tree tensors."""
+    B, C = cand_tokens.shape
+    n = total_tokens - 1
+    assert n <= C, (n, C)
+    # float64 key with a depth tie-break: a parent always outranks its children.
+    key = cand_scores.double() - cand_depth.double() * 1e-9  # [B, C]
+    keep = key.topk(n, dim=1).indices.sort(dim=1).values  # [B, n] generation order
+    node_of = torch.zeros(B, C, dtype=torch.long, device=root.device)  # candidate -> node index
+    node_of.scatter_(1, keep, torch.arange(1, n + 1, device=root.device).expand(B, n))
+    cp = cand_parents.gather(1, keep)  # [B, n]
+    parents = torch.where(cp < 0, 0, node_of.gather(1, cp.clamp(min=0)))  # [B, n]
+    zero = torch.zeros(B, 1, dtype=torch.long, device=root.device)
+    parents = torch.cat([zero, parents], dim=1)  # [B, K]
+    depth = torch.cat([zero, cand_depth.gather(1, keep)], dim=1)  # [B, K]
+    tokens = torch.cat([root[:, None], cand_tokens.gather(1, keep)], dim=1)  # [B, K]
+    return Tree(tokens, parents, depth, ancestor_mask(parents, int(depth.max())))
+
+
+@torch.no_grad()
+def propose_tree(
+    draft,
+    cache,
+    root: torch.Tensor,  # [B] last verified token
+    root_hidden: torch.Tensor,  # [B, D] draft hidden whose LM head predicts the root's child
+    root_pos: torch.Tensor,  # [B] target position of the root token
+    top_k: int,
+    depth: int,
+    total_tokens: int,
+    suppress: torch.Tensor | None = None,  # [S] token ids never proposed
+) -> Tree:
+    """Grow the EAGLE-2 tree with ``draft`` over its `SlotKVCache` (nothing committed)."""
+    B, D = root_hidden.shape
+    k = top_k
+    dev = root.device
+    score, tok = draft.log_probs(root_hidden, suppress).topk(k, dim=-1)  # [B, k]
+    cand_tok, cand_score = [tok], [score]
+    cand_parent = [torch.full((B, k), -1, dtype=torch.long, device=dev)]
+    cand_depth = [torch.ones(B, k, dtype=torch.long, device=dev)]
+    front_tok, front_score = tok, score  # [B, k]
+    front_idx = torch.arange(k, device=dev).expand(B, k)  # [B, k] candidate index of each frontier node
+    front_hidden = root_hidden[:, None, :].expand(B, k, D)  # [B, k, D] parent hidden per frontier node
+    anc = torch.eye(k, dtype=torch.bool, device=dev).expand(B, k, k)  # [B, k, s*k] written entries seen
+    n_cand = k
+    for s in range(1, depth):
+        mask = cache.begin(k, anc, offset=(s - 1) * k)  # [B, 1, k, V']
+        pos = (root_pos + s - 1)[:, None].expand(B, k)  # [B, k] entry of a depth-s node
+        g = draft(draft.embed(front_tok), front_hidden, pos, mask, cache)  # [B, k, D]
+        child_score, child_tok = draft.log_probs(g, suppress).topk(k, dim=-1)  # [B, k, k]
+        child_score = front_score[:, :, None] + child_score
+        flat_score = child_score.reshape(B, k * k)
+        flat_tok = child_tok.reshape(B, k * k)
+        cand_tok.append(flat_tok)
+        cand_score.append(flat_score)
+        cand_parent.append(front_idx[:, :, None].expand(B, k, k).reshape(B, k * k))
+        cand_depth.append(torch.full((B, k * k), s + 1, dtype=torch.long, device=dev))
+        front_score, best = flat_score.topk(k, dim=-1)  # [B, k]
+        slot = best // k  # [B, k] which current frontier node is the parent
+        front_tok = flat_tok.gather(1, best)
+        front_idx = n_cand + best
+        front_hidden = g.gather(1, slot[..., None].expand(B, k, D))
+        seen = anc.gather(1, slot[..., None].expand(B, k, anc.shape[2]))  # [B, k, s*k]
+        own = torch.eye(k, dtype=torch.bool, device=dev).expand(B, k, k)
+        anc = torch.cat([seen, own], dim=2)  # [B, k, (s+1)*k]
+        n_cand += k * k
+    return select_tree(
+        root,
+        torch.cat(cand_tok, 1),
+        torch.cat(cand_score, 1),
+        torch.cat(cand_parent, 1),
+        torch.cat(cand_depth, 1),
+        total_tokens,
+    )
