@@ -71,7 +71,7 @@ class EagleDraft(nn.Module):
 
     # ----------------------------------------------------------------- build
     @classmethod
-    def from_target(cls, model: nn.Module, seed: int = 0) -> "EagleDraft":
+    def from_target(cls, model: nn.Module, seed: int = 0) -> EagleDraft:
         """An untrained draft for ``model`` (any supported HF VLM), seeded, in its dtype/device."""
         from .target import TargetAdapter
 
@@ -84,7 +84,7 @@ class EagleDraft(nn.Module):
         draft.bind(target.embed_tokens, target.lm_head)
         return draft
 
-    def bind(self, embed_tokens: nn.Module, lm_head: nn.Module) -> "EagleDraft":
+    def bind(self, embed_tokens: nn.Module, lm_head: nn.Module) -> EagleDraft:
         """Share the target's (frozen) token embedding and LM head."""
         self._shared = (embed_tokens, lm_head)
         return self
@@ -101,7 +101,7 @@ class EagleDraft(nn.Module):
         save_file(state, str(path / WEIGHTS_NAME))
 
     @classmethod
-    def from_pretrained(cls, path: str | Path) -> "EagleDraft":
+    def from_pretrained(cls, path: str | Path) -> EagleDraft:
         """Load a folder written by `save_pretrained`. Call `bind()` (the engine does) before use."""
         from safetensors.torch import load_file
 

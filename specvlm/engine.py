@@ -152,7 +152,9 @@ class SpecVLMEngine:
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if attention_mask.shape != input_ids.shape:
-            raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids {tuple(input_ids.shape)}")
+            raise ValueError(
+                f"attention_mask shape {tuple(attention_mask.shape)} != input_ids {tuple(input_ids.shape)}"
+            )
         m = attention_mask.long()
         if (m[:, 1:] < m[:, :-1]).any():
             raise ValueError("attention_mask must be left-padded (set tokenizer.padding_side='left')")
@@ -285,4 +287,3 @@ class SpecVLMEngine:
                     break
             stats[r].num_tokens = len(seqs[r])
         return finished
-

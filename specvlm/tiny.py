@@ -95,9 +95,7 @@ def tiny_inputs(model, text_lengths: list[int], seed: int = 0, image_sizes: list
         from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
         image_sizes = image_sizes or [(vc.image_size, vc.image_size)] * B
-        tiles = [
-            image_size_to_num_patches(s, model.config.image_grid_pinpoints, vc.image_size) for s in image_sizes
-        ]
+        tiles = [image_size_to_num_patches(s, model.config.image_grid_pinpoints, vc.image_size) for s in image_sizes]
         pv = torch.randn(B, max(tiles), 3, vc.image_size, vc.image_size, generator=g).to(dtype)
         sizes = torch.tensor(image_sizes)
         out.update(pixel_values=pv, image_sizes=sizes)

@@ -101,8 +101,26 @@ def _path(tree: Tree, best: torch.Tensor) -> torch.Tensor:
     return torch.where(idx == K, 0, idx)
 
 
+def children_table(parents: torch.Tensor) -> torch.Tensor:
+    """``[B, K]`` parents -> ``[B, K, W]`` child node indices per node in node order, -1 padded."""
+    B, K = parents.shape
+    idx = torch.arange(K, device=parents.device)
+    is_child = idx[None, :] > 0  # the root is nobody's child
+    same = (parents[:, :, None] == parents[:, None, :]) & (idx[None, None, :] < idx[None, :, None])  # [B, K, K]
+    rank = same.sum(-1)  # [B, K] position among earlier siblings
+    W = int(rank[:, 1:].max()) + 1 if K > 1 else 1
+    table = torch.full((B, K, W + 1), -1, dtype=torch.long, device=parents.device)
+    slot = torch.where(is_child, rank, W)  # the root writes into a spare column
+    flat = parents * (W + 1) + slot  # [B, K]
+    table.view(B, -1).scatter_(1, flat, idx.expand(B, K).clone())
+    return table[:, :, :W]
+
+
 def sample_accept(tree: Tree, probs: torch.Tensor, generator: torch.Generator | None):
     """Multi-candidate speculative sampling over the tree (see module docstring).
+
+    Vectorized over rows: at each depth every row tries its current node's
+    children in order, each against its own uniform draw.
 
     Args:
         tree: the verified tree.
@@ -110,31 +128,35 @@ def sample_accept(tree: Tree, probs: torch.Tensor, generator: torch.Generator | 
     Returns:
         as `greedy_accept`.
     """
-    B, K = tree.tokens.shape
-    tokens = tree.tokens.tolist()
-    parents = tree.parents.tolist()
-    best, bonus = [], []
-    for b in range(B):
-        children = [[] for _ in range(K)]
-        for i in range(1, K):
-            children[parents[b][i]].append(i)
-        node = 0
-        while True:
-            p = probs[b, node].clone()  # [V]
-            moved = False
-            for c in children[node]:
-                t = tokens[b][c]
-                u = torch.rand((), generator=generator, device=p.device, dtype=p.dtype)
-                if u < p[t]:
-                    node, moved = c, True
-                    break
-                p[t] = 0
-                p = p / p.sum()
-            if not moved:
-                bonus.append(int(torch.multinomial(p, 1, generator=generator)))
-                best.append(node)
+    B, K, V = probs.shape
+    dev = probs.device
+    rows = torch.arange(B, device=dev)
+    children = children_table(tree.parents)  # [B, K, W]
+    node = torch.zeros(B, dtype=torch.long, device=dev)  # [B] current node
+    live = torch.ones(B, dtype=torch.bool, device=dev)  # [B] still descending
+    residual = probs[:, 0].clone()  # [B, V] distribution at the current node
+    for _ in range(int(tree.depth.max())):
+        moved = torch.zeros(B, dtype=torch.bool, device=dev)
+        for j in range(children.shape[2]):
+            child = children[rows, node, j]  # [B]
+            trying = live & ~moved & (child >= 0)
+            if not trying.any():
                 break
-    dev = tree.tokens.device
-    best_t = torch.tensor(best, device=dev)
-    n_accept = tree.depth.gather(1, best_t[:, None])[:, 0] + 1
-    return _path(tree, best_t), n_accept, torch.tensor(bonus, device=dev)
+            tok = tree.tokens[rows, child.clamp(min=0)]  # [B]
+            p_tok = residual[rows, tok]  # [B]
+            u = torch.rand(B, generator=generator, device=dev, dtype=residual.dtype)
+            accept = trying & (u < p_tok)
+            reject = trying & ~accept
+            moved |= accept
+            node = torch.where(accept, child, node)
+            # rejected: remove the candidate from the residual and renormalise
+            residual[rows[reject], tok[reject]] = 0
+            residual[reject] /= residual[reject].sum(-1, keepdim=True)
+        # rows that moved continue from the child's own target distribution
+        residual = torch.where(moved[:, None], probs[rows, node], residual)
+        live &= moved
+        if not live.any():
+            break
+    bonus = torch.multinomial(residual, 1, generator=generator)[:, 0]
+    n_accept = tree.depth.gather(1, node[:, None])[:, 0] + 1
+    return _path(tree, node), n_accept, bonus

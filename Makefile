@@ -1,0 +1,41 @@
+# specvlm: every target creates .venv if missing and installs torch==2.13.0 before the project.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH ?= torch==2.13.0
+export RAY_AUTH_MODE ?= disabled
+export RAY_USAGE_STATS_ENABLED ?= 0
+
+.PHONY: demo test bench lint install dev clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(VENV)/.installed: $(BIN)/python pyproject.toml
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -e .
+	touch $@
+
+$(VENV)/.dev: $(VENV)/.installed
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+dev: $(VENV)/.dev
+
+demo: $(VENV)/.installed
+	$(BIN)/specvlm demo
+
+test: $(VENV)/.dev
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+bench: $(VENV)/.installed
+	$(BIN)/specvlm bench
+
+lint: $(VENV)/.dev
+	$(BIN)/ruff check specvlm actors pipelines benchmarks tests
+	$(BIN)/ruff format --check specvlm actors pipelines benchmarks tests
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

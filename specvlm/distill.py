@@ -1,0 +1,132 @@
+"""Online-logit distillation of the draft: one framework-free step and a plain loop.
+
+Legend: B batch rows, T tokens, D hidden, V vocab.
+
+SpecVLM §3.3: the frozen target runs on the fly over (image, prompt,
+response); nothing is stored. The draft is teacher-forced on the target's
+own features: at entry i it reads ``[embed(x_{i+1}); f_i]`` and predicts
+``f_{i+1}``. The loss, over response positions only::
+
+    L = 0.1 * softCE(lm_head(g_i), target_logits_{i+1}) + 1.0 * SmoothL1(g_i, f_{i+1})
+
+Only the draft's parameters (and, with the compressor, the compressor's)
+receive gradients; the target, its embedding and LM head are frozen.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .draft import EagleDraft
+from .target import TargetAdapter
+
+
+@dataclass
+class DistillBatch:
+    """One training batch, left-padded: prompt followed by the response (EOS included)."""
+
+    input_ids: torch.Tensor  # [B, T]
+    attention_mask: torch.Tensor  # [B, T]
+    loss_mask: torch.Tensor  # [B, T] 1 where the token is part of the response
+    pixel_values: torch.Tensor | None = None
+    image_sizes: torch.Tensor | None = None
+
+
+@dataclass
+class Teacher:
+    """What the frozen target gives the draft for one batch."""
+
+    embeds: torch.Tensor  # [B, T, D] input embeddings, visual features merged
+    features: torch.Tensor  # [B, T, D] last hidden states (LM-head input)
+    logits: torch.Tensor  # [B, T, V]
+    positions: torch.Tensor  # [B, T]
+
+
+@torch.no_grad()
+def teacher_forward(target: TargetAdapter, batch: DistillBatch) -> Teacher:
+    """Frozen target pass over a whole batch (no cache)."""
+    mask = batch.attention_mask
+    mm = {"image_sizes": batch.image_sizes} if batch.image_sizes is not None else {}
+    embeds = target.embed_inputs(batch.input_ids, batch.pixel_values, **mm)
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    out = target.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False)
+    feats = out.last_hidden_state
+    return Teacher(embeds, feats, target.logits(feats), positions)
+
+
+def causal_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``[B, T]`` padding mask -> ``[B, 1, T, T]`` additive causal mask."""
+    B, T = attention_mask.shape
+    allowed = torch.ones(T, T, dtype=torch.bool, device=attention_mask.device).tril()[None]
+    allowed = allowed & attention_mask.bool()[:, None, :]
+    allowed = allowed | torch.eye(T, dtype=torch.bool, device=attention_mask.device)  # pad rows: no NaN
+    return torch.zeros(B, 1, T, T, dtype=dtype, device=attention_mask.device).masked_fill(
+        ~allowed[:, None], torch.finfo(dtype).min
+    )
+
+
+@dataclass
+class StepResult:
+    loss: torch.Tensor  # scalar, with grad
+    loss_logit: float
+    loss_feat: float
+    draft_top1: float  # fraction of response positions where draft argmax == target argmax
+
+
+def distill_loss(
+    draft: EagleDraft,
+    teacher: Teacher,
+    batch: DistillBatch,
+    logit_weight: float = 0.1,
+    feat_weight: float = 1.0,
+    feature_noise: float = 0.0,
+) -> StepResult:
+    """The SpecVLM loss for one batch (teacher already computed)."""
+    f_in = teacher.features[:, :-1]  # [B, T-1, D] f_i
+    if feature_noise > 0:
+        f_in = f_in + (torch.rand_like(f_in) - 0.5) * 2 * feature_noise  # EAGLE: uniform noise
+    tok_in = teacher.embeds[:, 1:]  # [B, T-1, D] embed(x_{i+1})
+    mask = batch.attention_mask[:, :-1]  # entry i is real iff f_i is
+    g = draft(tok_in, f_in, teacher.positions[:, :-1], causal_mask(mask, f_in.dtype))  # [B, T-1, D]
+    target_f = teacher.features[:, 1:]  # [B, T-1, D] f_{i+1}
+    target_logits = teacher.logits[:, 1:].float()  # [B, T-1, V] predicts x_{i+2}
+    # response positions: x_{i+2} is a response token
+    sel = torch.zeros_like(mask, dtype=torch.bool)
+    sel[:, :-1] = batch.loss_mask[:, 2:].bool()
+    n = sel.sum().clamp(min=1)
+    logp = draft.log_probs(g)  # [B, T-1, V]
+    soft_ce = -(target_logits.softmax(-1) * logp).sum(-1)  # [B, T-1]
+    feat = F.smooth_l1_loss(g.float(), target_f.float(), reduction="none").mean(-1)  # [B, T-1]
+    loss_logit = (soft_ce * sel).sum() / n
+    loss_feat = (feat * sel).sum() / n
+    top1 = ((logp.argmax(-1) == target_logits.argmax(-1)) & sel).sum() / n
+    loss = logit_weight * loss_logit + feat_weight * loss_feat
+    return StepResult(loss, loss_logit.item(), loss_feat.item(), top1.item())
+
+
+def distill_step(
+    target: TargetAdapter,
+    draft: EagleDraft,
+    batch: DistillBatch,
+    optimizer: torch.optim.Optimizer,
+    max_grad_norm: float = 1.0,
+    **loss_kwargs,
+) -> StepResult:
+    """Teacher pass, draft pass, loss, backward, clip, optimizer step."""
+    teacher = teacher_forward(target, batch)
+    draft.train()
+    res = distill_loss(draft, teacher, batch, **loss_kwargs)
+    optimizer.zero_grad(set_to_none=True)
+    res.loss.backward()
+    if max_grad_norm:
+        torch.nn.utils.clip_grad_norm_([p for p in draft.parameters() if p.requires_grad], max_grad_norm)
+    optimizer.step()
+    return res
+
+
+def make_optimizer(draft: EagleDraft, lr: float = 8e-5, weight_decay: float = 0.0) -> torch.optim.AdamW:
+    """The paper's AdamW (beta 0.9, 0.95), no weight decay."""
+    return torch.optim.AdamW(draft.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)

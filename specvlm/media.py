@@ -1,0 +1,247 @@
+"""Decode image and video bytes into RGB PIL images, within limits.
+
+Batch captioning must fail one bad row, not the job: every way an input can be
+bad (empty, too big, not an image, truncated, a decompression bomb, a corrupt
+video) raises one `MediaError` whose ``str`` is ``"kind: message"`` and goes
+straight into the output's ``error`` column. Anything else that escapes is a
+bug, not bad data.
+
+This module knows nothing about models, tokenizers or Ray: bytes in, RGB
+``PIL.Image.Image`` frames out. It needs Pillow and PyAV, not torch.
+
+Choices a reader should know about:
+
+- Transparent images (RGBA, LA, palette with transparency) are composited on
+  white, so transparent areas do not turn black.
+- 16-bit and 32-bit grayscale ("I;16", "I", "F") are scaled into 0..255, not
+  clipped (Pillow's plain ``convert("RGB")`` turns most 16-bit pixels white).
+- EXIF orientation is applied, so phone photos come out upright.
+- Animated images (GIF, WebP, APNG) and multi-page TIFFs give their first frame.
+- Only the formats below are opened: Pillow's other plugins (EPS runs
+  Ghostscript) and FFmpeg's other demuxers (HLS and concat open further URLs)
+  are not reachable from untrusted bytes.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import PurePosixPath
+from typing import Literal
+from urllib.parse import urlsplit
+
+import av
+from PIL import Image, ImageOps
+from pydantic import BaseModel, ConfigDict, Field
+
+MediaErrorKind = Literal["read", "decode", "too_large", "empty", "unsupported"]
+MediaKind = Literal["image", "video"]
+
+IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff"})
+VIDEO_EXTENSIONS = frozenset({"mp4", "webm", "mkv", "mov", "avi"})
+_PIL_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "DIB", "TIFF")  # JPEG also opens MPO (phone photos)
+_AV_DEMUXERS = "mov,mp4,m4a,3gp,3g2,mj2,matroska,webm,avi"  # FFmpeg's format_whitelist syntax
+
+
+class MediaError(Exception):
+    """One input could not be decoded; ``str(err)`` is ``"kind: message"``.
+
+    kind: ``read`` (fetching the bytes failed; raised by loaders, not here),
+    ``decode`` (not valid media), ``too_large`` (over a `MediaLimits` bound),
+    ``empty`` (zero bytes), ``unsupported`` (unknown file type).
+    """
+
+    def __init__(self, kind: MediaErrorKind, message: str):
+        assert kind in MediaErrorKind.__args__, kind
+        super().__init__(kind, message)  # args kept, so the error pickles across Ray workers
+        self.kind = kind
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"{self.kind}: {self.message}"
+
+
+class MediaLimits(BaseModel):
+    """Bounds on what one input may cost; anything over them is a ``too_large`` row error."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_bytes: int = Field(64 * 1024**2, gt=0, description="encoded size of one input")
+    max_pixels: int = Field(
+        40_000_000, gt=0, description="width*height of an image or video frame, checked from the header before decoding"
+    )
+    max_frames: int = Field(8, ge=1, description="frames sampled from one video (the most a caller may ask for)")
+    max_video_seconds: float = Field(
+        600.0, gt=0, description="video duration, checked from container metadata when it has any"
+    )
+    max_video_frames: int = Field(
+        36_000, ge=1, description="frames in one video (10 min at 60 fps), checked before decoding: bounds decode time"
+    )
+
+
+DEFAULT_LIMITS = MediaLimits()  # frozen, so one shared default is safe
+
+
+def media_kind(uri_or_name: str) -> MediaKind | None:
+    """``"image"``, ``"video"`` or None from a path, URI or name's extension (case-insensitive).
+
+    URIs lose their query string first (``s3://b/x.mp4?versionId=1`` is a video); a bare
+    extension such as a webdataset key (``"jpg"``) also works.
+    """
+    path = urlsplit(uri_or_name).path if "://" in uri_or_name else uri_or_name
+    ext = PurePosixPath(path).suffix.lstrip(".").lower() or path.lower()
+    if ext in IMAGE_EXTENSIONS:
+        return "image"
+    if ext in VIDEO_EXTENSIONS:
+        return "video"
+    return None
+
+
+def _check_size(data: bytes, limits: MediaLimits) -> None:
+    if len(data) == 0:
+        raise MediaError("empty", "zero bytes")
+    if len(data) > limits.max_bytes:
+        raise MediaError("too_large", f"{len(data)} bytes > max_bytes={limits.max_bytes}")
+
+
+def _check_pixels(width: int, height: int, limits: MediaLimits) -> None:
+    if width * height > limits.max_pixels:
+        raise MediaError("too_large", f"{width}x{height} pixels > max_pixels={limits.max_pixels}")
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """Any Pillow mode -> RGB: alpha composited on white, high bit depth scaled to 8 bits."""
+    if im.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N", "F"):
+        hi = im.getextrema()[1]
+        scale = 1.0 if hi <= 255 else 255 / 65535 if hi <= 65535 else 255 / hi
+        im = im.convert("F" if im.mode == "F" else "I").point(lambda v: v * scale).convert("L")
+    if im.has_transparency_data:
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return im.convert("RGB")
+
+
+def decode_image(data: bytes, limits: MediaLimits = DEFAULT_LIMITS) -> Image.Image:
+    """Decode one image fully (truncation is detected) into RGB; raises `MediaError`.
+
+    The pixel count is read from the header and refused before any pixel is
+    decoded; Pillow's own decompression-bomb guard (``Image.MAX_IMAGE_PIXELS``)
+    also applies and is reported as ``too_large``.
+    """
+    _check_size(data, limits)
+    fmt = "image"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data), formats=_PIL_FORMATS) as im:
+                fmt = im.format or fmt
+                _check_pixels(im.width, im.height, limits)
+                im.load()
+                ImageOps.exif_transpose(im, in_place=True)
+                return _to_rgb(im)
+    except MediaError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise MediaError("too_large", f"decompression bomb: {e}") from e
+    except Image.UnidentifiedImageError as e:
+        raise MediaError("decode", f"cannot identify image file (not one of {', '.join(_PIL_FORMATS)})") from e
+    except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError, EOFError, zlib.error, ...
+        raise MediaError("decode", f"{fmt}: {e or type(e).__name__}") from e
+
+
+def _uniform_indices(total: int, k: int) -> list[int]:
+    """k frame indices spread evenly over [0, total): first and last (k=1: first only); all if total <= k."""
+    if total <= k:
+        return list(range(total))
+    if k == 1:
+        return [0]
+    return sorted({round(i * (total - 1) / (k - 1)) for i in range(k)})
+
+
+def _open_video(data: bytes, limits: MediaLimits) -> tuple[av.container.InputContainer, av.VideoStream]:
+    """Open the container, pick its first video stream, check the header's limits."""
+    container = av.open(io.BytesIO(data), mode="r", options={"format_whitelist": _AV_DEMUXERS})
+    try:
+        if not container.streams.video:
+            raise MediaError("decode", f"no video stream in {container.format.name} container")
+        stream = container.streams.video[0]
+        _check_pixels(stream.codec_context.width, stream.codec_context.height, limits)
+        seconds = container.duration / av.time_base if container.duration else 0.0
+        if seconds > limits.max_video_seconds:
+            raise MediaError("too_large", f"{seconds:.1f} s > max_video_seconds={limits.max_video_seconds}")
+        return container, stream
+    except BaseException:
+        container.close()
+        raise
+
+
+def _decode_indices(data: bytes, wanted: list[int], limits: MediaLimits) -> tuple[list[Image.Image], int]:
+    """Decode from the start, keeping frames at `wanted` indices; stops after the last one.
+
+    Returns the kept RGB frames and how many frames were decoded.
+    """
+    keep, frames, seen = set(wanted), [], 0
+    container, stream = _open_video(data, limits)
+    with container:
+        for frame in container.decode(stream):
+            _check_pixels(frame.width, frame.height, limits)
+            if seen in keep:
+                frames.append(frame.to_image())  # rgb24
+            seen += 1
+            if seen > wanted[-1]:
+                break
+    return frames, seen
+
+
+def _count_frames(data: bytes, limits: MediaLimits) -> int:
+    """Frames in the first video stream: the container's count, else its packets (demuxed, not decoded)."""
+    container, stream = _open_video(data, limits)
+    with container:
+        if stream.frames > 0:
+            return stream.frames
+        return sum(1 for packet in container.demux(stream) if packet.size > 0)
+
+
+def decode_video(data: bytes, limits: MediaLimits = DEFAULT_LIMITS, num_frames: int | None = None) -> list[Image.Image]:
+    """`num_frames` RGB frames sampled uniformly (by frame index) across a video; raises `MediaError`.
+
+    num_frames defaults to ``limits.max_frames`` and may not exceed it (ValueError: a
+    caller's mistake, not a bad row). The first and last frames are included (one: the first); a
+    video with fewer frames gives all of them. Decoding is strict: an FFmpeg error
+    anywhere in the stream (e.g. a truncated file) fails the row. When the container
+    claims more frames than decode cleanly, sampling is redone over those that do.
+    """
+    num_frames = limits.max_frames if num_frames is None else num_frames
+    if not 1 <= num_frames <= limits.max_frames:
+        raise ValueError(f"num_frames={num_frames} must be in [1, {limits.max_frames}]; raise MediaLimits.max_frames")
+    _check_size(data, limits)
+    try:
+        total = _count_frames(data, limits)
+        if total > limits.max_video_frames:
+            raise MediaError("too_large", f"{total} frames > max_video_frames={limits.max_video_frames}")
+        frames, seen = _decode_indices(data, _uniform_indices(max(total, 1), num_frames), limits)
+        if seen < total and seen > 0:  # the count lied: resample over what really decodes
+            frames, seen = _decode_indices(data, _uniform_indices(seen, num_frames), limits)
+    except MediaError:
+        raise
+    except Exception as e:  # av.FFmpegError (InvalidDataError, EOFError, ...), and anything a bad stream triggers
+        reason = e.strerror if isinstance(e, av.FFmpegError) and e.strerror else f"{type(e).__name__}: {e}"
+        raise MediaError("decode", reason) from e
+    if not frames:
+        raise MediaError("decode", "no frames")
+    return frames
+
+
+def decode_media(data: bytes, name: str, limits: MediaLimits = DEFAULT_LIMITS) -> list[Image.Image]:
+    """Decode by `name`'s extension: an image gives ``[image]``, a video its sampled frames.
+
+    Unknown extensions raise ``MediaError("unsupported", ...)``.
+    """
+    kind = media_kind(name)
+    if kind == "image":
+        return [decode_image(data, limits)]
+    if kind == "video":
+        return decode_video(data, limits)
+    known = ", ".join(sorted(IMAGE_EXTENSIONS | VIDEO_EXTENSIONS))
+    raise MediaError("unsupported", f"unknown file type for {name!r} (expected one of: {known})")

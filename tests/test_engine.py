@@ -1,0 +1,168 @@
+"""Lossless: the engine's tokens equal the target's own HF generate (float64, greedy)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import greedy_reference
+
+from specvlm import EagleDraft, EngineConfig, SpecVLMEngine, TreeConfig
+from specvlm.tiny import EOS, IMAGE, tiny_inputs, tiny_llava
+
+SMALL_TREE = TreeConfig(top_k=4, total_tokens=16, depth=4)
+
+VARIANTS = {
+    "llava-gqa": dict(kv_heads=2),
+    "llava-mha-full": dict(kv_heads=4, strategy="full"),
+    "llava-multilayer": dict(kv_heads=1, vision_feature_layer=[-2, -1], layers=3),
+    "llava-next": dict(next_=True),
+}
+
+
+def _engine(model, mode, tree=SMALL_TREE, draft=None):
+    if mode == "eagle" and draft is None:
+        draft = EagleDraft.from_target(model, seed=0)
+    return SpecVLMEngine(model, draft, EngineConfig(mode=mode, tree=tree))
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("mode", ["ar", "eagle"])
+@pytest.mark.parametrize("lengths", [[6], [5, 11, 2]], ids=["b1", "b3"])
+def test_greedy_matches_hf_generate(variant, mode, lengths):
+    model = tiny_llava(dtype=torch.float64, **VARIANTS[variant])
+    sizes = [(16, 16), (16, 32), (32, 32)][: len(lengths)] if VARIANTS[variant].get("next_") else None
+    inputs = tiny_inputs(model, lengths, seed=7, image_sizes=sizes)
+    ref = greedy_reference(model, inputs, 20)
+    out = _engine(model, mode).generate(**inputs, max_new_tokens=20)
+    assert out.sequences == ref
+    for seq, st in zip(out.sequences, out.stats):
+        assert st["num_tokens"] == len(seq)
+        assert IMAGE not in seq
+        if mode == "ar":
+            assert st["accept_length"] == 1.0 and st["target_forwards"] == len(seq)
+
+
+@pytest.fixture(scope="module")
+def trained64(trained_pair):
+    model, draft = trained_pair
+    return copy.deepcopy(model).double(), copy.deepcopy(draft).double()
+
+
+@pytest.mark.parametrize(
+    "tree",
+    [
+        SMALL_TREE,
+        TreeConfig(),
+        TreeConfig(top_k=1, total_tokens=2, depth=1),
+        TreeConfig(top_k=2, total_tokens=6, depth=5),
+    ],
+    ids=["small", "paper", "chain1", "deep"],
+)
+def test_trained_draft_accepts_many_tokens_losslessly(trained64, tree):
+    model, draft = trained64
+    inputs = tiny_inputs(model, [3, 7, 5, 4], seed=100)  # prompts like the draft's training data
+    ref = greedy_reference(model, inputs, 24)
+    out = _engine(model, "eagle", tree, draft).generate(**inputs, max_new_tokens=24)
+    assert out.sequences == ref
+    mean_accept = sum(s["accept_length"] for s in out.stats) / len(out.stats)
+    if tree.depth > 1:
+        assert mean_accept > 1.5, out.stats  # multi-token paths were committed
+    for st in out.stats:
+        assert st["draft_forwards"] == 1 + tree.depth * (st["target_forwards"] - 1)
+
+
+def test_max_new_tokens_and_eos(trained64):
+    model, draft = trained64
+    inputs = tiny_inputs(model, [4, 6], seed=101)
+    eng = _engine(model, "eagle", SMALL_TREE, draft)
+    for n in (1, 2, 5):
+        out = eng.generate(**inputs, max_new_tokens=n)
+        assert out.sequences == greedy_reference(model, inputs, n)
+        assert all(len(s) <= n for s in out.sequences)
+    # make EOS the target's favourite token after a few steps: sequences must stop right after it
+    ref = greedy_reference(model, inputs, 24)
+    eos_model = copy.deepcopy(model)
+    eos_model.generation_config.eos_token_id = ref[0][3]
+    out = _engine(eos_model, "eagle", SMALL_TREE, draft).generate(**inputs, max_new_tokens=24)
+    assert out.sequences[0] == ref[0][: ref[0].index(ref[0][3]) + 1]
+    assert EOS not in out.sequences[0] or out.sequences[0][-1] == EOS
+
+
+def test_seeded_sampling_is_deterministic(trained_pair):
+    model, draft = trained_pair
+    inputs = tiny_inputs(model, [4, 6], seed=3)
+    eng = _engine(model, "eagle", SMALL_TREE, draft)
+    a = eng.generate(**inputs, max_new_tokens=16, temperature=1.0, seed=5).sequences
+    b = eng.generate(**inputs, max_new_tokens=16, temperature=1.0, seed=5).sequences
+    c = eng.generate(**inputs, max_new_tokens=16, temperature=1.0, seed=6).sequences
+    assert a == b
+    assert a != c
+
+
+# --------------------------------------------------------------- bad input
+@pytest.fixture(scope="module")
+def tiny():
+    model = tiny_llava()
+    return model, tiny_inputs(model, [4], seed=0)
+
+
+def test_image_tokens_missing(tiny):
+    model, inp = tiny
+    ids = inp["input_ids"].clone()
+    ids[ids == IMAGE] = 5
+    with pytest.raises(ValueError, match="no image placeholder"):
+        _engine(model, "ar").generate(ids, inp["attention_mask"], inp["pixel_values"], max_new_tokens=4)
+
+
+def test_image_tokens_mismatched(tiny):
+    model, inp = tiny
+    ids = inp["input_ids"].clone()
+    ids[0, 2] = 5  # one placeholder fewer than the image's visual tokens
+    with pytest.raises(ValueError, match="placeholder tokens but the images give"):
+        _engine(model, "ar").generate(ids, inp["attention_mask"], inp["pixel_values"], max_new_tokens=4)
+
+
+def test_pixel_values_missing(tiny):
+    model, inp = tiny
+    with pytest.raises(ValueError, match="pixel_values is missing"):
+        _engine(model, "ar").generate(inp["input_ids"], inp["attention_mask"], None, max_new_tokens=4)
+
+
+def test_unsupported_model_class():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    lm = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=2, vocab_size=64))  # fmt: skip
+    with pytest.raises(ValueError, match="unsupported target model LlamaForCausalLM"):
+        SpecVLMEngine(lm, None, EngineConfig(mode="ar"))
+
+
+@pytest.mark.parametrize("n", [0, -3])
+def test_max_new_tokens_must_be_positive(tiny, n):
+    model, inp = tiny
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        _engine(model, "ar").generate(**inp, max_new_tokens=n)
+
+
+def test_right_padding_rejected(tiny):
+    model, inp = tiny
+    mask = inp["attention_mask"].clone()
+    mask[0, -1] = 0
+    with pytest.raises(ValueError, match="left-padded"):
+        _engine(model, "ar").generate(inp["input_ids"], mask, inp["pixel_values"], max_new_tokens=4)
+
+
+def test_eagle_needs_a_draft(tiny):
+    model, _ = tiny
+    with pytest.raises(ValueError, match="needs a draft"):
+        SpecVLMEngine(model, None, EngineConfig(mode="eagle"))
+
+
+def test_llava_next_needs_image_sizes():
+    model = tiny_llava(next_=True)
+    inp = tiny_inputs(model, [3])
+    inp.pop("image_sizes")
+    with pytest.raises(ValueError, match="image_sizes"):
+        _engine(model, "ar").generate(**inp, max_new_tokens=2)

@@ -1,0 +1,69 @@
+"""Sampling is lossless: the engine's token distribution equals the target's (chi-square)."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from specvlm import EngineConfig, SpecVLMEngine, TreeConfig
+from specvlm.tiny import EOS, IMAGE, tiny_inputs
+from specvlm.verify import process_logits
+
+TEMP, TOP_K = 1.0, 4  # top-k keeps the exact joint small enough to enumerate
+
+
+def _exact_joint(model, inputs, n_tokens: int) -> dict[tuple[int, ...], float]:
+    """P(first n tokens) under the target's own sampling distribution, by enumeration."""
+    suppress = torch.tensor([IMAGE])
+    joint = {(): 1.0}
+    for _ in range(n_tokens):
+        nxt = {}
+        for prefix, p in joint.items():
+            if prefix and prefix[-1] == EOS:  # finished sequences stay as they are
+                nxt[prefix] = p
+                continue
+            ids = torch.cat([inputs["input_ids"], torch.tensor([prefix], dtype=torch.long)], dim=1)
+            mask = torch.ones_like(ids)
+            with torch.no_grad():
+                logits = model(input_ids=ids, attention_mask=mask, pixel_values=inputs["pixel_values"]).logits[0, -1]
+            probs = process_logits(logits.double(), TEMP, TOP_K, 1.0, suppress)
+            for t in probs.nonzero()[:, 0].tolist():
+                nxt[prefix + (t,)] = p * float(probs[t])
+        joint = nxt
+    return joint
+
+
+@pytest.mark.parametrize("mode", ["eagle", "ar"])
+def test_first_tokens_follow_target_distribution(trained_pair, mode):
+    model, draft = trained_pair
+    inputs = tiny_inputs(model, [5], seed=100)
+    n_tokens, rows, calls = 3, 250, 8
+    exact = _exact_joint(model, inputs, n_tokens)
+    tree = TreeConfig(top_k=4, total_tokens=12, depth=3)
+    engine = SpecVLMEngine(model, draft if mode == "eagle" else None, EngineConfig(mode=mode, tree=tree))
+    batch = {k: v.repeat(rows, *([1] * (v.dim() - 1))) for k, v in inputs.items()}
+    counts: dict[tuple[int, ...], int] = {}
+    accepted = []
+    for c in range(calls):
+        out = engine.generate(**batch, max_new_tokens=n_tokens, temperature=TEMP, top_k=TOP_K, seed=c)
+        for seq, st in zip(out.sequences, out.stats):
+            key = tuple(seq[:n_tokens])
+            counts[key] = counts.get(key, 0) + 1
+            accepted.append(st["target_forwards"])
+    total = rows * calls
+    assert set(counts) <= set(exact), "sampled a sequence the target gives probability 0"
+    # pool cells with small expected counts so the chi-square approximation holds
+    cells = sorted(exact, key=exact.get, reverse=True)
+    big = [c for c in cells if exact[c] * total >= 5]
+    small = [c for c in cells if exact[c] * total < 5]
+    obs = [counts.get(c, 0) for c in big] + [sum(counts.get(c, 0) for c in small)]
+    exp = [exact[c] * total for c in big] + [sum(exact[c] for c in small) * total]
+    if exp[-1] == 0:
+        obs, exp = obs[:-1], exp[:-1]
+    stat = chisquare(obs, exp)
+    assert stat.pvalue > 1e-3, (stat, list(itertools.islice(zip(obs, exp), 10)))
+    if mode == "eagle":  # the speculative round really did accept draft tokens sometimes
+        assert min(accepted) == 2 and any(f == 2 for f in accepted)
