@@ -106,7 +106,8 @@ def children_table(parents: torch.Tensor) -> torch.Tensor:
     B, K = parents.shape
     idx = torch.arange(K, device=parents.device)
     is_child = idx[None, :] > 0  # the root is nobody's child
-    same = (parents[:, :, None] == parents[:, None, :]) & (idx[None, None, :] < idx[None, :, None])  # [B, K, K]
+    earlier = (idx[None, :] < idx[:, None]) & is_child  # [K, K]: j is a non-root node before i
+    same = (parents[:, :, None] == parents[:, None, :]) & earlier  # [B, K, K]
     rank = same.sum(-1)  # [B, K] position among earlier siblings
     W = int(rank[:, 1:].max()) + 1 if K > 1 else 1
     table = torch.full((B, K, W + 1), -1, dtype=torch.long, device=parents.device)
@@ -142,7 +143,7 @@ def sample_accept(tree: Tree, probs: torch.Tensor, generator: torch.Generator | 
             trying = live & ~moved & (child >= 0)
             if not trying.any():
                 break
-            tok = tree.tokens[rows, child.clamp(min=0)]  # [B]
+            tok = torch.where(trying, tree.tokens[rows, child.clamp(min=0)], 0)  # [B]
             p_tok = residual[rows, tok]  # [B]
             u = torch.rand(B, generator=generator, device=dev, dtype=residual.dtype)
             accept = trying & (u < p_tok)
