@@ -130,3 +130,55 @@ def distill_step(
 def make_optimizer(draft: EagleDraft, lr: float = 8e-5, weight_decay: float = 0.0) -> torch.optim.AdamW:
     """The paper's AdamW (beta 0.9, 0.95), no weight decay."""
     return torch.optim.AdamW(draft.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
+
+
+# ----------------------------------------------------------------------------- data
+def chat_prompt(processor, question: str, num_images: int = 1) -> str:
+    """The model's own chat prompt for ``num_images`` images + a question, ready for generation."""
+    content = [{"type": "image"}] * num_images + [{"type": "text", "text": question}]
+    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+
+
+def collate(processor, samples: list[dict], responses: list[list[int]] | None = None) -> DistillBatch:
+    """Samples ``{"image": PIL, "prompt": question, "response": text}`` -> a left-padded `DistillBatch`.
+
+    ``responses`` (token ids, e.g. the target's own greedy output) replace the
+    samples' response text when given. Text responses get the EOS token appended.
+    """
+    tok = processor.tokenizer
+    prompts = [chat_prompt(processor, s["prompt"]) for s in samples]
+    enc = processor(text=prompts, images=[s["image"] for s in samples], return_tensors="pt", padding=True)
+    if responses is None:
+        responses = [tok(" " + s["response"].strip(), add_special_tokens=False).input_ids + [tok.eos_token_id]
+                     for s in samples]  # fmt: skip
+    rows = []
+    for b, resp in enumerate(responses):
+        prompt_ids = enc["input_ids"][b][enc["attention_mask"][b].bool()].tolist()
+        rows.append((prompt_ids, list(resp)))
+    T = max(len(p) + len(r) for p, r in rows)
+    B = len(rows)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    ids = torch.full((B, T), pad, dtype=torch.long)
+    attn, loss = torch.zeros(B, T, dtype=torch.long), torch.zeros(B, T, dtype=torch.long)
+    for b, (p, r) in enumerate(rows):
+        n = len(p) + len(r)
+        ids[b, T - n :] = torch.tensor(p + r, dtype=torch.long)
+        attn[b, T - n :] = 1
+        loss[b, T - len(r) :] = 1
+    return DistillBatch(ids, attn, loss, enc["pixel_values"], enc.get("image_sizes"))
+
+
+def target_responses(engine, processor, samples: list[dict], max_new_tokens: int) -> list[list[int]]:
+    """The target's own greedy continuations (``response_source: target``), via an ``ar`` engine."""
+    prompts = [chat_prompt(processor, s["prompt"]) for s in samples]
+    enc = processor(text=prompts, images=[s["image"] for s in samples], return_tensors="pt", padding=True)
+    return engine.generate(**enc, max_new_tokens=max_new_tokens).sequences
+
+
+def evaluate_accept_length(engine, processor, samples: list[dict], max_new_tokens: int = 48) -> float:
+    """Mean accept length of ``engine`` (``eagle``/``specvlm`` mode) over held-out samples, greedy, batch 1."""
+    total = 0.0
+    for s in samples:
+        enc = processor(text=[chat_prompt(processor, s["prompt"])], images=[s["image"]], return_tensors="pt")
+        total += engine.generate(**enc, max_new_tokens=max_new_tokens).stats[0]["accept_length"]
+    return total / max(len(samples), 1)

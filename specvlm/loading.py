@@ -1,0 +1,101 @@
+"""Load targets and drafts from local folders or ``s3://`` prefixes (never a model hub at run time).
+
+An ``s3://bucket/prefix`` is mirrored once into ``$SPECVLM_HOME/s3/bucket/prefix``
+with boto3 (standard AWS environment; ``AWS_ENDPOINT_URL`` /
+``AWS_ENDPOINT_URL_S3`` for S3-compatible stores) and loaded from there.
+The word ``demo`` names the project's own demo model (`specvlm.demo`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+def specvlm_home() -> Path:
+    """Cache root: ``$SPECVLM_HOME`` or ``~/.cache/specvlm``."""
+    return Path(os.environ.get("SPECVLM_HOME") or Path.home() / ".cache" / "specvlm")
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def s3_client():
+    import boto3
+
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    return boto3.client("s3", endpoint_url=endpoint) if endpoint else boto3.client("s3")
+
+
+def split_s3(uri: str) -> tuple[str, str]:
+    """``s3://bucket/key/prefix`` -> ``(bucket, "key/prefix")``."""
+    if not uri.startswith("s3://"):
+        raise ValueError(f"not an s3:// URI: {uri!r}")
+    bucket, _, key = uri[5:].partition("/")
+    if not bucket:
+        raise ValueError(f"s3 URI has no bucket: {uri!r}")
+    return bucket, key.strip("/")
+
+
+def local_path(path_or_uri: str | Path) -> Path:
+    """A local folder for a local path or an ``s3://`` prefix (downloaded once, then reused)."""
+    s = str(path_or_uri)
+    if not s.startswith("s3://"):
+        p = Path(s).expanduser()
+        if not p.exists():
+            raise FileNotFoundError(f"{p} does not exist (models are loaded from local paths or s3:// URIs)")
+        return p
+    bucket, prefix = split_s3(s)
+    dest = specvlm_home() / "s3" / bucket / prefix
+    marker = dest / ".complete"
+    if marker.exists():
+        return dest
+    client = s3_client()
+    n = 0
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/" if prefix else ""):
+        for obj in page.get("Contents", []):
+            rel = obj["Key"][len(prefix) :].lstrip("/")
+            if not rel or rel.endswith("/"):
+                continue
+            out = dest / rel
+            out.parent.mkdir(parents=True, exist_ok=True)
+            client.download_file(bucket, obj["Key"], str(out))
+            n += 1
+    if n == 0:
+        raise FileNotFoundError(f"no objects under {s}")
+    marker.touch()
+    return dest
+
+
+def load_target(path_or_uri: str | Path, dtype: str | torch.dtype | None = None, device: str | None = None):
+    """``(model, processor)`` from an HF folder holding both (local or ``s3://``), in eval mode."""
+    from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
+
+    path = local_path(path_or_uri)
+    model_type = AutoConfig.from_pretrained(path).model_type
+    classes = {"llava": LlavaForConditionalGeneration, "llava_next": LlavaNextForConditionalGeneration}
+    if model_type not in classes:
+        raise ValueError(f"{path_or_uri}: unsupported model_type {model_type!r}; supported: {', '.join(classes)}")
+    model = classes[model_type].from_pretrained(path, dtype=resolve_dtype(dtype) or "auto")
+    if device:
+        model = model.to(device)
+    processor = AutoProcessor.from_pretrained(path)
+    if getattr(processor, "tokenizer", None) is not None:
+        processor.tokenizer.padding_side = "left"
+    return model.eval(), processor
+
+
+def load_draft(path_or_uri: str | Path):
+    """An `EagleDraft` from a folder written by ``save_pretrained`` (local or ``s3://``)."""
+    from .draft import EagleDraft
+
+    return EagleDraft.from_pretrained(local_path(path_or_uri))
