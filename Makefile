@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 export RAY_AUTH_MODE ?= disabled
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: demo test bench lint install dev clean
+.PHONY: demo demo-model test bench lint install dev clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -24,13 +24,16 @@ $(VENV)/.dev: $(VENV)/.installed
 install: $(VENV)/.installed
 dev: $(VENV)/.dev
 
-demo: $(VENV)/.installed
+demo-model: $(VENV)/.installed
+	$(BIN)/specvlm demo-model
+
+demo: demo-model
 	$(BIN)/specvlm demo
 
 test: $(VENV)/.dev
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
-bench: $(VENV)/.installed
+bench: demo-model
 	$(BIN)/specvlm bench
 
 lint: $(VENV)/.dev

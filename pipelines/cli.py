@@ -9,31 +9,69 @@ from __future__ import annotations
 import argparse
 import sys
 
-BENCHES = ("engine",)
+BENCHES = ("engine", "demo")
+
+
+def _demo_model(args: argparse.Namespace) -> None:
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from specvlm.demo import demo_dir
+    from specvlm.demo.recipe import DemoRecipe, build_demo
+
+    out = Path(args.output) if args.output else demo_dir()
+    if (out / "draft" / "config.json").is_file() and not args.force:
+        print(f"demo model already built in {out} (use --force to rebuild)")
+        return
+    recipe = DemoRecipe().small() if args.small else DemoRecipe()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".demo-build-", dir=out.parent))
+    print(f"building the demo target VLM and draft into {out} (deterministic; ~10 min on 2 CPU cores)")
+    metrics = build_demo(tmp, recipe)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    q = metrics["target"]
+    print(
+        f"demo target: held-out token accuracy {q['token_accuracy']:.3f}, exact match {q['exact_match']:.3f}, "
+        f"caption exact match {q['caption_exact_match']:.3f}; written to {out}"
+    )
 
 
 def _demo(args: argparse.Namespace) -> None:
     import torch
 
-    from specvlm import EagleDraft, EngineConfig, SpecVLMEngine, TreeConfig
-    from specvlm.tiny import tiny_inputs, tiny_llava
+    from specvlm import EngineConfig, SpecVLMEngine, TreeConfig
+    from specvlm.demo import DemoNotBuiltError, load_demo
+    from specvlm.demo.recipe import examples
+    from specvlm.distill import chat_prompt
 
+    try:
+        demo = load_demo()
+    except DemoNotBuiltError as e:
+        raise SystemExit(str(e)) from None
     torch.manual_seed(0)
-    model = tiny_llava(layers=4, hidden=128, vocab=256)
-    inputs = tiny_inputs(model, [6, 10], seed=0)
-    draft = EagleDraft.from_target(model, seed=0)
-    tree = TreeConfig(top_k=4, total_tokens=16, depth=4)
-    print("specvlm demo: tiny random-init LLaVA (4x128 decoder), untrained draft, 2 prompts")
-    for mode in ("ar", "eagle"):
-        engine = SpecVLMEngine(model, draft if mode == "eagle" else None, EngineConfig(mode=mode, tree=tree))
-        out = engine.generate(**inputs, max_new_tokens=args.max_new_tokens)
-        for i, (seq, st) in enumerate(zip(out.sequences, out.stats)):
-            print(f"[{mode}] row {i}: tokens={seq}")
-            print(
-                f"         num_tokens={st['num_tokens']} accept_length={st['accept_length']:.2f} "
-                f"target_forwards={st['target_forwards']} draft_forwards={st['draft_forwards']} "
-                f"prefill={st['prefill_ms']:.1f}ms draft={st['draft_ms']:.1f}ms verify={st['verify_ms']:.1f}ms"
-            )
+    tree = TreeConfig(top_k=args.top_k, total_tokens=args.total_tokens, depth=args.depth)
+    engines = {
+        "ar": SpecVLMEngine(demo.target, None, EngineConfig(mode="ar")),
+        "eagle": SpecVLMEngine(demo.target, demo.draft, EngineConfig(mode="eagle", tree=tree)),
+    }
+    tok = demo.processor.tokenizer
+    print(f"specvlm demo: demo target from {demo.path}, greedy, batch 1")
+    for i, s in enumerate(examples(seed=12345, n=args.num, p_video=0.25, p_qa=0.25)):
+        enc = demo.processor(text=[chat_prompt(demo.processor, s["prompt"])], images=[s["image"]], return_tensors="pt")
+        outs = {m: e.generate(**enc, max_new_tokens=args.max_new_tokens) for m, e in engines.items()}
+        text = tok.decode(outs["eagle"].sequences[0], skip_special_tokens=True)
+        st, ar = outs["eagle"].stats[0], outs["ar"].stats[0]
+        same = outs["eagle"].sequences == outs["ar"].sequences
+        ms = st["prefill_ms"] + st["draft_ms"] + st["verify_ms"]
+        ar_ms = ar["prefill_ms"] + ar["verify_ms"]
+        print(f"[{i}] Q: {s['prompt']}\n    A: {text}\n    truth: {s['response']}")
+        print(
+            f"    accept_length={st['accept_length']:.2f} target_forwards={st['target_forwards']} "
+            f"eagle={ms:.0f}ms ar={ar_ms:.0f}ms ({ar_ms / ms:.2f}x) identical_to_ar={same}"
+        )
 
 
 def _bench(args: argparse.Namespace) -> None:
@@ -41,20 +79,37 @@ def _bench(args: argparse.Namespace) -> None:
     for name in names:
         if name == "engine":
             from benchmarks.engine import main
-
-            main(args.rest)
+        else:
+            from benchmarks.demo import main
+        main(args.rest)
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="specvlm", description="SpecVLM: lossless speculative decoding for VLMs")
     sub = ap.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="run the engine on the built-in default and print the result")
-    demo.add_argument("--max-new-tokens", type=int, default=24)
+    demo = sub.add_parser("demo", help="answer a few demo questions with the demo model and print the stats")
+    demo.add_argument("--num", type=int, default=6, help="examples to run")
+    demo.add_argument("--max-new-tokens", type=int, default=48)
+    demo.add_argument("--top-k", type=int, default=4)
+    demo.add_argument("--total-tokens", type=int, default=16)
+    demo.add_argument("--depth", type=int, default=5)
     demo.set_defaults(func=_demo)
+    dm = sub.add_parser("demo-model", help="train the demo target VLM and its draft into $SPECVLM_HOME/demo")
+    dm.add_argument("--force", action="store_true", help="rebuild even if present")
+    dm.add_argument("--small", action="store_true", help="the reduced recipe the tests use (seconds)")
+    dm.add_argument("--output", help="folder (default: $SPECVLM_HOME/demo)")
+    dm.set_defaults(func=_demo_model)
+    # subcommands with their own argument parsers: everything after the name is theirs
+    sub.add_parser("distill", help="distil the draft with Ray Train (demo draft by default)", add_help=False)
     bench = sub.add_parser("bench", help="run benchmarks and write their tables")
     bench.add_argument("name", nargs="?", default="all", choices=("all", *BENCHES))
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="options passed to the benchmark")
     bench.set_defaults(func=_bench)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "distill":
+        from pipelines.distill import main as distill_main
+
+        return distill_main(argv[1:])
     args = ap.parse_args(argv)
     args.func(args)
 

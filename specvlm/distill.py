@@ -182,3 +182,113 @@ def evaluate_accept_length(engine, processor, samples: list[dict], max_new_token
         enc = processor(text=[chat_prompt(processor, s["prompt"])], images=[s["image"]], return_tensors="pt")
         total += engine.generate(**enc, max_new_tokens=max_new_tokens).stats[0]["accept_length"]
     return total / max(len(samples), 1)
+
+
+# ----------------------------------------------------------------------------- training-job helpers
+class WrappedDraft:
+    """Route `distill_step` / `distill_loss` through a wrapper of the draft (DDP, FSDP, ...).
+
+    ``distill_loss`` calls ``draft(...)`` for the forward and ``draft.log_probs``
+    for the LM head; a ``DistributedDataParallel`` module hides ``log_probs``.
+    This object forwards calls to the wrapper (so gradients are synchronized)
+    and everything else to the plain draft, so the training job runs the very
+    same `distill_step` as the plain loop.
+    """
+
+    def __init__(self, draft: EagleDraft, wrapper: torch.nn.Module):
+        self.draft = draft
+        self.wrapper = wrapper
+
+    def __call__(self, *args, **kwargs) -> torch.Tensor:
+        return self.wrapper(*args, **kwargs)  # [B, Q, D]
+
+    def train(self, mode: bool = True) -> WrappedDraft:
+        self.wrapper.train(mode)
+        return self
+
+    def __getattr__(self, name: str):
+        if name in ("draft", "wrapper"):  # not set yet (e.g. while unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.draft, name)  # log_probs, parameters, config, ...
+
+
+class BadSample(ValueError):
+    """A data row that cannot become a training sample; ``str`` is ``"kind: message"`` (counted, then skipped)."""
+
+
+def read_uri(uri: str, base: str | None = None) -> bytes:
+    """Bytes of a local path (relative ones resolved against ``base``) or an ``s3://bucket/key`` object."""
+    if uri.startswith("s3://"):
+        from .loading import s3_client, split_s3
+
+        bucket, key = split_s3(uri)
+        return s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
+    from pathlib import Path
+
+    path = Path(uri).expanduser()
+    if base is not None and not path.is_absolute():
+        path = Path(base) / path
+    return path.read_bytes()
+
+
+def sample_from_row(row: dict, base: str | None = None, need_response: bool = True, limits=None) -> dict:
+    """A data row -> a sample for `collate`: ``{"image": PIL RGB, "prompt": str, "response": str}``.
+
+    ``row["image"]`` holds encoded image bytes or a URI (local path or ``s3://``,
+    relative paths resolved against ``base``). Raises `BadSample` for an
+    unreadable or undecodable image, a missing prompt, or (``need_response``)
+    an empty response.
+    """
+    from .media import DEFAULT_LIMITS, MediaError, decode_image
+
+    image, prompt, response = row.get("image"), row.get("prompt"), row.get("response")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise BadSample("empty: no prompt")
+    if need_response and (not isinstance(response, str) or not response.strip()):
+        raise BadSample("empty: no response")
+    if isinstance(image, str):
+        try:
+            image = read_uri(image, base)
+        except Exception as e:  # OSError, botocore errors: bad data, not a bug
+            raise BadSample(f"read: {row.get('image')}: {e or type(e).__name__}") from e
+    if not isinstance(image, (bytes, bytearray, memoryview)):
+        raise BadSample(f"read: image column holds {type(image).__name__}, expected bytes or a URI")
+    try:
+        pil = decode_image(bytes(image), limits or DEFAULT_LIMITS)
+    except MediaError as e:
+        raise BadSample(str(e)) from e
+    return {"image": pil, "prompt": prompt, "response": response if isinstance(response, str) else ""}
+
+
+def batch_to(batch: DistillBatch, device: torch.device | str) -> DistillBatch:
+    """The same batch with every tensor on ``device``."""
+    move = lambda t: t.to(device) if t is not None else None
+    return DistillBatch(
+        move(batch.input_ids), move(batch.attention_mask), move(batch.loss_mask),
+        move(batch.pixel_values), move(batch.image_sizes),
+    )  # fmt: skip
+
+
+def save_training_state(path, draft: EagleDraft, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """A resumable checkpoint folder: ``draft/`` (`EagleDraft.save_pretrained`), ``optimizer.pt``, ``state.json``."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    draft.save_pretrained(path / "draft")
+    torch.save(optimizer.state_dict(), path / "optimizer.pt")
+    (path / "state.json").write_text(json.dumps(state))
+
+
+def load_training_state(path, draft: EagleDraft, optimizer: torch.optim.Optimizer | None = None) -> dict:
+    """Load a `save_training_state` folder into ``draft`` (and ``optimizer``) in place; returns ``state.json``."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    saved = EagleDraft.from_pretrained(path / "draft")
+    param = next(draft.parameters())
+    draft.load_state_dict({k: v.to(param.device, param.dtype) for k, v in saved.state_dict().items()})
+    if optimizer is not None and (path / "optimizer.pt").is_file():
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=param.device))
+    return json.loads((path / "state.json").read_text())

@@ -245,3 +245,21 @@ def decode_media(data: bytes, name: str, limits: MediaLimits = DEFAULT_LIMITS) -
         return decode_video(data, limits)
     known = ", ".join(sorted(IMAGE_EXTENSIONS | VIDEO_EXTENSIONS))
     raise MediaError("unsupported", f"unknown file type for {name!r} (expected one of: {known})")
+
+
+def tile_frames(frames: list[Image.Image], cols: int = 2, size: int | None = None) -> Image.Image:
+    """Tile video frames row-major into one image (for image-only VLMs such as LLaVA-1.5).
+
+    ``len(frames)`` frames go on a ``cols``-wide grid; the result is ``size`` px
+    square (default: the first frame's width), each frame scaled into its cell.
+    """
+    if not frames:
+        raise ValueError("tile_frames needs at least one frame")
+    rows = -(-len(frames) // cols)
+    size = size or frames[0].width
+    cw, ch = size // cols, size // rows
+    canvas = Image.new("RGB", (size, size))
+    for i, f in enumerate(frames):
+        r, c = divmod(i, cols)
+        canvas.paste(f.convert("RGB").resize((cw, ch), Image.BILINEAR), (c * cw, r * ch))
+    return canvas

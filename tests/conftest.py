@@ -61,3 +61,28 @@ def trained_pair():
         distill_step(target, draft, batches[step % len(batches)], opt)
     draft.eval()
     return model, draft
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray for the whole test run (``ray.init`` costs ~9 s here), on loopback only."""
+    ray = pytest.importorskip("ray")
+    if not ray.is_initialized():
+        ray.init(
+            num_cpus=2,
+            include_dashboard=False,
+            _node_ip_address="127.0.0.1",
+        )
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def small_demo(tmp_path_factory):
+    """The demo recipe at reduced size and step count (same code path as ``make demo-model``)."""
+    from specvlm.demo import load_demo
+    from specvlm.demo.recipe import DemoRecipe, build_demo
+
+    out = tmp_path_factory.mktemp("specvlm-home") / "demo"
+    metrics = build_demo(out, DemoRecipe().small(), progress=False)
+    return load_demo(out), metrics

@@ -1,0 +1,173 @@
+"""Demo-model benchmark: speculative decoding vs the target's own HF generate, side by side.
+
+Run with ``make bench`` / ``specvlm bench demo`` / ``python -m benchmarks.demo``.
+
+1. Speed (greedy, batch 1, CPU): for held-out ShapesWorld questions (image
+   captions, QA, 4-frame videos) the target's HF ``generate``, the engine's
+   ``ar`` loop and ``eagle`` with a few tree shapes, all on the same inputs in
+   one process. Reports tokens/s, speedup over HF generate, accept length,
+   the time split, and whether the tokens are identical to HF's.
+2. Training-time scaling (SpecVLM paper §4: longer online distillation ->
+   longer accepted runs): a fresh draft is distilled on the demo target and
+   its real accept length measured every few steps; the curve is written to
+   ``docs/accept_vs_steps.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from specvlm import EngineConfig, SpecVLMEngine, TreeConfig
+from specvlm.demo import load_demo
+from specvlm.demo.recipe import DemoRecipe, distill_demo_draft, examples
+from specvlm.distill import chat_prompt, evaluate_accept_length
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = Path(__file__).parent / "results"
+TREES = {
+    "k4-n16-d5": TreeConfig(top_k=4, total_tokens=16, depth=5),
+    "k3-n12-d6": TreeConfig(top_k=3, total_tokens=12, depth=6),
+    "k2-n10-d7": TreeConfig(top_k=2, total_tokens=10, depth=7),
+    "paper k10-n60-d7": TreeConfig(),
+}
+
+
+def speed(demo, n: int = 24, max_new_tokens: int = 48, repeats: int = 3) -> list[dict]:
+    """Per method: tokens/s over ``n`` held-out inputs at batch 1 (median of ``repeats`` passes)."""
+    proc, model = demo.processor, demo.target
+    image_id = model.config.image_token_id
+    inputs = [
+        proc(text=[chat_prompt(proc, s["prompt"])], images=[s["image"]], return_tensors="pt")
+        for s in examples(seed=777, n=n, p_video=0.25, p_qa=0.35)
+    ]
+
+    def hf(enc):
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, suppress_tokens=[image_id])
+        seq = out[0, enc["input_ids"].shape[1] :].tolist()
+        eos = model.generation_config.eos_token_id
+        return seq[: seq.index(eos) + 1] if eos in seq else seq, None
+
+    methods = {"hf_generate": hf}
+    engines = {"ar": SpecVLMEngine(model, None, EngineConfig(mode="ar"))}
+    for name, tree in TREES.items():
+        engines[f"eagle {name}"] = SpecVLMEngine(model, demo.draft, EngineConfig(mode="eagle", tree=tree))
+    for name, eng in engines.items():
+        methods[name] = lambda enc, eng=eng: (lambda o: (o.sequences[0], o.stats[0]))(
+            eng.generate(**enc, max_new_tokens=max_new_tokens)
+        )
+    for fn in methods.values():  # warm-up
+        fn(inputs[0])
+    results = {}
+    for name, fn in methods.items():
+        best, seqs, stats = None, [], []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            run = [fn(enc) for enc in inputs]
+            sec = time.perf_counter() - t0
+            best = sec if best is None else min(best, sec)
+            seqs, stats = [r[0] for r in run], [r[1] for r in run]
+        results[name] = (best, seqs, stats)
+    hf_s, ref, _ = results["hf_generate"]
+    n_tok = sum(len(s) for s in ref)
+    rows = []
+    for name, (sec, seqs, stats) in results.items():
+        row = dict(method=name, tokens_per_s=sum(len(s) for s in seqs) / sec, speedup=hf_s / sec,
+                   identical_to_hf=seqs == ref)  # fmt: skip
+        if stats[0] is not None:
+            row.update(
+                accept_length=statistics.mean(s["accept_length"] for s in stats),
+                prefill_ms=statistics.mean(s["prefill_ms"] for s in stats),
+                draft_ms=statistics.mean(s["draft_ms"] for s in stats),
+                verify_ms=statistics.mean(s["verify_ms"] for s in stats),
+            )
+        rows.append(row)
+    rows[0]["tokens"] = n_tok
+    return rows
+
+
+def accept_vs_steps(demo, steps: int = 400, eval_at=(0, 25, 50, 100, 200, 300, 400), n_eval: int = 16) -> list[dict]:
+    """Distil a fresh draft on the demo target; measure real accept length at ``eval_at`` steps."""
+    tree = TreeConfig(top_k=4, total_tokens=16, depth=5)
+    held_out = examples(seed=4242, n=n_eval, p_video=0.25, p_qa=0.35)
+    curve = []
+
+    def on_step(step: int, draft) -> None:
+        if step in eval_at:
+            draft.eval()
+            eng = SpecVLMEngine(demo.target, draft, EngineConfig(mode="eagle", tree=tree))
+            acc = evaluate_accept_length(eng, demo.processor, held_out)
+            curve.append({"step": step, "accept_length": acc})
+            print(f"  step {step}: accept length {acc:.2f}", flush=True)
+
+    recipe = DemoRecipe(draft_steps=steps, seed=1)
+    distill_demo_draft(demo.target, demo.processor, recipe, progress=False, on_step=on_step)
+    return curve
+
+
+def plot(curve: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=120)
+    ax.plot([c["step"] for c in curve], [c["accept_length"] for c in curve], marker="o")
+    ax.set_xlabel("distillation steps (batch 16)")
+    ax.set_ylabel("accept length (tokens / target forward)")
+    ax.set_title("Demo draft: accept length vs training steps")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def to_markdown(rows: list[dict], cols: list[str]) -> str:
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        lines.append("| " + " | ".join(f"{r[c]:.2f}" if isinstance(r.get(c), float) else str(r.get(c, ""))
+                                       for c in cols) + " |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="specvlm bench demo", description=__doc__.splitlines()[0])
+    ap.add_argument("--num", type=int, default=24, help="held-out inputs for the speed table")
+    ap.add_argument("--max-new-tokens", type=int, default=48)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--curve-steps", type=int, default=400, help="0 skips the accept-vs-steps curve")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args(argv)
+    demo = load_demo()
+    header = (f"## Demo model: greedy, batch 1, CPU ({torch.get_num_threads()} threads), {args.num} held-out "
+              f"inputs, max {args.max_new_tokens} new tokens")  # fmt: skip
+    print(header, flush=True)
+    rows = speed(demo, args.num, args.max_new_tokens, args.repeats)
+    cols = ["method", "tokens_per_s", "speedup", "accept_length", "prefill_ms", "draft_ms", "verify_ms",
+            "identical_to_hf"]  # fmt: skip
+    table = to_markdown(rows, cols)
+    print(table, flush=True)
+    report = header + "\n\n" + table + "\n"
+    result = {"speed": rows}
+    if args.curve_steps:
+        print("\n## Accept length vs distillation steps (fresh draft, seed 1)", flush=True)
+        at = tuple(s for s in (0, 25, 50, 100, 200, 300, 400, 600, 800) if s <= args.curve_steps)
+        curve = accept_vs_steps(demo, args.curve_steps, at)
+        plot(curve, ROOT / "docs" / "accept_vs_steps.png")
+        report += "\n## Accept length vs distillation steps\n\n" + to_markdown(curve, ["step", "accept_length"]) + "\n"
+        result["accept_vs_steps"] = curve
+        print(f"wrote {ROOT / 'docs' / 'accept_vs_steps.png'}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "demo.md").write_text(report)
+    (args.out / "demo.json").write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.out / 'demo.md'}")
+
+
+if __name__ == "__main__":
+    main()

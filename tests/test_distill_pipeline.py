@@ -1,0 +1,167 @@
+"""The Ray Train distillation job: config validation, and a real 2-worker run that checkpoints and resumes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipelines.distill import DistillJobConfig, ManifestData
+from specvlm.config import ConfigError, load_config, parse_config
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+# ----------------------------------------------------------------------------- config
+def test_demo_config_is_the_default():
+    assert load_config(CONFIGS / "distill-demo.yaml", DistillJobConfig) == DistillJobConfig()
+
+
+def test_llava_config_validates():
+    cfg = load_config(CONFIGS / "distill-llava-1.5-7b.yaml", DistillJobConfig)
+    assert isinstance(cfg.data, ManifestData) and cfg.use_gpu
+    assert cfg.lr == 8e-5 and cfg.weight_decay == 0.0
+    assert cfg.workers * cfg.batch_size == 128  # the paper's batch
+    assert (cfg.tree.top_k, cfg.tree.total_tokens, cfg.tree.depth) == (10, 60, 7)
+
+
+@pytest.mark.parametrize(
+    "data, field",
+    [
+        ({"lr": 0}, "lr"),
+        ({"bogus": 1}, "bogus"),
+        ({"response_source": "teacher"}, "response_source"),
+        ({"data": {"source": "manifest"}}, "data.manifest.path"),
+        ({"data": {"source": "manifest", "path": "rows.csv"}}, "data.manifest.path"),
+        ({"data": {"source": "web"}}, "data"),
+        ({"data": {"source": "demo", "p_video": 0.8, "p_qa": 0.5}}, "data.demo"),
+        ({"tree": {"top_k": 2, "total_tokens": 60, "depth": 2}}, "tree"),
+        ({"output": "s3://bucket/run"}, "output"),
+        ({"workers": 0}, "workers"),
+    ],
+)
+def test_config_errors_name_the_field(data, field):
+    with pytest.raises(ConfigError, match=rf"(?m)^  {field}(\.| *:)"):
+        parse_config(data, DistillJobConfig, source="job.yaml")
+
+
+def test_main_reports_bad_config(tmp_path, capsys):
+    from pipelines.distill import main
+
+    bad = tmp_path / "job.yaml"
+    bad.write_text(yaml.safe_dump({"batch_size": -1}))
+    with pytest.raises(SystemExit, match="batch_size"):
+        main(["--config", str(bad)])
+    with pytest.raises(SystemExit, match="max_steps"):
+        main(["--max-steps", "0"])
+
+
+# ----------------------------------------------------------------------------- Ray Train end to end
+@pytest.fixture(scope="module")
+def tiny_target_dir(tmp_path_factory):
+    """A tiny random LLaVA saved with the demo processor, loadable by `specvlm.loading.load_target`."""
+    from specvlm.demo import build_processor
+    from specvlm.tiny import tiny_llava
+
+    processor = build_processor()
+    model = tiny_llava(vocab=64, image_size=64, patch=8, hidden=64, layers=2)
+    assert model.config.image_token_id == processor.tokenizer.convert_tokens_to_ids("<image>") == 3
+    assert len(processor.tokenizer) == model.config.text_config.vocab_size
+    path = tmp_path_factory.mktemp("tiny-target")
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory):
+    """A .jsonl manifest of ShapesWorld PNGs (relative paths) with two bad rows first."""
+    from specvlm.demo import ShapesWorld
+
+    root = tmp_path_factory.mktemp("manifest")
+    (root / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    rows = [
+        {"image": "broken.png", "prompt": "describe the image.", "response": "a red circle"},
+        {"image": "ok-0.png", "prompt": "describe the image.", "response": ""},
+    ]
+    world = ShapesWorld(7)
+    for i in range(10):
+        s = world.sample(p_video=0.0)
+        s["image"].save(root / f"ok-{i}.png")
+        rows.append({"image": f"ok-{i}.png", "prompt": s["prompt"], "response": s["response"]})
+    path = root / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _steps(output: Path) -> list[dict]:
+    return [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_ray_train_run_checkpoints_skips_bad_rows_and_resumes(ray_local, tiny_target_dir, manifest, tmp_path):
+    from pipelines.distill import run
+    from specvlm import EagleDraft
+
+    output = tmp_path / "out"
+    job = {
+        "target": str(tiny_target_dir),
+        "data": {"source": "manifest", "path": str(manifest)},
+        "max_steps": 4,
+        "batch_size": 2,
+        "lr": 1e-3,
+        "workers": 2,
+        "checkpoint_every": 2,
+        "eval_every": 4,
+        "eval_samples": 1,
+        "eval_max_new_tokens": 4,
+        "tree": {"top_k": 2, "total_tokens": 4, "depth": 2},
+        "output": str(output),
+        "max_failures": 0,
+    }
+    final = run(parse_config(job, DistillJobConfig))
+
+    first = _steps(output)
+    assert [r["step"] for r in first] == [1, 2, 3, 4]
+    for key in ("loss", "loss_logit", "loss_feat", "draft_top1", "skipped_rows"):
+        assert all(isinstance(r[key], (int, float)) for r in first), key
+    assert "accept_length" in first[-1] and first[-1]["accept_length"] >= 1.0
+    assert first[-1]["skipped_rows"] >= 1  # the broken PNG and/or the empty response
+    assert final == output.resolve() / "draft"
+    EagleDraft.from_pretrained(final)
+    checkpoints = sorted((output / "ray" / "distill").glob("checkpoint_0*"))
+    assert [c.name for c in checkpoints] == ["checkpoint_00000002", "checkpoint_00000004"]
+    assert json.loads((checkpoints[-1] / "state.json").read_text())["step"] == 4
+    EagleDraft.from_pretrained(checkpoints[-1] / "draft")
+
+    # same storage path + name, more steps, the target's own responses: continues at step 5
+    run(parse_config({**job, "max_steps": 6, "response_source": "target", "response_max_new_tokens": 6},
+                     DistillJobConfig))  # fmt: skip
+    second = _steps(output)[len(first) :]
+    assert [r["step"] for r in second] == [5, 6]
+    assert second[-1]["skipped_rows"] >= first[-1]["skipped_rows"]
+    assert json.loads((output / "ray" / "distill" / "checkpoint_00000006" / "state.json").read_text())["step"] == 6
+
+
+def test_demo_data_rows_hold_png_bytes(ray_local):
+    """The demo source: ShapesWorld rows with PNG bytes in a Ray Dataset, held-out rows from another seed."""
+    from pipelines.distill import build_datasets
+    from specvlm.distill import sample_from_row
+
+    cfg = parse_config({"data": {"source": "demo", "num_samples": 3}, "eval_samples": 2}, DistillJobConfig)
+    train, eval_rows, base = build_datasets(cfg)
+    rows = train.take_all()
+    assert len(rows) == 3 and len(eval_rows) == 2 and base is None
+    assert rows[0]["image"].startswith(b"\x89PNG") and rows[0]["image"] != eval_rows[0]["image"]
+    sample = sample_from_row(rows[0])
+    assert sample["image"].size == (64, 64) and sample["response"] == rows[0]["response"]
+
+
+def test_demo_target_missing_says_how_to_build_it(tmp_path, monkeypatch):
+    from pipelines.distill import load_job_target
+
+    monkeypatch.setenv("SPECVLM_HOME", str(tmp_path))
+    with pytest.raises(RuntimeError, match="make demo-model"):
+        load_job_target("demo")
