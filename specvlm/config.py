@@ -64,6 +64,16 @@ class EngineConfig(_Strict):
     max_batch_size: int = Field(16, ge=1, description="rows decoded together")
 
 
+class ModelConfig(_Strict):
+    """Which target and draft to load: ``demo`` (the project's own demo model), a local HF
+    folder holding model + processor, or an ``s3://`` prefix."""
+
+    target: str = Field("demo", description="'demo', a local folder or s3:// prefix (model + processor)")
+    draft: str | None = Field(None, description="draft folder or s3:// prefix; None = the demo's draft for 'demo'")
+    dtype: Literal["float32", "bfloat16", "float16"] | None = Field(None, description="None = as saved")
+    device: str | None = Field(None, description="e.g. cuda:0; None = cuda if available, else cpu")
+
+
 M = TypeVar("M", bound=BaseModel)
 
 

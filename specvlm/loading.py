@@ -99,3 +99,34 @@ def load_draft(path_or_uri: str | Path):
     from .draft import EagleDraft
 
     return EagleDraft.from_pretrained(local_path(path_or_uri))
+
+
+def load_engine(model_cfg, engine_cfg=None):
+    """Build a `SpecVLMEngine` from a `ModelConfig` (+ `EngineConfig`).
+
+    Returns ``(engine, processor, info)`` where ``info`` has ``model`` (the target's
+    name/path) and ``draft_version`` (the draft's name/path, or None in ``ar`` mode).
+    """
+    from .config import EngineConfig
+    from .engine import SpecVLMEngine
+
+    engine_cfg = engine_cfg or EngineConfig()
+    device = model_cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if model_cfg.target == "demo":
+        from .demo import demo_dir, load_demo
+
+        demo = load_demo()
+        model, processor, draft = demo.target, demo.processor, demo.draft
+        target_name, draft_name = "specvlm-demo", f"specvlm-demo-draft@{demo_dir()}"
+        if model_cfg.dtype or device != "cpu":
+            model = model.to(device=device, dtype=resolve_dtype(model_cfg.dtype) or model.dtype)
+    else:
+        model, processor = load_target(model_cfg.target, model_cfg.dtype, device)
+        draft, target_name, draft_name = None, model_cfg.target, None
+    if model_cfg.draft:
+        draft, draft_name = load_draft(model_cfg.draft), model_cfg.draft
+    if engine_cfg.mode == "ar":
+        draft, draft_name = None, None
+    elif draft is None:
+        raise ValueError(f"mode {engine_cfg.mode!r} needs a draft: set model.draft (a folder or s3:// prefix)")
+    return SpecVLMEngine(model, draft, engine_cfg), processor, {"model": target_name, "draft_version": draft_name}
