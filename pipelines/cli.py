@@ -14,7 +14,6 @@ BENCHES = ("engine", "demo")
 
 def _demo_model(args: argparse.Namespace) -> None:
     import shutil
-    import tempfile
     from pathlib import Path
 
     from specvlm.demo import demo_dir
@@ -25,13 +24,14 @@ def _demo_model(args: argparse.Namespace) -> None:
         print(f"demo model already built in {out} (use --force to rebuild)")
         return
     recipe = DemoRecipe().small() if args.small else DemoRecipe()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".demo-build-", dir=out.parent))
+    work = out.parent / f".{out.name}-build"  # an interrupted build resumes from its finished stages
+    if args.force and work.exists():
+        shutil.rmtree(work)
     print(f"building the demo target VLM and draft into {out} (deterministic; ~10 min on 2 CPU cores)")
-    metrics = build_demo(tmp, recipe)
+    metrics = build_demo(work, recipe)
     if out.exists():
         shutil.rmtree(out)
-    tmp.rename(out)
+    work.rename(out)
     q = metrics["target"]
     print(
         f"demo target: held-out token accuracy {q['token_accuracy']:.3f}, exact match {q['exact_match']:.3f}, "

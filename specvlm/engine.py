@@ -19,12 +19,15 @@ One round for a batch (see DESIGN.md's cost model)::
     catch-up       one draft forward over the accepted path   (draft KV, committed)
 
 Rows are left-padded; a row that hits EOS or ``max_new_tokens`` leaves the
-batch (its KV rows are dropped) and the others go on.
+batch (its KV rows are dropped) and the others go on. ``generate(on_tokens=fn)``
+reports every round's new tokens as they are accepted (for streaming) and lets
+the caller end rows early (stop strings, per-request limits, cancelled requests).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -63,6 +66,18 @@ class RowStats:
 class GenerateOutput:
     sequences: list[list[int]]  # per row: new token ids, EOS included when reached
     stats: list[dict] = field(default_factory=list)  # per row: RowStats.to_dict()
+
+
+@dataclass
+class TokenEvent:
+    """What one step emitted (the prefill's first token, then each round), passed to ``generate(on_tokens=)``."""
+
+    tokens: dict[int, list[int]]  # row -> ids emitted this step, EOS included when reached; every active row
+    finished: set[int]  # rows that ended this step (EOS or max_new_tokens)
+    stats: dict[int, dict]  # row -> RowStats.to_dict() so far, for the rows in `tokens`
+
+
+OnTokens = Callable[[TokenEvent], Iterable[int] | None]  # returns rows to finish now
 
 
 class _Clock:
@@ -112,7 +127,7 @@ class SpecVLMEngine:
         self.draft = draft
 
     # ------------------------------------------------------------------ API
-    @torch.no_grad()
+    @torch.inference_mode()
     def generate(
         self,
         input_ids: torch.Tensor,
@@ -123,6 +138,7 @@ class SpecVLMEngine:
         top_p: float = 1.0,
         top_k: int = 0,
         seed: int | None = None,
+        on_tokens: OnTokens | None = None,
         **mm_kwargs,
     ) -> GenerateOutput:
         """Decode a batch of left-padded prompts.
@@ -133,6 +149,9 @@ class SpecVLMEngine:
             pixel_values: as the model's processor returns them.
             max_new_tokens, temperature, top_p, top_k: HF generate's meaning.
             seed: makes sampling reproducible.
+            on_tokens: called after every step (in the calling thread) with a `TokenEvent`; it may
+                return rows (batch indices) to finish now: they leave the batch, their tokens so
+                far stay in the output. Rows it does not name decode exactly as without it.
             mm_kwargs: other processor outputs for the model (``image_sizes``).
         """
         input_ids, attention_mask = self._check(input_ids, attention_mask, max_new_tokens, temperature, top_p, top_k)
@@ -141,7 +160,9 @@ class SpecVLMEngine:
         sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, suppress=self.target.placeholder_ids)
         mm_kwargs = {k: (v.to(dev) if torch.is_tensor(v) else v) for k, v in mm_kwargs.items()}
         pv = pixel_values.to(dev) if pixel_values is not None else None
-        return self._decode(input_ids.to(dev), attention_mask.to(dev), pv, max_new_tokens, sampling, gen, mm_kwargs)
+        return self._decode(
+            input_ids.to(dev), attention_mask.to(dev), pv, max_new_tokens, sampling, gen, mm_kwargs, on_tokens
+        )
 
     # ------------------------------------------------------------ internals
     def _check(self, input_ids, attention_mask, max_new_tokens, temperature, top_p, top_k):
@@ -175,7 +196,7 @@ class SpecVLMEngine:
         out = process_logits(logits, **sampling)
         return out.argmax(-1) if sampling["temperature"] == 0 else sample(out, gen)
 
-    def _decode(self, input_ids, mask, pixel_values, max_new_tokens, sampling, gen, mm_kwargs):
+    def _decode(self, input_ids, mask, pixel_values, max_new_tokens, sampling, gen, mm_kwargs, on_tokens=None):
         tgt, draft, tree_cfg = self.target, self.draft, self.config.tree
         eagle = self.config.mode == "eagle"
         B, T = input_ids.shape
@@ -211,7 +232,7 @@ class SpecVLMEngine:
         for b in rows:
             st = stats[b]
             st.prefill_ms, st.target_forwards, st.draft_forwards = prefill_ms, 1, int(eagle)
-        done = self._emit(seqs, stats, rows, [[t] for t in root.tolist()], max_new_tokens)
+        done = self._emit(seqs, stats, rows, [[t] for t in root.tolist()], max_new_tokens, on_tokens)
 
         while True:
             keep = [i for i, r in enumerate(rows) if r not in done]
@@ -236,7 +257,7 @@ class SpecVLMEngine:
                 for r in rows:
                     stats[r].target_forwards += 1
                     stats[r].verify_ms += verify_ms
-                done |= self._emit(seqs, stats, rows, [[t] for t in root.tolist()], max_new_tokens)
+                done |= self._emit(seqs, stats, rows, [[t] for t in root.tolist()], max_new_tokens, on_tokens)
                 continue
 
             # ---- speculative round
@@ -271,19 +292,24 @@ class SpecVLMEngine:
                 st.draft_forwards += depth
                 st.draft_ms += draft_ms
                 st.verify_ms += verify_ms
-            done |= self._emit(seqs, stats, rows, emitted, max_new_tokens)
+            done |= self._emit(seqs, stats, rows, emitted, max_new_tokens, on_tokens)
 
         return GenerateOutput(seqs, [s.to_dict() for s in stats])
 
-    def _emit(self, seqs, stats, rows, emitted, max_new_tokens) -> set[int]:
-        """Append each active row's new tokens; return the rows that finished."""
+    def _emit(self, seqs, stats, rows, emitted, max_new_tokens, on_tokens=None) -> set[int]:
+        """Append each active row's new tokens; return the rows that finished (or that on_tokens ends)."""
         eos = self.target.eos_token_ids
-        finished = set()
+        finished, new = set(), {}
         for r, toks in zip(rows, emitted):
+            start = len(seqs[r])
             for t in toks:
                 seqs[r].append(t)
                 if t in eos or len(seqs[r]) >= max_new_tokens:
                     finished.add(r)
                     break
             stats[r].num_tokens = len(seqs[r])
+            new[r] = seqs[r][start:]
+        if on_tokens is not None:
+            ended = on_tokens(TokenEvent(new, set(finished), {r: stats[r].to_dict() for r in rows}))
+            finished.update(r for r in ended or () if r in new)
         return finished

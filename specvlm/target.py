@@ -119,15 +119,25 @@ class TargetAdapter:
         attention_mask: torch.Tensor,  # [B, 1, Q, V] from cache.begin()
         cache: SlotKVCache,
     ) -> torch.Tensor:
-        """Run the decoder stack over the cache; returns features ``[B, Q, D]`` (LM-head input)."""
-        out = self.language_model(
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            cache=cache,
-            use_cache=True,
-        )
-        return out.last_hidden_state
+        """Run the decoder stack over the cache; returns features ``[B, Q, D]`` (LM-head input).
+
+        The HF decoder layers run directly (rotary embedding once, each layer,
+        final norm): the same modules and math as the model's own forward,
+        without its per-call wrapper work, which matters for small models.
+        """
+        lm = self.language_model
+        h = inputs_embeds
+        pos_emb = lm.rotary_emb(h, position_ids)
+        for layer in lm.layers[: lm.config.num_hidden_layers]:
+            h = layer(
+                h,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                cache=cache,
+                use_cache=True,
+                position_embeddings=pos_emb,
+            )
+        return lm.norm(h)
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:
         """``[..., D]`` features -> ``[..., V]`` logits."""

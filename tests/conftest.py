@@ -1,8 +1,20 @@
-"""Shared fixtures: tiny random-init VLMs built in code, and a draft distilled onto one."""
+"""Shared fixtures: tiny random-init VLMs built in code, a draft distilled onto one, the session's Ray
+cluster and a moto S3 server (both on loopback)."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -63,18 +75,130 @@ def trained_pair():
     return model, draft
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class RayHead:
+    """The session's Ray cluster: ``ray start --head --block`` in a subprocess, on loopback."""
+
+    address: str  # GCS address for ray.init
+    dashboard_url: str  # for `ray job submit --address` and the state API
+    env: dict  # the environment the cluster's processes run with (PATH starts at this venv)
+    log: Path
+
+
 @pytest.fixture(scope="session")
-def ray_local():
-    """One local Ray for the whole test run (``ray.init`` costs ~9 s here), on loopback only."""
-    ray = pytest.importorskip("ray")
+def ray_head():
+    """One Ray cluster for the whole test run (starting Ray costs ~10 s here), loopback only.
+
+    Started as ``ray start --head --block`` so that ``ray job submit`` tests can use its
+    dashboard; every port is picked free, the temp dir is private, and the teardown stops
+    only the processes this fixture started (SIGTERM to ``ray start --block``, which stops
+    its children; never ``ray stop``, which would stop other users' clusters too).
+    """
+    pytest.importorskip("ray")
+    tmp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
+    port, dash = free_port(), free_port()
+    flags = {name: free_port() for name in ("ray-client-server-port", "dashboard-agent-listen-port",
+             "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port")}  # fmt: skip
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    log = tmp / "head.log"
+    cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
+           f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true",
+           "--num-cpus=2", "--num-gpus=0", f"--temp-dir={tmp}", "--disable-usage-stats",
+           *(f"--{k}={v}" for k, v in flags.items())]  # fmt: skip
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    head = RayHead(f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}", env, log)
+    try:
+        deadline = time.monotonic() + 90
+        while True:  # the dashboard answers once the head is fully up
+            try:
+                urllib.request.urlopen(f"{head.dashboard_url}/api/version", timeout=2).read()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"ray start failed; its log:\n{log.read_text()[-4000:]}") from None
+                time.sleep(0.5)
+        yield head
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # the process group this fixture started
+            proc.wait(10)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def ray_local(ray_head):
+    """This test process connected (``ray.init``) to the session's Ray cluster."""
+    import ray
+
     if not ray.is_initialized():
-        ray.init(
-            num_cpus=2,
-            include_dashboard=False,
-            _node_ip_address="127.0.0.1",
-        )
+        ray.init(address=ray_head.address, _node_ip_address="127.0.0.1")
     yield ray
     ray.shutdown()
+
+
+@dataclass
+class MotoS3:
+    """A moto S3 server on loopback with IAM enforced: ``env`` holds an IAM user's credentials that may do
+    anything in S3 except ``GetObject`` under ``<bucket>/forbidden/``."""
+
+    endpoint: str
+    env: dict  # AWS_* variables for that user (endpoint included)
+    bucket: str
+
+    def client(self):
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1",
+                            aws_access_key_id=self.env["AWS_ACCESS_KEY_ID"],
+                            aws_secret_access_key=self.env["AWS_SECRET_ACCESS_KEY"])  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def moto_s3(tmp_path_factory):
+    """``moto_server -H 127.0.0.1 -p PORT`` for the session; IAM auth switched on after the setup requests."""
+    boto3 = pytest.importorskip("boto3")
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    log = tmp_path_factory.mktemp("moto") / "moto.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                                stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        for _ in range(200):
+            try:
+                urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=2).read()
+                break
+            except OSError:
+                time.sleep(0.1)
+        root = dict(endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="root",
+                    aws_secret_access_key="root")  # fmt: skip
+        iam = boto3.client("iam", **root)
+        iam.create_user(UserName="captioner")
+        key = iam.create_access_key(UserName="captioner")["AccessKey"]
+        bucket = "specvlm-test"
+        deny = {"Effect": "Deny", "Action": "s3:GetObject", "Resource": f"arn:aws:s3:::{bucket}/forbidden/*"}
+        policy = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}, deny]}
+        iam.put_user_policy(UserName="captioner", PolicyName="s3", PolicyDocument=json.dumps(policy))
+        boto3.client("s3", **root).create_bucket(Bucket=bucket)
+        req = urllib.request.Request(f"{endpoint}/moto-api/reset-auth", data=b"0", method="POST",
+                                     headers={"Content-Type": "text/plain"})  # fmt: skip
+        urllib.request.urlopen(req, timeout=5).read()  # from now on every request is signed and checked
+        env = {"AWS_ACCESS_KEY_ID": key["AccessKeyId"], "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"],
+               "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint}  # fmt: skip
+        yield MotoS3(endpoint, env, bucket)
+    finally:
+        proc.terminate()
+        proc.wait(30)
 
 
 @pytest.fixture(scope="session")

@@ -90,6 +90,35 @@ def test_max_new_tokens_and_eos(trained64):
     assert EOS not in out.sequences[0] or out.sequences[0][-1] == EOS
 
 
+@pytest.mark.parametrize("mode", ["ar", "eagle"])
+def test_on_tokens_reports_every_step_and_can_end_rows(trained64, mode):
+    model, draft = trained64
+    inputs = tiny_inputs(model, [3, 7, 5], seed=100)
+    eng = _engine(model, mode, SMALL_TREE, draft)
+    full = eng.generate(**inputs, max_new_tokens=20)
+    events = []
+    out = eng.generate(**inputs, max_new_tokens=20, on_tokens=events.append)
+    assert out.sequences == full.sequences  # observing changes nothing
+    for b, seq in enumerate(full.sequences):
+        assert [t for e in events for t in e.tokens.get(b, [])] == seq
+        assert sum(b in e.finished for e in events) == 1
+        last = [e for e in events if b in e.tokens][-1]
+        assert b in last.finished and last.stats[b] == out.stats[b]
+    if mode == "eagle":
+        assert max(len(t) for e in events for t in e.tokens.values()) > 1  # several tokens per round
+
+    def end_row_1(event):  # end row 1 once it holds 5 tokens; the others go on untouched
+        seen[1] = seen.get(1, 0) + len(event.tokens.get(1, []))
+        return [1] if seen[1] >= 5 else None
+
+    seen = {}
+    out = eng.generate(**inputs, max_new_tokens=20, on_tokens=end_row_1)
+    assert out.sequences[0] == full.sequences[0] and out.sequences[2] == full.sequences[2]
+    assert 5 <= len(out.sequences[1]) < len(full.sequences[1])
+    assert out.sequences[1] == full.sequences[1][: len(out.sequences[1])]
+    assert out.stats[1]["num_tokens"] == len(out.sequences[1])
+
+
 def test_seeded_sampling_is_deterministic(trained_pair):
     model, draft = trained_pair
     inputs = tiny_inputs(model, [4, 6], seed=3)

@@ -1,0 +1,100 @@
+"""`Captioner`: the callable class the caption job's actor pool runs (``map_batches``).
+
+Thin by design: it builds one engine per actor (`specvlm.loading.load_engine`)
+and turns a batch of decoded rows into output rows. No media decoding lives
+here (`pipelines.caption_io` does that in CPU tasks) and no decoding logic
+(`specvlm.engine` does that).
+
+Input columns (one Arrow table per batch, ``batch_format="pyarrow"``):
+
+    id, uri, prompt     strings, echoed to the output
+    pixels              raw RGB bytes (row-major, ``height * width * 3``), null on error
+    width, height       int32, null on error
+    error               null, or ``"kind: message"`` from reading/decoding (the row passes through)
+
+Output: `OUTPUT_SCHEMA` (DESIGN.md's caption contract), one row per input row.
+
+Errors: a bad input is already a row with ``error`` set when it gets here; an
+exception raised while decoding the batch (CUDA OOM, a bug) is a fatal engine
+error and propagates, so Ray retries the batch or fails the job. It is never
+turned into row errors (Ray Data LLM's rule).
+
+Importing this module does not import torch; the engine's imports happen in
+``__init__``, inside the actor.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pyarrow as pa
+
+OUTPUT_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("uri", pa.string()),
+        ("prompt", pa.string()),
+        ("caption", pa.string()),  # null on error
+        ("error", pa.string()),  # null, or "kind: message"
+        ("num_tokens", pa.int32()),  # generated tokens, EOS included when reached
+        ("accept_length", pa.float64()),  # tokens per target forward (1.0 in ar mode)
+        ("compressor", pa.string()),  # visual compressor primitive chosen for the row; "none" without one
+        ("model", pa.string()),
+        ("draft_version", pa.string()),
+        ("latency_ms", pa.float64()),  # engine time spent while the row was being decoded
+    ]
+)
+
+
+class Captioner:
+    """Holds one engine; ``__call__`` captions a batch of decoded rows.
+
+    Args:
+        model: `specvlm.config.ModelConfig` fields (a dict, so the class pickles without pydantic models).
+        engine: `specvlm.config.EngineConfig` fields.
+        sampling: `specvlm.config.SamplingConfig` fields.
+    """
+
+    def __init__(self, model: dict, engine: dict, sampling: dict):
+        from specvlm.config import EngineConfig, ModelConfig, SamplingConfig
+        from specvlm.loading import load_engine
+
+        t0 = time.perf_counter()
+        self.engine, self.processor, info = load_engine(ModelConfig(**model), EngineConfig(**engine))
+        self.sampling = SamplingConfig(**sampling)
+        self.model_name, self.draft_version = info["model"], info["draft_version"]
+        self.mode = self.engine.config.mode
+        self.pid = os.getpid()
+        self.load_s = time.perf_counter() - t0
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from PIL import Image
+
+        from specvlm.distill import chat_prompt
+
+        rows = batch.select(["id", "uri", "prompt", "pixels", "width", "height", "error"]).to_pylist()
+        out = {name: [None] * len(rows) for name in OUTPUT_SCHEMA.names}
+        for i, r in enumerate(rows):
+            out["id"][i], out["uri"][i], out["prompt"][i], out["error"][i] = r["id"], r["uri"], r["prompt"], r["error"]
+            out["model"][i], out["draft_version"][i] = self.model_name, self.draft_version
+        todo = [i for i, r in enumerate(rows) if r["error"] is None]
+        tok = self.processor.tokenizer
+        s = self.sampling
+        step = self.engine.config.max_batch_size
+        for start in range(0, len(todo), step):
+            chunk = todo[start : start + step]
+            images = [Image.frombytes("RGB", (rows[i]["width"], rows[i]["height"]), rows[i]["pixels"]) for i in chunk]
+            prompts = [chat_prompt(self.processor, rows[i]["prompt"]) for i in chunk]
+            enc = self.processor(text=prompts, images=images, return_tensors="pt", padding=True)
+            res = self.engine.generate(
+                **enc, max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
+                seed=s.seed,
+            )  # fmt: skip
+            for i, seq, st in zip(chunk, res.sequences, res.stats):
+                out["caption"][i] = tok.decode(seq, skip_special_tokens=True).strip()
+                out["num_tokens"][i] = st["num_tokens"]
+                out["accept_length"][i] = st["accept_length"]
+                out["compressor"][i] = st.get("compressor") or "none"
+                out["latency_ms"][i] = st["prefill_ms"] + st["draft_ms"] + st["verify_ms"]
+        return pa.Table.from_pydict(out, schema=OUTPUT_SCHEMA)

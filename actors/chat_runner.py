@@ -1,0 +1,187 @@
+"""`ChatRunner`: chat requests -> engine batches -> per-round text updates. No Ray, no HTTP.
+
+Legend: B batch rows, T prompt tokens, N images.
+
+The Serve deployment (`actors.serving`) owns the threads and the queue; this
+module owns the translation, so it is tested by calling it directly:
+
+    prepare(request, image_bytes) -> ChatJob   chat template + images -> one row's processor inputs,
+                                               prompt and context limits (OpenAIError 4xx)
+    run(jobs, post)                            decode a batch; post({batch index: RowUpdate}) after every round
+
+One `SpecVLMEngine.generate` call decodes rows that share sampling settings
+(all greedy rows together; sampled rows with the same temperature, top_p,
+top_k; a seeded sampled request alone, so its output does not depend on its
+neighbours). Groups of one batch run one after another. Each row's
+`TextStream` turns its new tokens into text after every round and ends the
+row early (through the engine's ``on_tokens``) at a stop string, at its own
+``max_tokens`` or when its client has gone away.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from specvlm.media import MediaError, MediaLimits, decode_image
+
+from .openai_protocol import ChatRequest, OpenAIError, TextStream, completion_tokens_budget, usage
+from .serve_config import ServeLimits
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RowUpdate:
+    """What one request got from one round."""
+
+    text: str = ""  # new text since the previous update
+    finish_reason: str | None = None  # "stop" | "length" on the row's last update
+    usage: dict | None = None  # on the last update: token counts + accept length
+    stats: dict | None = None  # on the last update: the engine's RowStats.to_dict()
+    error: str | None = None  # the engine failed on this row's batch (a server error, not the client's)
+
+
+@dataclass
+class ChatJob:
+    """One prepared request: its processor inputs (batch of one) and how to turn its tokens into text."""
+
+    inputs: dict  # input_ids [1, T], attention_mask [1, T], pixel_values [N, ...] | None, image_sizes [N, 2] | None
+    prompt_tokens: int
+    max_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: int | None
+    text: TextStream
+    cancelled: bool = False  # set by the server when the client leaves; the row ends at the next round
+    done: bool = field(default=False, init=False)
+
+    def group_key(self, index: int) -> tuple:
+        if self.temperature == 0:
+            return ("greedy",)
+        return ("sample", self.temperature, self.top_p, self.top_k) + ((index,) if self.seed is not None else ())
+
+
+Post = Callable[[dict[int, RowUpdate]], None]
+
+
+class ChatRunner:
+    """Holds an engine and its processor; translates chat requests for it."""
+
+    def __init__(self, engine, processor, limits: ServeLimits):
+        self.engine, self.processor, self.limits = engine, processor, limits
+        self.tokenizer = processor.tokenizer
+        text_config = engine.target.text_config
+        self.context = limits.max_context_tokens or int(getattr(text_config, "max_position_embeddings", 4096))
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else (self.tokenizer.eos_token_id or 0)
+        self.media_limits = MediaLimits(max_bytes=limits.max_image_bytes, max_pixels=limits.max_image_pixels)
+
+    def _decode_text(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    # ------------------------------------------------------------------ prepare
+    def prepare(self, req: ChatRequest, images: list[bytes]) -> ChatJob:
+        """One request -> `ChatJob`; raises `OpenAIError` (400) for bad images or a prompt over the limits."""
+        params = [p for p, _ in req.image_urls()]
+        pil = []
+        for param, data in zip(params, images):
+            try:
+                pil.append(decode_image(data, self.media_limits))
+            except MediaError as e:
+                code = "image_too_large" if e.kind == "too_large" else "invalid_image"
+                raise OpenAIError(400, f"{param}: {e}", param=param, code=code) from None
+        try:
+            prompt = self.processor.apply_chat_template(req.template_messages(), add_generation_prompt=True)
+            enc = self.processor(text=[prompt], images=pil or None, return_tensors="pt")
+        except (ValueError, TypeError, KeyError) as e:  # e.g. a template that has no place for an image
+            raise OpenAIError(400, f"cannot build the prompt: {e}", param="messages", code="invalid_prompt") from None
+        prompt_tokens = int(enc["input_ids"].shape[1])
+        max_tokens = completion_tokens_budget(req, prompt_tokens, self.limits, self.context)
+        inputs = {k: enc[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_sizes") if k in enc}
+        stream = TextStream(self._decode_text, self.engine.target.eos_token_ids, max_tokens, req.stops)
+        return ChatJob(inputs, prompt_tokens, max_tokens, req.temperature, req.top_p, req.top_k, req.seed, stream)
+
+    # ------------------------------------------------------------------ run
+    def run(self, jobs: list[ChatJob], post: Post) -> None:
+        """Decode ``jobs`` (in groups of shared sampling settings); every job gets a last update."""
+        groups: dict[tuple, list[int]] = {}
+        for i, job in enumerate(jobs):
+            if not job.cancelled:
+                groups.setdefault(job.group_key(i), []).append(i)
+        for idx in groups.values():
+            try:
+                self._run_group(jobs, idx, post)
+            except Exception as e:  # an engine failure fails its group, never the replica
+                log.exception("engine failed on a batch of %d rows", len(idx))
+                post({i: RowUpdate(error=f"{type(e).__name__}: {e}") for i in idx if not jobs[i].done})
+            left = [i for i in idx if not jobs[i].done and not jobs[i].cancelled]
+            if left:  # an invariant: the engine reports every row until it finishes
+                post({i: RowUpdate(error="the engine stopped without finishing this row") for i in left})
+
+    def _run_group(self, jobs: list[ChatJob], idx: list[int], post: Post) -> None:
+        group = [jobs[i] for i in idx]
+        batch = collate([j.inputs for j in group], self.pad_id)
+        first = group[0]
+
+        def on_tokens(event) -> list[int]:
+            updates, end = {}, []
+            for r, toks in event.tokens.items():
+                job = group[r]
+                if job.done:
+                    continue
+                if job.cancelled:
+                    job.done = True
+                    end.append(r)
+                    continue
+                delta = job.text.push(toks, r in event.finished)
+                if job.text.finish_reason is None:
+                    if delta:
+                        updates[idx[r]] = RowUpdate(delta)
+                    continue
+                job.done = True
+                if r not in event.finished:
+                    end.append(r)
+                stats = event.stats[r]
+                use = usage(job.prompt_tokens, len(job.text.tokens), stats)
+                updates[idx[r]] = RowUpdate(delta, job.text.finish_reason, use, stats)
+            if updates:
+                post(updates)
+            return end
+
+        self.engine.generate(
+            **batch,
+            max_new_tokens=max(j.max_tokens for j in group),
+            temperature=first.temperature,
+            top_p=first.top_p,
+            top_k=first.top_k,
+            seed=first.seed,
+            on_tokens=on_tokens,
+        )
+
+
+def collate(rows: list[dict], pad_id: int) -> dict:
+    """Processor outputs of single prompts -> one left-padded batch (images concatenated in row order)."""
+    T = max(r["input_ids"].shape[1] for r in rows)
+    B = len(rows)
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)  # [B, T]
+    mask = torch.zeros(B, T, dtype=torch.long)  # [B, T]
+    for b, r in enumerate(rows):
+        t = r["input_ids"].shape[1]
+        input_ids[b, T - t :] = r["input_ids"][0]
+        mask[b, T - t :] = r["attention_mask"][0]
+    out = {"input_ids": input_ids, "attention_mask": mask}
+    pv = [r["pixel_values"] for r in rows if r.get("pixel_values") is not None]
+    if pv:
+        if pv[0].dim() == 5:  # LLaVA-NeXT [N, tiles, C, H, W]: pad tiles to the batch's most
+            tiles = max(p.shape[1] for p in pv)
+            pv = [torch.nn.functional.pad(p, (0, 0, 0, 0, 0, 0, 0, tiles - p.shape[1])) for p in pv]
+        out["pixel_values"] = torch.cat(pv)  # [N, ...]
+    sizes = [r["image_sizes"] for r in rows if r.get("image_sizes") is not None]
+    if sizes:
+        out["image_sizes"] = torch.cat(sizes)  # [N, 2]
+    return out

@@ -1,0 +1,198 @@
+"""`ServeAppConfig`: everything the OpenAI-compatible endpoint (`actors.serving`) takes, validated once.
+
+The same mapping is the ``args`` of the application in ``configs/serve.yaml``
+(a Ray Serve config file) and what ``specvlm serve --config FILE`` reads. The
+defaults serve the demo model on CPU. Importing this module does not import
+Ray; the autoscaling config is checked against Serve's own model lazily.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from specvlm.config import ConfigError, EngineConfig, ModelConfig, TreeConfig, parse_config
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServeLimits(_Strict):
+    """What one request may cost; anything over a limit is a 4xx that names the limit."""
+
+    max_body_bytes: int = Field(24 * 1024**2, gt=0, description="HTTP request body (JSON with data: URLs)")
+    max_images: int = Field(4, ge=0, description="images in one request")
+    max_image_bytes: int = Field(16 * 1024**2, gt=0, description="encoded size of one image (after base64)")
+    max_image_pixels: int = Field(25_000_000, gt=0, description="width*height of one image, read from its header")
+    max_tokens: int = Field(1024, ge=1, description="largest max_tokens a request may ask for")
+    default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request gives none (capped by context)")
+    max_prompt_tokens: int = Field(8192, ge=1, description="prompt tokens after the chat template, image tokens included")
+    max_context_tokens: int | None = Field(
+        None, ge=2, description="prompt + completion; None = the target's max_position_embeddings"
+    )
+    max_stop: int = Field(4, ge=0, description="stop strings in one request (OpenAI allows 4)")
+
+
+class ImageFetchConfig(_Strict):
+    """http(s) image URLs: refused unless the host is allow-listed, and never to a non-public address.
+
+    An allowed host is still resolved and every address it resolves to must be
+    globally routable (no private, loopback, link-local, CGNAT, multicast or
+    cloud-metadata address); the connection goes to the address that was
+    checked (no DNS rebinding), redirects are not followed, proxies from the
+    environment are ignored.
+    """
+
+    allowed_hosts: tuple[str, ...] = Field(
+        (), description="exact host names, or '*.example.com' for its subdomains; empty = only data: URLs"
+    )
+    allowed_ports: tuple[int, ...] = Field((80, 443), description="ports an image URL may name")
+    timeout_s: float = Field(10.0, gt=0, description="whole fetch: DNS, connect, headers and body")
+    max_bytes: int = Field(16 * 1024**2, gt=0, description="response body size")
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _hosts(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        out = []
+        for h in v:
+            h = h.strip().lower().rstrip(".").strip("[]")
+            bare = h[2:] if h.startswith("*.") else h
+            if not bare or "*" in bare or "/" in bare or ("://" in h) or (":" in bare and not _is_ip(bare)):
+                raise ValueError(f"allowed host {h!r} must be a host name, an IP or '*.domain' (no scheme, path, port)")
+            out.append(h)
+        return tuple(out)
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+        return True
+    except ValueError:
+        return False
+
+
+class BatchingConfig(_Strict):
+    """Dynamic batching (`@serve.batch`): concurrent requests are decoded together."""
+
+    max_batch_size: int = Field(16, ge=1, description="requests decoded together; 1 = no batching")
+    batch_wait_timeout_s: float = Field(0.02, ge=0, description="how long a batch waits to fill once it has one request")
+
+
+class DeploymentConfig(_Strict):
+    """Serve deployment options (`Deployment.options`)."""
+
+    num_replicas: int = Field(1, ge=1, description="fixed replica count; ignored when autoscaling_config is set")
+    autoscaling_config: dict | None = Field(
+        None, description="Serve AutoscalingConfig (min_replicas, max_replicas, target_ongoing_requests, ...)"
+    )
+    max_ongoing_requests: int = Field(64, ge=1, description="per replica; keep >= batching.max_batch_size")
+    max_queued_requests: int = Field(-1, ge=-1, description="per caller before 503s; -1 = unbounded")
+    ray_actor_options: dict = Field(default_factory=lambda: {"num_cpus": 1}, description="e.g. {num_gpus: 1}")
+
+    @field_validator("autoscaling_config")
+    @classmethod
+    def _autoscaling(cls, v: dict | None) -> dict | None:
+        if v is not None:
+            from ray.serve.config import AutoscalingConfig
+
+            AutoscalingConfig.model_validate(v)  # Serve's own validation, reported with our field name
+        return v
+
+    @model_validator(mode="after")
+    def _one_of(self):
+        if self.autoscaling_config is not None and "num_replicas" in self.model_fields_set:
+            raise ValueError("set num_replicas or autoscaling_config, not both")
+        return self
+
+    def options(self) -> dict:
+        """Keyword arguments for ``Deployment.options``."""
+        opts = dict(
+            max_ongoing_requests=self.max_ongoing_requests,
+            max_queued_requests=self.max_queued_requests,
+            ray_actor_options=dict(self.ray_actor_options),
+        )
+        if self.autoscaling_config is not None:
+            opts["autoscaling_config"] = dict(self.autoscaling_config)
+        else:
+            opts["num_replicas"] = self.num_replicas
+        return opts
+
+
+class ServeAppConfig(_Strict):
+    """The OpenAI-compatible endpoint. Defaults serve the demo model on CPU (``configs/serve.yaml``)."""
+
+    model: ModelConfig = ModelConfig()
+    engine: EngineConfig = EngineConfig(tree=TreeConfig(top_k=4, total_tokens=16, depth=4))  # CPU-sized tree
+    served_model_name: str | None = Field(
+        None, description="the `model` requests must name; None = 'specvlm-demo' for the demo, else the target's"
+    )
+    limits: ServeLimits = ServeLimits()
+    image_fetch: ImageFetchConfig = ImageFetchConfig()
+    api_key_env: str | None = Field(
+        "SPECVLM_API_KEY", description="env var holding the API key; unset or empty = no key required"
+    )
+    api_key_file: str | None = Field(None, description="file holding the API key (a mounted Kubernetes secret)")
+    batching: BatchingConfig = BatchingConfig()
+    deployment: DeploymentConfig = DeploymentConfig()
+
+    @model_validator(mode="after")
+    def _batches_can_fill(self):
+        b = self.batching.max_batch_size
+        if b > self.engine.max_batch_size:
+            raise ValueError(f"batching.max_batch_size={b} > engine.max_batch_size={self.engine.max_batch_size}")
+        if self.deployment.max_ongoing_requests < b:
+            raise ValueError(
+                f"deployment.max_ongoing_requests={self.deployment.max_ongoing_requests} < "
+                f"batching.max_batch_size={b}: batches could never fill; raise max_ongoing_requests"
+            )
+        return self
+
+    def model_name(self, info: dict) -> str:
+        """The served name: the config's, else ``load_engine``'s target name (a path's last part)."""
+        if self.served_model_name:
+            return self.served_model_name
+        name = str(info.get("model") or "model")
+        return name if name.startswith("specvlm-") else Path(name.rstrip("/")).name or name
+
+
+class ServeFile(_Strict):
+    """What ``specvlm serve --config FILE`` found in FILE."""
+
+    app: ServeAppConfig
+    name: str = "specvlm"
+    route_prefix: str = "/"
+    host: str | None = None
+    port: int | None = None
+
+
+def load_serve_file(path: str | Path, app_name: str | None = None) -> ServeFile:
+    """Read a Serve config file (``applications:`` with ``args``) or a bare `ServeAppConfig` YAML."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    if "applications" not in data:
+        return ServeFile(app=parse_config(data, ServeAppConfig, source=str(path)))
+    apps = data["applications"] or []
+    names = [a.get("name", "default") for a in apps if isinstance(a, dict)]
+    chosen = [a for a in apps if isinstance(a, dict) and (app_name is None or a.get("name") == app_name)]
+    if not chosen:
+        raise ConfigError(f"{path}: no application {app_name!r} (found: {', '.join(names) or 'none'})")
+    entry = chosen[0]
+    http = data.get("http_options") or {}
+    return ServeFile(
+        app=parse_config(entry.get("args") or {}, ServeAppConfig, source=f"{path}: application {entry.get('name', 'default')!r} args"),
+        name=entry.get("name", "specvlm"),
+        route_prefix=entry.get("route_prefix") or "/",
+        host=http.get("host"),
+        port=http.get("port"),
+    )
+

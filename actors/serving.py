@@ -1,0 +1,362 @@
+"""Ray Serve deployment: an OpenAI-compatible endpoint over `SpecVLMEngine`.
+
+    POST /v1/chat/completions    OpenAI chat schema; text + image_url parts; stream: true as SSE
+    GET  /v1/models              the one served model
+    GET  /health                 liveness (no API key)
+
+Run: ``specvlm serve [--config FILE] [--host 127.0.0.1] [--port 8000]`` (`main`), or
+``serve run configs/serve.yaml`` (`build_app`). See docs/serve.md.
+
+What runs where in a replica::
+
+    event loop      auth, body limit, parse + validate (`openai_protocol`), image URLs (`image_urls`),
+                    SSE; never blocks on the model
+    prep thread     image decode + chat template + processor (`ChatRunner.prepare`)
+    engine thread   one batch at a time: `ChatRunner.run` -> `SpecVLMEngine.generate(on_tokens=...)`;
+                    every round's text deltas go back to the loop through an asyncio queue
+
+Batching: every request, streamed or not, goes through ``decode_batch``, an
+async-generator `@serve.batch` method: the requests that arrive within
+``batch_wait_timeout_s`` (up to ``max_batch_size``) are decoded as one batch,
+and each round yields one `RowUpdate` (or None) per request, so streamed
+requests see each speculative round's tokens as one chunk. A batch runs to
+its end before the next starts (no joining mid-decode). Decoding logic is the
+engine's; this module only translates and exports metrics.
+"""
+
+
+import argparse
+import asyncio
+import hmac
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .chat_runner import ChatJob, ChatRunner, RowUpdate
+from .image_urls import image_bytes
+from .openai_protocol import (
+    ChatRequest,
+    OpenAIError,
+    chunk,
+    completion,
+    error_body,
+    models_list,
+    new_id,
+    now,
+    parse_chat_request,
+    sse,
+    usage_chunk,
+)
+from .serve_config import ServeAppConfig, load_serve_file
+
+log = logging.getLogger("ray.serve")
+
+fastapi_app = FastAPI(title="specvlm", docs_url=None, redoc_url=None, openapi_url=None)
+
+
+def _error(e: OpenAIError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status)
+
+
+@fastapi_app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    return JSONResponse(error_body(exc.status_code, str(exc.detail)), status_code=exc.status_code)
+
+
+@fastapi_app.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    return JSONResponse(error_body(400, f"invalid request: {exc.errors()}"), status_code=400)
+
+
+class _Metrics:
+    """Ray metrics (exported on Ray's Prometheus endpoint with a ``ray_`` prefix)."""
+
+    def __init__(self, model: str):
+        from ray.util.metrics import Counter, Histogram
+
+        tags = {"model": model}
+        self.requests = Counter("specvlm_serve_requests", "chat requests by HTTP status", ("model", "status", "stream"))
+        self.tokens = Counter("specvlm_serve_tokens", "prompt and completion tokens", ("model", "kind"))
+        self.accept = Histogram("specvlm_serve_accept_length", "tokens per target forward, per request",
+                                [1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0], ("model",))  # fmt: skip
+        self.compressor = Counter("specvlm_serve_compressor_choices", "visual compressor chosen per request",
+                                  ("model", "compressor"))  # fmt: skip
+        self.latency = Histogram("specvlm_serve_latency_s", "request latency, arrival to last token",
+                                 [0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64], ("model", "stream"))  # fmt: skip
+        self.ttft = Histogram("specvlm_serve_time_to_first_token_s", "arrival to the first text",
+                              [0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16], ("model",))  # fmt: skip
+        self.batch_rows = Histogram("specvlm_serve_batch_rows", "requests per decoded batch",
+                                    [1, 2, 4, 8, 16, 32, 64], ("model",))  # fmt: skip
+        for m in (self.requests, self.tokens, self.accept, self.compressor, self.latency, self.ttft, self.batch_rows):
+            m.set_default_tags(tags)
+
+    def record(self, status: int, stream: bool, t0: float, last: RowUpdate | None = None, ttft: float | None = None):
+        self.requests.inc(tags={"status": str(status), "stream": str(stream).lower()})
+        if last is None or last.usage is None:
+            return
+        self.tokens.inc(last.usage["prompt_tokens"], tags={"kind": "prompt"})
+        self.tokens.inc(last.usage["completion_tokens"], tags={"kind": "completion"})
+        self.accept.observe(last.usage["accept_length"])
+        self.compressor.inc(tags={"compressor": str((last.stats or {}).get("compressor") or "none")})
+        self.latency.observe(time.perf_counter() - t0, tags={"stream": str(stream).lower()})
+        if ttft is not None:
+            self.ttft.observe(ttft)
+
+
+def read_api_key(cfg: ServeAppConfig) -> str | None:
+    """The key requests must send, from ``api_key_file`` or the ``api_key_env`` variable; None = no auth."""
+    if cfg.api_key_file:
+        key = Path(cfg.api_key_file).read_text().strip()
+        if not key:
+            raise ValueError(f"api_key_file {cfg.api_key_file} is empty")
+        return key
+    key = os.environ.get(cfg.api_key_env, "").strip() if cfg.api_key_env else ""
+    return key or None
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refusing more than ``limit`` bytes (by Content-Length, and while reading)."""
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit:
+        raise OpenAIError(413, f"request body is {length} bytes > max_body_bytes={limit}", code="request_too_large")
+    body = bytearray()
+    async for piece in request.stream():
+        body += piece
+        if len(body) > limit:
+            raise OpenAIError(413, f"request body is over max_body_bytes={limit}", code="request_too_large")
+    return bytes(body)
+
+
+@serve.deployment(max_ongoing_requests=64)
+@serve.ingress(fastapi_app)
+class SpecVLMServer:
+    """One replica: one engine, one engine thread, batches from `@serve.batch`."""
+
+    def __init__(self, config: dict):
+        from specvlm.loading import load_engine
+
+        self.cfg = cfg = ServeAppConfig.model_validate(config)
+        engine, processor, info = load_engine(cfg.model, cfg.engine)
+        self.model_name = cfg.model_name(info)
+        self.info = info
+        self.runner = ChatRunner(engine, processor, cfg.limits)
+        self.api_key = read_api_key(cfg)
+        self.created = now()
+        self.metrics = _Metrics(self.model_name)
+        self._prep = ThreadPoolExecutor(1, thread_name_prefix="specvlm-prep")
+        self._engine = ThreadPoolExecutor(1, thread_name_prefix="specvlm-engine")
+        self._drains: set[asyncio.Task] = set()
+        self.decode_batch.set_max_batch_size(cfg.batching.max_batch_size)
+        self.decode_batch.set_batch_wait_timeout_s(cfg.batching.batch_wait_timeout_s)
+        log.info("specvlm serving %s (mode %s, api key %s)", self.model_name, cfg.engine.mode,
+                 "required" if self.api_key else "off")  # fmt: skip
+
+    # ---------------------------------------------------------------- routes
+    @fastapi_app.get("/health")
+    async def health(self) -> dict:
+        return {"status": "ok", "model": self.model_name}
+
+    @fastapi_app.get("/v1/models")
+    async def models(self, request: Request):
+        try:
+            self._auth(request)
+        except OpenAIError as e:
+            return _error(e)
+        return models_list(self.model_name, self.created)
+
+    @fastapi_app.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        t0 = time.perf_counter()
+        stream = False
+        try:
+            self._auth(request)
+            body = await read_body(request, self.cfg.limits.max_body_bytes)
+            req = parse_chat_request(body, self.cfg.limits, self.model_name)
+            stream = req.stream
+            job = await self._prepare(req)
+        except OpenAIError as e:
+            self.metrics.record(e.status, stream, t0)
+            return _error(e)
+        except Exception as e:  # a bug, reported as a 500; the replica goes on
+            log.exception("chat request failed before decoding")
+            self.metrics.record(500, stream, t0)
+            return _error(OpenAIError(500, f"internal error: {type(e).__name__}", "server_error"))
+        rid, created = new_id(), now()
+        if stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+            events = self._sse(job, rid, created, include_usage, t0)
+            return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+        return await self._complete(job, rid, created, t0)
+
+    # ---------------------------------------------------------------- helpers
+    def _auth(self, request: Request) -> None:
+        if self.api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            raise OpenAIError(401, "missing API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
+        if not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
+            raise OpenAIError(401, "incorrect API key", code="invalid_api_key")
+
+    async def _prepare(self, req: ChatRequest) -> ChatJob:
+        limits, fetch = self.cfg.limits, self.cfg.image_fetch
+        images = [await image_bytes(url, fetch, limits.max_image_bytes, param) for param, url in req.image_urls()]
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._prep, self.runner.prepare, req, images)
+
+    async def _updates(self, job: ChatJob):
+        """This request's updates until its last one; leaving early (client gone) ends its row."""
+        batch = self.decode_batch(job)
+        try:
+            async for update in batch:
+                if update is None:
+                    continue
+                yield update
+                if update.finish_reason or update.error:
+                    return
+        finally:
+            job.cancelled = True  # no-op once finished
+            # the batch goes on for the other requests: take this one's remaining (empty) results
+            drain = asyncio.get_running_loop().create_task(_drain(batch))
+            self._drains.add(drain)
+            drain.add_done_callback(self._drains.discard)
+
+    async def _complete(self, job: ChatJob, rid: str, created: int, t0: float) -> JSONResponse:
+        parts, last, ttft = [], None, None
+        async for update in self._updates(job):
+            if update.error:
+                self.metrics.record(500, False, t0)
+                return _error(OpenAIError(500, f"decoding failed: {update.error}", "server_error"))
+            if ttft is None and update.text:
+                ttft = time.perf_counter() - t0
+            parts.append(update.text)
+            last = update
+        if last is None or not last.finish_reason:
+            self.metrics.record(500, False, t0)
+            return _error(OpenAIError(500, "decoding ended without a result", "server_error"))
+        self.metrics.record(200, False, t0, last, ttft)
+        body = completion(rid, created, self.model_name, "".join(parts), last.finish_reason, last.usage)
+        return JSONResponse(body)
+
+    async def _sse(self, job: ChatJob, rid: str, created: int, include_usage: bool, t0: float):
+        name, last, ttft = self.model_name, None, None
+        yield sse(chunk(rid, created, name, {"role": "assistant", "content": ""}))
+        async for update in self._updates(job):
+            if update.error:
+                self.metrics.record(500, True, t0)
+                yield sse(OpenAIError(500, f"decoding failed: {update.error}", "server_error").body())
+                yield sse("[DONE]")
+                return
+            if update.text:
+                ttft = ttft if ttft is not None else time.perf_counter() - t0
+                yield sse(chunk(rid, created, name, {"content": update.text}))
+            last = update
+        if last is not None and last.finish_reason:
+            yield sse(chunk(rid, created, name, {}, last.finish_reason))
+            if include_usage:
+                yield sse(usage_chunk(rid, created, name, last.usage))
+            self.metrics.record(200, True, t0, last, ttft)
+        yield sse("[DONE]")
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02)
+    async def decode_batch(self, jobs: list[ChatJob]):
+        """Decode the requests that arrived together; yields, per round, one `RowUpdate` or None per request."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        done = object()
+
+        def post(updates: dict[int, RowUpdate]) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, updates)
+
+        def work() -> None:
+            try:
+                self.runner.run(jobs, post)
+            finally:
+                loop.call_soon_threadsafe(queue.put_nowait, done)
+
+        self.metrics.batch_rows.observe(len(jobs))
+        task = loop.run_in_executor(self._engine, work)
+        finished: set[int] = set()
+        while (updates := await queue.get()) is not done:
+            yield [StopAsyncIteration if i in finished else updates.get(i) for i in range(len(jobs))]
+            finished.update(i for i, u in updates.items() if u.finish_reason or u.error)
+        await task
+
+
+async def _drain(updates) -> None:
+    try:
+        async for _ in updates:
+            pass
+    except Exception:  # the request already has its answer
+        pass
+
+
+def build_app(args: dict):
+    """Serve application builder (``import_path: actors.serving:build_app``); ``args`` is a `ServeAppConfig`."""
+    from specvlm.config import parse_config
+
+    cfg = parse_config(dict(args or {}), ServeAppConfig, source="serve application args")
+    return SpecVLMServer.options(**cfg.deployment.options()).bind(cfg.model_dump(mode="json"))
+
+
+# ------------------------------------------------------------------------------------------ CLI
+def main(argv: list[str] | None = None) -> None:
+    """``specvlm serve``: run the endpoint in the foreground until SIGINT/SIGTERM, then shut Serve and Ray down."""
+    from specvlm.config import ConfigError
+
+    ap = argparse.ArgumentParser(prog="specvlm serve", description=__doc__.split("\n")[0])
+    ap.add_argument("--config", help="a Serve config file (configs/serve.yaml) or a ServeAppConfig YAML; "
+                    "default: the demo model")  # fmt: skip
+    ap.add_argument("--app", help="application name in a Serve config file with several")
+    ap.add_argument("--host", help="HTTP host (default: the file's http_options.host, else 127.0.0.1)")
+    ap.add_argument("--port", type=int, help="HTTP port (default: the file's http_options.port, else 8000)")
+    ap.add_argument("--address", help="an existing Ray cluster (default: $RAY_ADDRESS, else start a local Ray)")
+    args = ap.parse_args(argv)
+    try:
+        if args.config:
+            spec = load_serve_file(args.config, args.app)
+            app_args, name, prefix = spec.app.model_dump(mode="json"), spec.name, spec.route_prefix
+            host, port = args.host or spec.host or "127.0.0.1", args.port or spec.port or 8000
+        else:
+            app_args, name, prefix = ServeAppConfig().model_dump(mode="json"), "specvlm", "/"
+            host, port = args.host or "127.0.0.1", args.port or 8000
+        app = build_app(app_args)
+    except ConfigError as e:
+        raise SystemExit(str(e)) from None
+
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    local_only = host in ("127.0.0.1", "localhost", "::1")
+    ray.init(address=address, **({} if address or not local_only else {"_node_ip_address": "127.0.0.1"}))
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        serve.start(http_options={"host": host, "port": port})
+        serve.run(app, name=name, route_prefix=prefix, blocking=False)
+        base = f"http://{host}:{port}{prefix.rstrip('/')}"
+        print(f"specvlm serve: {base}/v1/chat/completions (GET {base}/v1/models, {base}/health); Ctrl+C stops",
+              flush=True)  # fmt: skip
+        stop.wait()
+        print("specvlm serve: shutting down", flush=True)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,311 @@
+"""Ray Data batch captioning: images, videos, webdataset shards or a manifest in, one parquet row per input out.
+
+``specvlm caption --input PATH_OR_URI --output PATH_OR_URI [--config FILE] [--prompt TEXT] ...``
+(or ``python -m pipelines.caption ...``, e.g. under ``ray job submit``).
+
+What runs where::
+
+    driver        validate CaptionJobConfig, list the input (folder/prefix, shards, manifest), read the ids
+                  already in the output (resume), build the dataset, print and write the summary
+    CPU tasks     [expand .tar shards] -> drop ids already written -> read bytes (local / S3) and decode
+                  (`specvlm.media`: limits, uniform video frames tiled into one image) -> raw RGB rows
+    actor pool    `actors.captioner.Captioner` (ActorPoolStrategy(min, max), num_gpus per actor): one engine
+                  per actor, one batched generate per batch; rows with an error pass through
+    write tasks   parquet part files named ``<run id>_<write uuid>_<task>-<i>.parquet`` under the output
+
+Every input id ends up in the output exactly once:
+
+- bad inputs (unreadable, corrupt, too large) are rows with ``error`` set, never dropped;
+- resume: ids already in the output are filtered out before reading; a part file a crash left
+  half-written does not read, so it is moved aside as ``_partial-<name>`` and its ids are redone;
+- a dead actor is restarted by Ray and its batch retried (``max_task_retries``); a retried write
+  task rewrites the same file name (deterministic per write uuid and task), so it adds no rows;
+- after the write, `caption_io.dedupe_output` removes any row whose id an earlier file already holds
+  (e.g. duplicate ids in a manifest), so the final output never has two rows for one id.
+
+Legend: none (no tensors here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from specvlm.config import ConfigError, EngineConfig, ModelConfig, SamplingConfig, TreeConfig, load_config, parse_config
+from specvlm.media import MediaLimits
+
+from . import caption_io as io
+
+DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "caption-demo.yaml"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ActorPool(_Strict):
+    """Captioner actors: the pool grows from ``min`` to ``max`` while there is work, and shrinks when idle."""
+
+    min: int = Field(1, ge=1)
+    max: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _order(self):
+        if self.min > self.max:
+            raise ValueError(f"min={self.min} > max={self.max}")
+        return self
+
+
+class CaptionJobConfig(_Strict):
+    """Everything `specvlm caption` takes. Defaults are ``configs/caption-demo.yaml`` (the demo model on CPU)."""
+
+    input: str | None = Field(None, description="folder, s3:// prefix, .tar shard, manifest (.parquet/.jsonl) or file")
+    output: str | None = Field(None, description="output folder or s3:// prefix (parquet parts + _summary.json)")
+    model: ModelConfig = ModelConfig()
+    engine: EngineConfig = EngineConfig(mode="eagle", tree=TreeConfig(top_k=4, total_tokens=16, depth=5))
+    sampling: SamplingConfig = SamplingConfig(max_new_tokens=64)
+    prompt: str | None = Field(None, description="prompt for rows without their own; None = image/video_prompt")
+    image_prompt: str = Field("describe the image.", min_length=1)
+    video_prompt: str = Field("describe the video.", min_length=1)
+    video_frames: int = Field(4, ge=1, description="frames sampled uniformly per video, tiled into one image")
+    video_tile_cols: int = Field(2, ge=1, description="columns of the tile grid")
+    max_side: int | None = Field(1344, ge=16, description="downscale larger images before they travel to actors")
+    max_aspect_ratio: float = Field(20.0, ge=1.0, description="longer/shorter side; beyond it a row is too_large")
+    limits: MediaLimits = MediaLimits()
+    actors: ActorPool = ActorPool()
+    batch_size: int = Field(8, ge=1, description="rows per actor call (one batched generate)")
+    gpus_per_actor: float | None = Field(None, ge=0, description="None = 1 if the cluster has GPUs, else 0")
+    cpus_per_actor: float = Field(1.0, gt=0)
+    decode_batch_size: int = Field(16, ge=1, description="rows per CPU decode call")
+    cpus_per_decode_task: float = Field(1.0, gt=0)
+    max_task_retries: int = Field(3, ge=-1, description="retries of a batch whose actor died (-1 = unlimited)")
+    rows_per_file: int = Field(256, ge=1, description="rows buffered per parquet part (a crash redoes at most these)")
+
+    @field_validator("input", "output")
+    @classmethod
+    def _uri(cls, v: str | None) -> str | None:
+        if v is not None and "://" in v and not v.startswith("s3://"):
+            raise ValueError(f"{v!r}: use a local path or an s3:// URI")
+        return v
+
+    @model_validator(mode="after")
+    def _checks(self):
+        if self.video_frames > self.limits.max_frames:
+            raise ValueError(f"video_frames={self.video_frames} > limits.max_frames={self.limits.max_frames}")
+        return self
+
+    def decode_options(self) -> io.DecodeOptions:
+        return io.DecodeOptions(
+            limits=self.limits, prompt=self.prompt, image_prompt=self.image_prompt, video_prompt=self.video_prompt,
+            video_frames=self.video_frames, video_tile_cols=self.video_tile_cols, max_side=self.max_side,
+            max_aspect_ratio=self.max_aspect_ratio,
+        )  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- dataset
+def _check_model(cfg: CaptionJobConfig) -> None:
+    """Fail on the driver, before any actor starts, for a missing demo model or local target."""
+    target = cfg.model.target
+    if target == "demo":
+        from specvlm.demo import demo_dir
+
+        d = demo_dir()
+        needs = ["target"] + (["draft"] if cfg.model.draft is None and cfg.engine.mode != "ar" else [])
+        if not all((d / n / "config.json").is_file() for n in needs):
+            raise FileNotFoundError(f"the demo model is not built in {d}: run `make demo-model` (or set model.target)")
+    for p in (target, cfg.model.draft):
+        if p and p != "demo" and "://" not in p and not Path(p).expanduser().exists():
+            raise FileNotFoundError(f"model path {p} does not exist (a local HF folder, an s3:// prefix, or 'demo')")
+
+
+def build_dataset(cfg: CaptionJobConfig, inputs: io.Inputs, done):
+    """The lazy Ray Dataset of output rows (not executed). ``done``: ids to skip (a pyarrow string array)."""
+    import ray
+    import ray.data
+
+    from actors.captioner import Captioner
+
+    done_set = set(done.to_pylist())
+    parts = []
+    files = [r for r in inputs.files if r["id"] not in done_set]
+    if files:
+        step = max(1, min(cfg.decode_batch_size, -(-len(files) // 64)))  # small blocks: decode streams to actors
+        parts.append(ray.data.from_arrow([io.listed_table(files[i : i + step]) for i in range(0, len(files), step)]))
+    if inputs.shards:
+        ds = ray.data.from_arrow([io.listed_table([s]) for s in inputs.shards])
+        ds = ds.map_batches(io.expand_shards, batch_size=1, batch_format="pyarrow",
+                            fn_kwargs={"max_bytes": cfg.limits.max_bytes})  # fmt: skip
+        parts.append(ds.map_batches(io.drop_done, batch_format="pyarrow", fn_kwargs={"done": done}))
+    if inputs.manifest:
+        fs, path = io.filesystem(inputs.manifest)
+        if path.lower().endswith(".parquet"):
+            ds = ray.data.read_parquet(path, filesystem=fs)
+        else:
+            ds = ray.data.read_json(path, lines=True, filesystem=fs)
+        missing = {"id", "uri"} - set(ds.schema().names)
+        if missing:
+            raise ValueError(f"manifest {inputs.manifest} lacks column(s) {', '.join(sorted(missing))}; "
+                             f"it needs id, uri and optionally prompt")  # fmt: skip
+        base = inputs.manifest.rsplit("/", 1)[0]
+        ds = ds.map_batches(io.normalize_manifest, batch_format="pyarrow", fn_kwargs={"base": base})
+        parts.append(ds.map_batches(io.drop_done, batch_format="pyarrow", fn_kwargs={"done": done}))
+    if not parts:
+        return None
+    ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+    ds = ds.map_batches(
+        io.decode_rows, batch_size=cfg.decode_batch_size, batch_format="pyarrow", num_cpus=cfg.cpus_per_decode_task,
+        fn_kwargs={"opts": cfg.decode_options()},
+    )  # fmt: skip
+    gpus = cfg.gpus_per_actor
+    if gpus is None:
+        gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+    return ds.map_batches(
+        Captioner,
+        fn_constructor_kwargs={
+            "model": cfg.model.model_dump(), "engine": cfg.engine.model_dump(), "sampling": cfg.sampling.model_dump(),
+        },
+        compute=ray.data.ActorPoolStrategy(min_size=cfg.actors.min, max_size=cfg.actors.max),
+        batch_size=cfg.batch_size, batch_format="pyarrow", num_gpus=gpus, num_cpus=cfg.cpus_per_actor,
+        max_task_retries=cfg.max_task_retries,
+    )  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- run
+def summarize(cfg: CaptionJobConfig, run_id: str, wall_s: float, existing: int, partial: list[str], removed: int):
+    """The run's summary from the rows it wrote (and the output's total)."""
+    rows = io.read_output(cfg.output, prefix=run_id).to_pylist()
+    ok = [r for r in rows if r["error"] is None]
+    errors = Counter(r["error"].split(":", 1)[0] for r in rows if r["error"] is not None)
+    tokens = sum(r["num_tokens"] or 0 for r in ok)
+    first = rows[0] if rows else {}
+    return {
+        "run_id": run_id,
+        "output": cfg.output,
+        "mode": cfg.engine.mode,
+        "model": first.get("model"),
+        "draft_version": first.get("draft_version"),
+        "rows": len(rows),
+        "ok": len(ok),
+        "errors": dict(sorted(errors.items())),
+        "existing_ids": existing,  # ids already in the output before this run (not redone)
+        "total_rows": io.read_output(cfg.output, columns=["id"]).num_rows,
+        "partial_files_moved": partial,
+        "duplicates_removed": removed,
+        "wall_s": round(wall_s, 3),
+        "images_per_s": round(len(rows) / wall_s, 3) if wall_s > 0 else None,
+        "tokens_per_s": round(tokens / wall_s, 3) if wall_s > 0 else None,
+        "tokens": tokens,
+        "mean_accept_length": round(sum(r["accept_length"] for r in ok) / len(ok), 4) if ok else None,
+        "mean_latency_ms": round(sum(r["latency_ms"] for r in ok) / len(ok), 3) if ok else None,
+        "compressors": dict(Counter(r["compressor"] for r in ok)),
+    }
+
+
+def run(cfg: CaptionJobConfig) -> dict:
+    """Caption ``cfg.input`` into ``cfg.output`` on the connected Ray cluster; returns the summary."""
+    from ray.data.datasource import FilenameProvider
+
+    if not cfg.input or not cfg.output:
+        raise ValueError("both input and output are needed (--input / --output, or input:/output: in the config)")
+    _check_model(cfg)
+    t0 = time.perf_counter()
+    inputs = io.list_inputs(cfg.input)
+    state = io.scan_output(cfg.output)
+    extra = (", manifest" if inputs.manifest else "") + (
+        f", {inputs.ignored} other files ignored" * bool(inputs.ignored)
+    )
+    print(f"[caption] input {cfg.input}: {len(inputs.files)} media files, {len(inputs.shards)} tar shards{extra}; "
+          f"output {cfg.output}: {len(state.done)} ids already written", flush=True)  # fmt: skip
+    for p in state.partial:
+        print(f"[caption] moved aside an unreadable (partially written) part file: {p}", flush=True)
+    run_id = time.strftime("run-%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
+    ds = build_dataset(cfg, inputs, state.done)
+    if ds is not None:
+        fs, path = io.filesystem(cfg.output)
+        ds.write_parquet(path, filesystem=fs, filename_provider=FilenameProvider(run_id, "parquet"),
+                         min_rows_per_file=cfg.rows_per_file)  # fmt: skip
+    removed = io.dedupe_output(cfg.output)
+    wall = time.perf_counter() - t0
+    summary = summarize(cfg, run_id, wall, len(state.done), state.partial, removed)
+    where = io.write_text(cfg.output, "_summary.json", json.dumps(summary, indent=2) + "\n")
+    print_summary(summary, where)
+    return summary
+
+
+def print_summary(s: dict, where: str) -> None:
+    errors = ", ".join(f"{k} {v}" for k, v in s["errors"].items()) or "none"
+    acc = f"{s['mean_accept_length']:.2f}" if s["mean_accept_length"] is not None else "-"
+    print(
+        f"[caption] {s['rows']} rows ({s['ok']} captioned, errors: {errors}); {s['existing_ids']} ids were already "
+        f"written (skipped); {s['total_rows']} rows in the output\n"
+        f"[caption] {s['images_per_s']} images/s, {s['tokens_per_s']} tokens/s, mean accept length {acc}, "
+        f"compressors {s['compressors'] or '-'} ({s['mode']}, {s['wall_s']:.1f} s)\n"
+        f"[caption] parquet: {s['output']}  summary: {where}",
+        flush=True,
+    )
+
+
+# ----------------------------------------------------------------------------- CLI
+def _actors(text: str) -> dict:
+    lo, _, hi = text.partition(":")
+    try:
+        return {"min": int(lo), "max": int(hi or lo)}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--actors takes MIN:MAX or N, got {text!r}") from None
+
+
+def parse_args(argv: list[str] | None = None) -> CaptionJobConfig:
+    """CLI flags over the config file (or the demo defaults); raises `ConfigError` naming the bad field."""
+    ap = argparse.ArgumentParser(prog="specvlm caption", description="batch captioning with Ray Data")
+    ap.add_argument("--input", help="folder, s3:// prefix, .tar shard, .parquet/.jsonl manifest, or one file")
+    ap.add_argument("--output", help="output folder or s3:// prefix")
+    ap.add_argument("--config", type=Path, help=f"job YAML (default: the demo job, {DEMO_CONFIG.name})")
+    ap.add_argument("--prompt", help="prompt for rows without their own (default: per image/video)")
+    ap.add_argument("--max-new-tokens", type=int, help="sampling.max_new_tokens")
+    ap.add_argument("--actors", type=_actors, help="actor pool MIN:MAX (or N)")
+    ap.add_argument("--batch-size", type=int, help="rows per actor call")
+    ap.add_argument("--gpus-per-actor", type=float, help="GPUs per actor (fractions share a GPU)")
+    ap.add_argument("--mode", choices=("ar", "eagle", "specvlm"), help="engine.mode")
+    args = ap.parse_args(argv)
+    cfg = load_config(args.config, CaptionJobConfig) if args.config else CaptionJobConfig()
+    data = cfg.model_dump()
+    flat = {"input": args.input, "output": args.output, "prompt": args.prompt, "actors": args.actors,
+            "batch_size": args.batch_size, "gpus_per_actor": args.gpus_per_actor}  # fmt: skip
+    data.update({k: v for k, v in flat.items() if v is not None})
+    if args.max_new_tokens is not None:
+        data["sampling"]["max_new_tokens"] = args.max_new_tokens
+    if args.mode is not None:
+        data["engine"]["mode"] = args.mode
+    return parse_config(data, CaptionJobConfig, source="command line")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """``specvlm caption``: parse args, connect to ``RAY_ADDRESS`` (or start a local Ray), run the job."""
+    try:
+        cfg = parse_args(argv)
+    except ConfigError as e:
+        sys.exit(str(e))
+    if not cfg.input or not cfg.output:
+        sys.exit("specvlm caption: --input and --output are required (or input:/output: in the config)")
+    import ray
+
+    if not ray.is_initialized():  # the job's tasks and actors get the driver's S3 / model-cache environment
+        env = {"env_vars": e} if (e := io.job_env()) else None
+        address = os.environ.get("RAY_ADDRESS")
+        ray.init(address=address, runtime_env=env) if address else ray.init(include_dashboard=False, runtime_env=env)
+    try:
+        return run(cfg)
+    except FileNotFoundError as e:
+        sys.exit(f"specvlm caption: {e}")
+
+
+if __name__ == "__main__":
+    main()

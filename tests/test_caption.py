@@ -1,0 +1,339 @@
+"""Ray Data batch captioning: config and CLI, the CPU stages and the Captioner called directly (no cluster),
+then real jobs on the session's Ray cluster: bad-input corpus, resume, a killed actor."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from caption_inputs import corpus, encode_video, save, shapes, shapes_video, write_shard
+from PIL import Image
+
+from pipelines import caption_io as cio
+from pipelines.caption import CaptionJobConfig, parse_args, run
+from specvlm.config import ConfigError, load_config, parse_config
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = ROOT / "configs"
+OPTS = cio.DecodeOptions()
+
+
+@pytest.fixture(scope="module")
+def demo_paths(small_demo):
+    """ModelConfig fields pointing at the small demo's folders (workers need no SPECVLM_HOME)."""
+    demo, _ = small_demo
+    return {"target": str(demo.path / "target"), "draft": str(demo.path / "draft")}
+
+
+def job(demo_paths, src, out, **kw) -> CaptionJobConfig:
+    data = {"input": str(src), "output": str(out), "model": demo_paths, "sampling": {"max_new_tokens": 12},
+            "batch_size": 4, "rows_per_file": 4, "decode_batch_size": 4, **kw}  # fmt: skip
+    return parse_config(data, CaptionJobConfig)
+
+
+def ids_of(out) -> list[str]:
+    return cio.read_output(str(out), columns=["id"])["id"].to_pylist()
+
+
+# ----------------------------------------------------------------------------- config and CLI
+def test_demo_config_is_the_default():
+    assert load_config(CONFIGS / "caption-demo.yaml", CaptionJobConfig) == CaptionJobConfig()
+
+
+def test_llava_config_validates():
+    cfg = load_config(CONFIGS / "caption-llava-1.5-7b.yaml", CaptionJobConfig)
+    assert cfg.gpus_per_actor == 1 and cfg.model.target.startswith("s3://") and cfg.model.dtype == "float16"
+    assert (cfg.engine.tree.top_k, cfg.engine.tree.total_tokens, cfg.engine.tree.depth) == (10, 60, 7)
+
+
+@pytest.mark.parametrize(
+    "data, field",
+    [
+        ({"actors": {"min": 3, "max": 2}}, "actors"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"bogus": 1}, "bogus"),
+        ({"engine": {"mode": "fast"}}, "engine.mode"),
+        ({"input": "http://example.com/images"}, "input"),
+        ({"video_frames": 9}, "(top level)"),
+        ({"limits": {"max_pixels": 0}}, "limits.max_pixels"),
+    ],
+)
+def test_config_errors_name_the_field(data, field):
+    with pytest.raises(ConfigError, match=rf"(?m)^  {re.escape(field)}(\.| *:)"):
+        parse_config(data, CaptionJobConfig, source="job.yaml")
+
+
+def test_cli_flags_override_the_config(tmp_path):
+    cfg_file = tmp_path / "job.yaml"
+    cfg_file.write_text(yaml.safe_dump({"batch_size": 2, "prompt": "what is it?", "engine": {"mode": "ar"}}))
+    argv = ["--config", str(cfg_file), "--input", "s3://b/in", "--output", str(tmp_path / "o"), "--actors", "1:3",
+            "--max-new-tokens", "5", "--mode", "eagle", "--gpus-per-actor", "0.5"]  # fmt: skip
+    cfg = parse_args(argv)
+    assert (cfg.input, cfg.actors.min, cfg.actors.max, cfg.sampling.max_new_tokens) == ("s3://b/in", 1, 3, 5)
+    assert (cfg.engine.mode, cfg.gpus_per_actor, cfg.batch_size, cfg.prompt) == ("eagle", 0.5, 2, "what is it?")
+    assert parse_args(["--actors", "2"]).actors.max == 2
+    with pytest.raises(ConfigError, match="batch_size"):
+        parse_args(["--batch-size", "0"])
+
+
+def test_main_reports_bad_arguments(tmp_path):
+    from pipelines.caption import main
+
+    with pytest.raises(SystemExit, match="actors"):
+        main(["--actors", "3:1", "--input", "x", "--output", "y"])
+    with pytest.raises(SystemExit, match="--input and --output"):
+        main([])
+
+
+def test_actor_module_does_not_import_torch():
+    """The engine's heavy imports happen inside the actor, not where the job is planned."""
+    code = "import sys, actors.captioner; print([m for m in ('torch', 'transformers') if m in sys.modules])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+# ----------------------------------------------------------------------------- CPU stages, called directly
+def test_corpus_rows_decode_or_fail_with_their_kind(tmp_path):
+    expected = corpus(tmp_path / "in")
+    inputs = cio.list_inputs(str(tmp_path / "in"))
+    assert inputs.ignored == 1 and [s["id"] for s in inputs.shards] == ["shard.tar"]
+    shard_rows = cio.expand_shards(cio.listed_table(inputs.shards), 10**6)
+    listed = pa.concat_tables([cio.listed_table(inputs.files), *shard_rows])
+    rows = {r["id"]: r for r in cio.decode_rows(listed, OPTS).to_pylist()}
+    assert sorted(rows) == sorted(expected)
+    for rid, kind in expected.items():
+        r = rows[rid]
+        if kind is None:
+            assert r["error"] is None, (rid, r["error"])
+            assert len(r["pixels"]) == r["width"] * r["height"] * 3 and r["width"] >= 1
+        else:
+            assert r["error"].split(":")[0] == kind and r["pixels"] is None, (rid, r["error"])
+    assert rows["clip.mp4"]["prompt"] == "describe the video."
+    assert rows["odd/cmyk.jpg"]["prompt"] == "describe the image."
+
+
+def test_video_frames_are_tiled_like_the_demo_recipe():
+    from specvlm.demo.recipe import to_example
+
+    frames, _ = shapes_video()
+    image = cio.decode_one(encode_video(frames), "clip.mp4", OPTS)
+    reference = to_example({"frames": frames, "prompt": "", "response": ""}, 4)["image"]
+    assert image.size == reference.size == (64, 64)
+    diff = sum(abs(a - b) for a, b in zip(image.tobytes(), reference.tobytes())) / len(image.tobytes())
+    assert diff < 8  # the same four frames, tiled 2x2; H.264 is lossy
+
+
+def test_large_images_are_downscaled_and_prompts_take_precedence():
+    opts = cio.DecodeOptions(max_side=100, prompt="what is it?")
+    row = cio.listed_table([{"id": "a", "uri": "a.png", "data": save(Image.new("RGB", (400, 200)), "PNG")},
+                            {"id": "b", "uri": "b.png", "data": b"", "prompt": "own prompt"}])  # fmt: skip
+    a, b = cio.decode_rows(row, opts).to_pylist()
+    assert (a["width"], a["height"], a["prompt"]) == (100, 50, "what is it?")
+    assert (b["error"], b["prompt"]) == ("empty: zero bytes", "own prompt")
+
+
+def test_tar_shards_expand_and_a_broken_shard_keeps_its_samples(tmp_path):
+    im, _ = shapes(1)[0]
+    png = save(im, "PNG")
+    members = {f"{i:03d}.png": png for i in range(6)} | {"000.json": b"{}", "big.png": b"x" * 2000}
+    write_shard(tmp_path / "ok.tar", members)
+    write_shard(tmp_path / "cut.tar", {f"{i:03d}.png": save(shapes(1, seed=i)[0][0], "BMP") for i in range(4)},
+                truncate=True)  # fmt: skip
+    (tmp_path / "junk.tar").write_bytes(b"not a tar at all" * 100)
+    shards = cio.listed_table([{"id": n, "uri": str(tmp_path / n)} for n in ("ok.tar", "cut.tar", "junk.tar")])
+    rows = pa.concat_tables(list(cio.expand_shards(shards, max_bytes=1000, chunk_rows=4))).to_pylist()
+    by_id = {r["id"]: r for r in rows}
+    assert [f"ok.tar/{i:03d}" for i in range(6)] == [r["id"] for r in rows[:6]]
+    assert by_id["ok.tar/000"]["data"] == png and by_id["ok.tar/000"]["uri"].endswith("ok.tar#000.png")
+    assert by_id["ok.tar/big"]["error"].startswith("too_large: 2000 bytes")
+    cut = [r for r in rows if r["id"].startswith("cut.tar")]
+    assert cut[-1]["id"] == "cut.tar" and cut[-1]["error"].startswith("decode: tar shard") and len(cut) >= 2
+    assert by_id["junk.tar"]["error"].startswith("decode: tar shard")
+    assert len(by_id) == len(rows)  # ids are unique
+
+
+def test_manifest_rows_resolve_relative_uris():
+    batch = pa.table({"id": [1, None, 3], "uri": ["a.png", "s3://b/k.png", None], "prompt": ["q?", None, ""]})
+    rows = cio.normalize_manifest(batch, "s3://bucket/dir").to_pylist()
+    assert [(r["id"], r["uri"], r["prompt"]) for r in rows] == [
+        ("1", "s3://bucket/dir/a.png", "q?"), ("s3://b/k.png", "s3://b/k.png", None), ("3", "", None)]  # fmt: skip
+    assert rows[2]["error"] == "read: manifest row has no uri"
+    assert cio.drop_done(cio.normalize_manifest(batch, "/m"), pa.array(["1"])).num_rows == 2
+
+
+def test_s3_reads_fail_their_row_when_missing_or_forbidden(moto_s3, monkeypatch):
+    for k, v in moto_s3.env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(cio, "_FILESYSTEMS", {})
+    s3, b = moto_s3.client(), moto_s3.bucket
+    s3.put_object(Bucket=b, Key="unit/ok.png", Body=save(Image.new("RGB", (4, 4)), "PNG"))
+    s3.put_object(Bucket=b, Key="forbidden/secret.png", Body=b"x")
+    assert cio.read_bytes(f"s3://{b}/unit/ok.png", 1000).startswith(b"\x89PNG")
+    keys = ("unit/ok.png", "unit/missing.png", "forbidden/secret.png")
+    rows = cio.decode_rows(cio.listed_table([{"id": k, "uri": f"s3://{b}/{k}"} for k in keys]), OPTS).to_pylist()
+    assert rows[0]["error"] is None and rows[0]["width"] == 4
+    assert rows[1]["error"] == f"read: not found: s3://{b}/unit/missing.png"
+    assert rows[2]["error"] == f"read: access denied: s3://{b}/forbidden/secret.png"
+
+
+def test_output_scan_moves_partial_files_and_dedupe_keeps_the_first(tmp_path):
+    from actors.captioner import OUTPUT_SCHEMA
+
+    def part(name, ids):
+        cols = {c: [None] * len(ids) for c in OUTPUT_SCHEMA.names} | {"id": ids, "caption": [name] * len(ids)}
+        pq.write_table(pa.Table.from_pydict(cols, schema=OUTPUT_SCHEMA), tmp_path / name)
+
+    part("run-1_a_000000-0.parquet", ["a", "b"])
+    part("run-2_b_000000-0.parquet", ["b", "c", "c"])
+    good = (tmp_path / "run-1_a_000000-0.parquet").read_bytes()
+    (tmp_path / "run-3_c_000000-0.parquet").write_bytes(good[: len(good) // 2])  # a crash mid-write
+    state = cio.scan_output(str(tmp_path))
+    assert sorted(state.done.to_pylist()) == ["a", "b", "c"] and state.files == 2
+    assert [Path(p).name for p in state.partial] == ["_partial-run-3_c_000000-0.parquet"]
+    assert cio.dedupe_output(str(tmp_path)) == 2
+    table = cio.read_output(str(tmp_path))
+    first, second = "run-1_a_000000-0.parquet", "run-2_b_000000-0.parquet"
+    assert sorted(zip(table["id"].to_pylist(), table["caption"].to_pylist())) == [
+        ("a", first),
+        ("b", first),
+        ("c", second),
+    ]
+
+
+# ----------------------------------------------------------------------------- the Captioner, called directly
+def test_captioner_matches_the_engine_and_passes_errors_through(small_demo, demo_paths):
+    from actors.captioner import OUTPUT_SCHEMA, Captioner
+    from specvlm import EngineConfig, SpecVLMEngine
+    from specvlm.distill import chat_prompt
+
+    demo, _ = small_demo
+    images = [im for im, _ in shapes(3, seed=3)]
+    listed = [{"id": f"i{k}", "uri": f"i{k}.png", "data": save(im, "PNG")} for k, im in enumerate(images)]
+    listed.insert(1, {"id": "bad", "uri": "bad.png", "data": b"nope"})
+    batch = cio.decode_rows(cio.listed_table(listed), OPTS)
+    cap = Captioner(demo_paths, {"mode": "ar"}, {"max_new_tokens": 10})
+    out = cap(batch)
+    assert out.schema == OUTPUT_SCHEMA and out["id"].to_pylist() == ["i0", "bad", "i1", "i2"]
+    rows = out.to_pylist()
+    assert rows[1]["caption"] is None and rows[1]["error"].startswith("decode:")
+    assert rows[1]["model"] == demo_paths["target"]
+    proc = demo.processor
+    enc = proc(text=[chat_prompt(proc, "describe the image.")] * 3, images=images, return_tensors="pt", padding=True)
+    ref = SpecVLMEngine(demo.target, None, EngineConfig(mode="ar")).generate(**enc, max_new_tokens=10)
+    ok = [r for r in rows if r["error"] is None]
+    captions = [proc.tokenizer.decode(s, skip_special_tokens=True).strip() for s in ref.sequences]
+    assert [r["caption"] for r in ok] == captions
+    assert all(r["num_tokens"] == len(s) and r["accept_length"] == 1.0 for r, s in zip(ok, ref.sequences))
+    assert all(r["compressor"] == "none" and r["latency_ms"] > 0 and r["draft_version"] is None for r in ok)
+
+
+def test_captioner_raises_fatal_engine_errors(demo_paths, monkeypatch):
+    from actors.captioner import Captioner
+
+    cap = Captioner(demo_paths, {"mode": "eagle"}, {"max_new_tokens": 4})
+    batch = cio.decode_rows(cio.listed_table([{"id": "a", "uri": "a.png", "data": save(shapes(1)[0][0], "PNG")}]), OPTS)
+
+    def boom(**kw):
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(cap.engine, "generate", boom)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        cap(batch)
+
+
+# ----------------------------------------------------------------------------- jobs on the session's Ray cluster
+def test_job_captions_every_input_once_and_resumes(ray_local, demo_paths, tmp_path):
+    expected = corpus(tmp_path / "in")
+    out = tmp_path / "out"
+    summary = run(job(demo_paths, tmp_path / "in", out))
+    table = cio.read_output(str(out))
+    rows = {r["id"]: r for r in table.to_pylist()}
+    assert sorted(table["id"].to_pylist()) == sorted(expected)  # each id exactly once
+    for rid, kind in expected.items():
+        r = rows[rid]
+        if kind is None:
+            assert r["error"] is None and r["caption"] and r["num_tokens"] >= 1 and r["accept_length"] >= 1, rid
+            assert r["compressor"] == "none" and r["latency_ms"] > 0 and r["draft_version"] == demo_paths["draft"]
+        else:
+            assert r["error"].split(":")[0] == kind and r["caption"] is None, rid
+    assert rows["clip.mp4"]["prompt"] == "describe the video."
+    n_bad = sum(k is not None for k in expected.values())
+    assert summary["rows"] == len(expected) and summary["ok"] == len(expected) - n_bad
+    assert sum(summary["errors"].values()) == n_bad and summary["compressors"] == {"none": len(expected) - n_bad}
+    assert summary["tokens_per_s"] > 0 and summary["mean_accept_length"] >= 1
+    assert json.loads((out / "_summary.json").read_text())["run_id"] == summary["run_id"]
+
+    # rerun: nothing to do; then two new files: only they are captioned
+    again = run(job(demo_paths, tmp_path / "in", out))
+    assert again["rows"] == 0 and again["existing_ids"] == len(expected) and again["total_rows"] == len(expected)
+    for i, (im, _) in enumerate(shapes(2, seed=9)):
+        (tmp_path / "in" / f"new-{i}.png").write_bytes(save(im, "PNG"))
+    third = run(job(demo_paths, tmp_path / "in", out))
+    assert third["rows"] == 2 and sorted(ids_of(out)) == sorted([*expected, "new-0.png", "new-1.png"])
+
+
+def test_manifest_job_with_prompts_and_a_missing_file(ray_local, demo_paths, tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    for i, (im, _) in enumerate(shapes(3, seed=4)):
+        (src / f"{i}.png").write_bytes(save(im, "PNG"))
+    manifest = [{"id": "q0", "uri": "in/0.png", "prompt": "how many shapes are there?"},
+                {"id": "q1", "uri": str(src / "1.png")},
+                {"id": "q2", "uri": "in/2.png", "prompt": "describe the image."},
+                {"id": "gone", "uri": "in/missing.png"}, {"id": "q2", "uri": "in/2.png"}]  # fmt: skip
+    path = tmp_path / "manifest.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in manifest))
+    summary = run(job(demo_paths, path, tmp_path / "out", prompt="what color is the circle?"))
+    rows = {r["id"]: r for r in cio.read_output(str(tmp_path / "out")).to_pylist()}
+    assert sorted(ids_of(tmp_path / "out")) == ["gone", "q0", "q1", "q2"]  # the duplicate id is written once
+    assert rows["q0"]["prompt"] == "how many shapes are there?" and rows["q1"]["prompt"] == "what color is the circle?"
+    assert rows["gone"]["error"] == f"read: not found: {src / 'missing.png'}"
+    assert summary["errors"] == {"read": 1} and summary["total_rows"] == 4
+
+
+def _captioner_pids(dashboard: str) -> list[int]:
+    from ray.util.state import list_actors
+
+    actors = list_actors(address=dashboard, filters=[("state", "=", "ALIVE")], raise_on_missing_output=False)
+    return [a.pid for a in actors if "Captioner" in (a.class_name or "")]
+
+
+def test_killed_actor_is_restarted_and_its_batch_retried(ray_local, ray_head, demo_paths, tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    for i, (im, _) in enumerate(shapes(24, seed=6)):
+        (src / f"{i:02d}.png").write_bytes(save(im, "PNG"))
+    out = tmp_path / "out"
+    killed: list[int] = []
+
+    def kill_when_busy():
+        deadline = time.monotonic() + 120
+        pids: list[int] = []
+        while not pids and time.monotonic() < deadline:  # the actor is up (loading its engine)
+            pids = _captioner_pids(ray_head.dashboard_url)
+            time.sleep(0.1)
+        while pids and not list(out.glob("*.parquet")) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if pids and time.monotonic() < deadline:  # mid-job: the first part file is written, most rows are not
+            os.kill(pids[0], signal.SIGKILL)
+            killed.append(pids[0])
+
+    killer = threading.Thread(target=kill_when_busy, daemon=True)
+    killer.start()
+    summary = run(job(demo_paths, src, out, batch_size=2, rows_per_file=2, max_task_retries=3,
+                      sampling={"max_new_tokens": 24}))  # fmt: skip
+    killer.join()
+    assert killed, "the captioner actor was never seen alive mid-job"
+    assert sorted(ids_of(out)) == sorted(f"{i:02d}.png" for i in range(24))  # every id once
+    assert summary["errors"] == {} and summary["duplicates_removed"] == 0

@@ -1,0 +1,450 @@
+"""The OpenAI endpoint without Ray: request checks, data:/http(s) image URLs (SSRF rules), streamed text,
+the batch runner on the small demo model, and the Serve config file."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import ipaddress
+import json
+import re
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+
+from actors.chat_runner import ChatRunner, collate
+from actors.image_urls import check_url, decode_data_url, fetch_image_bytes, image_bytes, is_public
+from actors.openai_protocol import OpenAIError, TextStream, parse_chat_request
+from actors.serve_config import ImageFetchConfig, ServeAppConfig, ServeLimits, load_serve_file
+from specvlm.config import ConfigError, parse_config
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+LIMITS = ServeLimits(max_body_bytes=4096, max_images=2, max_tokens=64, max_stop=2)
+
+
+def png(size=(32, 32), color=(200, 30, 30)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def data_url(data: bytes, mime: str = "image/png") -> str:
+    return f"data:{mime};base64," + base64.b64encode(data).decode()
+
+
+def body(**kw) -> bytes:
+    return json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}], **kw}).encode()
+
+
+def refused(fn, *args, status=400, match="", **kw) -> OpenAIError:
+    with pytest.raises(OpenAIError, match=match) as e:
+        fn(*args, **kw)
+    assert e.value.status == status
+    err = e.value.body()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    return e.value
+
+
+# ----------------------------------------------------------------------------- request parsing
+def test_parse_accepts_openai_requests():
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA", "detail": "low"}}
+    msgs = [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": [image, {"type": "text", "text": "what is it?"}], "name": "x"},
+    ]
+    req = parse_chat_request(body(messages=msgs, max_tokens=8, temperature=0, stop="END", seed=3, user="u"), LIMITS, "m")
+    assert req.stops == ["END"] and req.requested_max_tokens() == 8 and req.temperature == 0
+    assert req.image_urls() == [("messages.1.content.0.image_url", "data:image/png;base64,AAAA")]
+    assert req.template_messages() == [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what is it?"}]},
+    ]
+    assert parse_chat_request(body(model=None), LIMITS, "m").temperature == 1.0  # OpenAI's default
+    bare = {"role": "user", "content": [{"type": "image_url", "image_url": "data:image/png;base64,AAAA"}]}
+    assert len(parse_chat_request(body(messages=[bare]), LIMITS, "m").image_urls()) == 1
+
+
+@pytest.mark.parametrize(
+    "raw, status, param, text",
+    [
+        (b"{not json", 400, None, "not valid JSON"),
+        (b"\xff\xfe", 400, None, "not valid JSON"),
+        (b"[1, 2]", 400, None, "JSON object"),
+        (json.dumps({"model": "m"}).encode(), 400, "messages", "messages: Field required"),
+        (body(messages=[]), 400, "messages", "at least 1"),
+        (body(messages=[{"role": "wizard", "content": "x"}]), 400, "messages.0.role", "role"),
+        (body(messages=[{"role": "user", "content": [{"type": "input_audio", "x": 1}]}]), 400, None, "content"),
+        (body(model="gpt-4o"), 404, "model", "does not exist"),
+        (body(temperature=3), 400, "temperature", "temperature"),
+        (body(max_tokens=0), 400, "max_tokens", "max_tokens"),
+        (body(max_tokens=65), 400, "max_tokens", "limit 64"),
+        (body(stop=["a", "b", "c"]), 400, "stop", "max_stop"),
+        (body(stop=[""]), 400, "stop", "empty"),
+        (body(n=2), 400, "n", "not supported"),
+        (body(tools=[{"type": "function"}]), 400, "tools", "not supported"),
+        (body(seed=-1), 400, "seed", "seed"),
+        (b" " * 5000, 413, None, "max_body_bytes"),
+    ],
+)
+def test_parse_refuses_bad_requests(raw, status, param, text):
+    err = refused(parse_chat_request, raw, LIMITS, "m", status=status, match=text)
+    if param:
+        assert (err.param or "").startswith(param)
+
+
+def test_too_many_images():
+    part = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+    msgs = [{"role": "user", "content": [part] * 3}]
+    refused(parse_chat_request, body(messages=msgs), LIMITS, "m", match="3 images > max_images=2")
+
+
+# ----------------------------------------------------------------------------- data: URLs
+def test_data_url_roundtrip_and_whitespace():
+    raw = png()
+    assert decode_data_url(data_url(raw), 10_000) == raw
+    b64 = base64.b64encode(raw).decode()
+    wrapped = "\n".join(b64[i : i + 60] for i in range(0, len(b64), 60))
+    assert decode_data_url("data:image/png;base64," + wrapped, 10_000) == raw
+
+
+@pytest.mark.parametrize(
+    "url, text",
+    [
+        ("data:image/png;base64,@@notbase64!!", "invalid base64"),
+        ("data:image/png;base64,QUJD=QUJD", "invalid base64"),
+        ("data:text/html;base64,PGgxPg==", "not an image"),
+        ("data:image/png,rawbytes", "data:image/png;base64"),
+        ("data:image/png;base64,", "no bytes"),
+        ("data:image/png;base64," + "A" * 4000, "max_image_bytes"),
+    ],
+)
+def test_data_url_refused(url, text):
+    refused(decode_data_url, url, 1000, match=text)
+
+
+# ----------------------------------------------------------------------------- http(s) URLs
+FETCH = ImageFetchConfig(allowed_hosts=("images.example.com", "*.cdn.example.org"), timeout_s=2.0, max_bytes=5000)
+
+
+@pytest.mark.parametrize(
+    "addr, public",
+    [
+        ("93.184.216.34", True), ("2606:4700::6810:85e5", True),
+        ("10.1.2.3", False), ("172.16.0.1", False), ("192.168.1.1", False), ("127.0.0.1", False),
+        ("0.0.0.0", False), ("169.254.169.254", False), ("100.64.0.1", False), ("100.100.100.200", False),
+        ("168.63.129.16", False), ("224.0.0.1", False), ("::1", False), ("fe80::1", False),
+        ("fd00:ec2::254", False), ("::ffff:127.0.0.1", False), ("64:ff9b::a9fe:a9fe", False),
+        ("2002:7f00:1::", False), ("::ffff:93.184.216.34", True),
+    ],
+)  # fmt: skip
+def test_is_public(addr, public):
+    assert is_public(ipaddress.ip_address(addr)) is public
+
+
+@pytest.mark.parametrize(
+    "url, text",
+    [
+        ("ftp://images.example.com/a.png", "scheme 'ftp'"),
+        ("file:///etc/passwd", "scheme 'file'"),
+        ("gopher://images.example.com/", "scheme"),
+        ("http://evil.com/a.png", "not in the server's image allow-list"),
+        ("http://images.example.com.evil.com/a.png", "allow-list"),
+        ("http://cdn.example.org/a.png", "allow-list"),  # '*.domain' is subdomains only
+        ("http://169.254.169.254/latest/meta-data/", "allow-list"),
+        ("http://metadata.google.internal/computeMetadata/v1/", "allow-list"),
+        ("http://user:pw@images.example.com/a.png", "credentials"),
+        ("http://images.example.com:8080/a.png", "port 8080"),
+        ("http://images.example.com:99999/a.png", "malformed"),
+        ("http:///a.png", "no host"),
+    ],
+)
+def test_check_url_refused(url, text):
+    refused(check_url, url, FETCH, match=text)
+
+
+def test_check_url_allowed():
+    assert check_url("https://images.example.com/a.png", FETCH) == ("https", "images.example.com", 443)
+    assert check_url("http://x.cdn.example.org/a.png", FETCH)[1] == "x.cdn.example.org"
+    refused(check_url, "https://images.example.com/a.png", ImageFetchConfig(), match="disabled")
+
+
+def _resolver(*addrs):
+    async def resolve(host, port):
+        return list(addrs)
+
+    return resolve
+
+
+def _fetch(url, handler, *addrs, cfg=FETCH):
+    return asyncio.run(
+        fetch_image_bytes(url, cfg, "p", resolve=_resolver(*addrs), transport=httpx.MockTransport(handler))
+    )
+
+
+def test_fetch_pins_the_checked_address():
+    seen = []
+
+    def handler(request: httpx.Request):
+        seen.append(request)
+        return httpx.Response(200, content=png())
+
+    assert _fetch("https://images.example.com/cat.png?x=1", handler, "93.184.216.34") == png()
+    (req,) = seen
+    assert req.url.host == "93.184.216.34" and req.url.path == "/cat.png" and req.url.query == b"x=1"
+    assert req.headers["host"] == "images.example.com"
+    assert req.extensions["sni_hostname"] == "images.example.com"
+    _fetch("http://images.example.com/a.png", handler, "2606:4700::6810:85e5")
+    assert seen[-1].url.host == "2606:4700::6810:85e5"
+
+
+@pytest.mark.parametrize(
+    "addrs, response, text",
+    [
+        (("127.0.0.1",), None, "non-public address"),
+        (("93.184.216.34", "10.0.0.7"), None, "non-public address"),  # any private answer refuses the host
+        (("169.254.169.254",), None, "non-public address"),
+        ((), None, "no addresses"),
+        (("93.184.216.34",), httpx.Response(302, headers={"location": "http://127.0.0.1/"}), "redirects"),
+        (("93.184.216.34",), httpx.Response(404), "HTTP 404"),
+        (("93.184.216.34",), httpx.Response(200, content=b"x" * 6000), "max_bytes"),
+        (("93.184.216.34",), httpx.Response(200, headers={"content-length": "99999"}, content=b""), "max_bytes"),
+    ],
+)
+def test_fetch_refused(addrs, response, text):
+    with pytest.raises(OpenAIError, match=text) as e:
+        _fetch("http://images.example.com/a.png", lambda r: response, *addrs)
+    assert e.value.status == 400 and e.value.param == "p"
+
+
+def test_fetch_timeout():
+    async def slow(host, port):
+        await asyncio.sleep(5)
+
+    cfg = ImageFetchConfig(allowed_hosts=("images.example.com",), timeout_s=0.2)
+    with pytest.raises(OpenAIError, match="longer than 0.2 s"):
+        asyncio.run(fetch_image_bytes("http://images.example.com/a.png", cfg, resolve=slow))
+
+
+def test_image_bytes_dispatch():
+    assert asyncio.run(image_bytes(data_url(png()), FETCH, 10_000)) == png()
+    with pytest.raises(OpenAIError, match="disabled"):
+        asyncio.run(image_bytes("https://x.org/a.png", ImageFetchConfig(), 10_000))
+
+
+# ----------------------------------------------------------------------------- streamed text
+WORDS = {1: "a", 2: "red", 3: "circle", 4: "on", 5: "blue", 6: ".", 7: "END", 8: "\ufffd", 0: "</s>"}
+
+
+def decode(ids):
+    return " ".join(WORDS[i] for i in ids if i != 0).replace(" .", ".")
+
+
+def run_stream(rounds, max_tokens=50, stop=(), engine_finished_last=False):
+    ts = TextStream(decode, eos_ids=[0], max_tokens=max_tokens, stop=stop)
+    deltas = []
+    for k, r in enumerate(rounds):
+        deltas.append(ts.push(r, engine_finished_last and k == len(rounds) - 1))
+        if ts.finish_reason:
+            break
+    return ts, deltas
+
+
+def test_text_stream_deltas_add_up_to_the_text():
+    ts, deltas = run_stream([[1], [2, 3], [6, 4], [5, 0]])
+    assert "".join(deltas) == ts.sent == "a red circle. on blue"
+    assert deltas[:3] == ["a", " red circle", ". on"] and ts.finish_reason == "stop"
+    assert ts.tokens == [1, 2, 3, 6, 4, 5, 0]
+
+
+def test_text_stream_max_tokens_and_engine_end():
+    ts, deltas = run_stream([[1, 2], [3, 4, 5]], max_tokens=4)
+    assert ts.finish_reason == "length" and ts.tokens == [1, 2, 3, 4] and ts.sent == "a red circle on"
+    ts, _ = run_stream([[1], [2]], engine_finished_last=True)
+    assert ts.finish_reason == "length"
+
+
+def test_text_stream_stop_string_is_cut_and_never_streamed():
+    ts, deltas = run_stream([[1, 2], [3, 7], [4]], stop=["circle END"])
+    assert ts.finish_reason == "stop" and ts.sent == "a red "
+    assert deltas == ["a red ", ""]  # "circle" was held back: it may begin the stop string
+    ts, deltas = run_stream([[1, 2, 3], [4, 5]], stop=["circle EXIT"])
+    assert ts.finish_reason is None and "".join(deltas) == "a red circle on blue"
+
+
+def test_text_stream_holds_back_partial_characters():
+    ts, deltas = run_stream([[1, 8]])
+    assert deltas == ["a "] and ts.finish_reason is None
+
+
+# ----------------------------------------------------------------------------- batch runner (small demo)
+@pytest.fixture(scope="module")
+def runner(small_demo):
+    from specvlm import EngineConfig, SpecVLMEngine, TreeConfig
+
+    demo, _ = small_demo
+    engine = SpecVLMEngine(demo.target, demo.draft, EngineConfig(tree=TreeConfig(top_k=4, total_tokens=16, depth=4)))
+    return ChatRunner(engine, demo.processor, ServeLimits(max_tokens=64))
+
+
+@pytest.fixture(scope="module")
+def scenes():
+    from specvlm.demo import ShapesWorld
+
+    world = ShapesWorld(5)
+    out = []
+    for _ in range(3):
+        buf = io.BytesIO()
+        world.image_scene()[0].save(buf, format="PNG")
+        out.append(buf.getvalue())
+    return out
+
+
+def job(runner, question, images=(), **kw):
+    parts = [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}} for _ in images]
+    msgs = [{"role": "user", "content": parts + [{"type": "text", "text": question}]}]
+    req = parse_chat_request(body(model=None, messages=msgs, **{"temperature": 0, **kw}), ServeLimits(), "m")
+    return runner.prepare(req, list(images))
+
+
+def run(runner, jobs, on_post=None):
+    updates = {i: [] for i in range(len(jobs))}
+
+    def post(ups):
+        for i, u in ups.items():
+            updates[i].append(u)
+        if on_post:
+            on_post(ups)
+
+    runner.run(jobs, post)
+    for i, us in updates.items():  # exactly one last update per request, and it is the last one
+        assert sum(bool(u.finish_reason or u.error) for u in us) == 1 and (us[-1].finish_reason or us[-1].error)
+    return [("".join(u.text for u in us), us[-1]) for us in updates.values()]
+
+
+def test_runner_batch_equals_single_requests_and_the_engine(runner, scenes):
+    specs = [("describe the image.", scenes[:1]), ("what color is the shape?", scenes[1:2]),
+             ("describe the image.", scenes[1:3]), ("describe the image.", ())]  # fmt: skip
+    batched = run(runner, [job(runner, q, imgs, max_tokens=12) for q, imgs in specs])
+    for (q, imgs), (text, last) in zip(specs, batched):
+        (alone, _), = run(runner, [job(runner, q, imgs, max_tokens=12)])  # fmt: skip
+        assert text == alone and last.finish_reason in ("stop", "length")
+        assert last.usage["completion_tokens"] <= 12 and last.usage["accept_length"] >= 1.0
+        assert last.usage["total_tokens"] == last.usage["prompt_tokens"] + last.usage["completion_tokens"]
+    j = job(runner, *specs[0], max_tokens=12)
+    ref = runner.engine.generate(**j.inputs, max_new_tokens=12).sequences[0]
+    assert batched[0][0] == runner.tokenizer.decode(ref, skip_special_tokens=True)
+
+
+def test_runner_stop_strings_and_max_tokens_end_rows_early(runner, scenes):
+    (full, last), = run(runner, [job(runner, "describe the image.", scenes[:1], max_tokens=24)])  # fmt: skip
+    words = full.split()
+    assert len(words) >= 4, full
+    stop = " ".join(words[2:4])
+    (text, last), (short, last_short) = run(runner, [
+        job(runner, "describe the image.", scenes[:1], max_tokens=24, stop=[stop]),
+        job(runner, "describe the image.", scenes[:1], max_tokens=3),
+    ])  # fmt: skip
+    assert text == full[: full.index(stop)] and last.finish_reason == "stop"
+    assert last.usage["completion_tokens"] < 24
+    assert last_short.finish_reason == "length" and last_short.usage["completion_tokens"] == 3
+    assert full.startswith(short)
+
+
+def test_runner_seeded_sampling_does_not_depend_on_the_batch(runner, scenes):
+    sampled = dict(temperature=1.0, seed=11, max_tokens=12)
+    (alone, _), = run(runner, [job(runner, "describe the image.", scenes[:1], **sampled)])  # fmt: skip
+    batch = [job(runner, "describe the image.", scenes[:1], **sampled),
+             job(runner, "describe the image.", scenes[1:2], max_tokens=12),
+             job(runner, "describe the image.", scenes[1:2], temperature=1.0, seed=12, max_tokens=12)]  # fmt: skip
+    assert run(runner, batch)[0][0] == alone
+
+
+def test_runner_ends_cancelled_rows(runner, scenes):
+    jobs = [job(runner, "describe the image.", scenes[:1], max_tokens=40) for _ in range(2)]
+    updates = {0: [], 1: []}
+
+    def post(ups):
+        for i, u in ups.items():
+            updates[i].append(u)
+        jobs[0].cancelled = True  # the first client leaves after the first round
+
+    runner.run(jobs, post)
+    assert len(updates[0]) == 1 and not updates[0][0].finish_reason  # it just stops; nobody is listening
+    assert updates[1][-1].finish_reason and len(updates[1]) > 1
+
+
+def test_prepare_refuses_bad_images_and_long_requests(runner, scenes):
+    refused(job, runner, "q", [b"this is not an image"], match="decode: cannot identify image")
+    refused(job, runner, "q", [png()[:40]], match="decode")  # truncated
+    small = ChatRunner(runner.engine, runner.processor, ServeLimits(max_image_pixels=1000, max_prompt_tokens=16))
+    refused(job, small, "q", [png((40, 40))], match="max_pixels=1000")
+    refused(job, small, "q", scenes[:1], match="max_prompt_tokens=16")
+    refused(job, runner, "q", scenes[:1], max_tokens=500, match="maximum context length is 512")
+
+
+def test_collate_left_pads_and_concatenates_images():
+    import torch
+
+    rows = [
+        {"input_ids": torch.tensor([[5, 6]]), "attention_mask": torch.ones(1, 2, dtype=torch.long),
+         "pixel_values": torch.zeros(1, 3, 4, 4)},
+        {"input_ids": torch.tensor([[7, 8, 9]]), "attention_mask": torch.ones(1, 3, dtype=torch.long)},
+        {"input_ids": torch.tensor([[1]]), "attention_mask": torch.ones(1, 1, dtype=torch.long),
+         "pixel_values": torch.ones(2, 3, 4, 4)},
+    ]  # fmt: skip
+    out = collate(rows, pad_id=0)
+    assert out["input_ids"].tolist() == [[0, 5, 6], [7, 8, 9], [0, 0, 1]]
+    assert out["attention_mask"].tolist() == [[0, 1, 1], [1, 1, 1], [0, 0, 1]]
+    assert out["pixel_values"].shape == (3, 3, 4, 4) and out["pixel_values"][1:].eq(1).all()
+
+
+# ----------------------------------------------------------------------------- config
+def test_serve_yaml_is_a_serve_config_with_the_default_app():
+    import yaml
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+    from ray.serve.schema import ServeDeploySchema
+
+    schema = ServeDeploySchema.model_validate(yaml.safe_load((CONFIGS / "serve.yaml").read_text()))
+    (app,) = schema.applications
+    module, _, attr = app.import_path.partition(":")
+    builder = getattr(__import__(module, fromlist=[attr]), attr)
+    built = call_user_app_builder_with_args_if_necessary(builder, app.args)
+    assert type(built).__name__ == "Application"
+    assert parse_config(app.args, ServeAppConfig) == ServeAppConfig()
+    spec = load_serve_file(CONFIGS / "serve.yaml")
+    assert spec.app == ServeAppConfig() and (spec.name, spec.host, spec.port) == ("specvlm", "127.0.0.1", 8000)
+
+
+def test_bare_app_config_file(tmp_path):
+    f = tmp_path / "app.yaml"
+    f.write_text("served_model_name: mine\nbatching: {max_batch_size: 4}\n")
+    spec = load_serve_file(f)
+    assert spec.app.served_model_name == "mine" and spec.app.batching.max_batch_size == 4 and spec.port is None
+
+
+@pytest.mark.parametrize(
+    "data, field",
+    [
+        ({"batching": {"max_batch_size": 32}}, "(top level)"),  # > engine.max_batch_size
+        ({"deployment": {"max_ongoing_requests": 4}}, "(top level)"),  # batches could never fill
+        ({"deployment": {"num_replicas": 2, "autoscaling_config": {"max_replicas": 2}}}, "deployment"),
+        ({"deployment": {"autoscaling_config": {"min_replicas": 3, "max_replicas": 1}}}, "deployment.autoscaling"),
+        ({"image_fetch": {"allowed_hosts": ["http://x.com"]}}, "image_fetch.allowed_hosts"),
+        ({"image_fetch": {"allowed_hosts": ["x.com:8080"]}}, "image_fetch.allowed_hosts"),
+        ({"limits": {"max_images": -1}}, "limits.max_images"),
+        ({"bogus": 1}, "bogus"),
+    ],
+)
+def test_config_errors_name_the_field(data, field):
+    with pytest.raises(ConfigError, match=rf"(?m)^  {re.escape(field)}"):
+        parse_config(data, ServeAppConfig, source="serve.yaml")
+
+
+def test_model_name():
+    cfg = ServeAppConfig()
+    assert cfg.model_name({"model": "specvlm-demo"}) == "specvlm-demo"
+    assert cfg.model_name({"model": "/models/llava-1.5-7b/"}) == "llava-1.5-7b"
+    assert ServeAppConfig(served_model_name="x").model_name({"model": "y"}) == "x"
