@@ -34,6 +34,7 @@ import os
 import sys
 import time
 import uuid
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -42,7 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from specvlm.config import ConfigError, EngineConfig, ModelConfig, SamplingConfig, TreeConfig, load_config, parse_config
 from specvlm.media import MediaLimits
 
-from . import caption_io as io
+from . import caption_io as cio
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "caption-demo.yaml"
 
@@ -102,8 +103,8 @@ class CaptionJobConfig(_Strict):
             raise ValueError(f"video_frames={self.video_frames} > limits.max_frames={self.limits.max_frames}")
         return self
 
-    def decode_options(self) -> io.DecodeOptions:
-        return io.DecodeOptions(
+    def decode_options(self) -> cio.DecodeOptions:
+        return cio.DecodeOptions(
             limits=self.limits, prompt=self.prompt, image_prompt=self.image_prompt, video_prompt=self.video_prompt,
             video_frames=self.video_frames, video_tile_cols=self.video_tile_cols, max_side=self.max_side,
             max_aspect_ratio=self.max_aspect_ratio,
@@ -126,7 +127,7 @@ def _check_model(cfg: CaptionJobConfig) -> None:
             raise FileNotFoundError(f"model path {p} does not exist (a local HF folder, an s3:// prefix, or 'demo')")
 
 
-def build_dataset(cfg: CaptionJobConfig, inputs: io.Inputs, done):
+def build_dataset(cfg: CaptionJobConfig, inputs: cio.Inputs, done):
     """The lazy Ray Dataset of output rows (not executed). ``done``: ids to skip (a pyarrow string array)."""
     import ray
     import ray.data
@@ -138,50 +139,53 @@ def build_dataset(cfg: CaptionJobConfig, inputs: io.Inputs, done):
     files = [r for r in inputs.files if r["id"] not in done_set]
     if files:
         step = max(1, min(cfg.decode_batch_size, -(-len(files) // 64)))  # small blocks: decode streams to actors
-        parts.append(ray.data.from_arrow([io.listed_table(files[i : i + step]) for i in range(0, len(files), step)]))
+        parts.append(ray.data.from_arrow([cio.listed_table(files[i : i + step]) for i in range(0, len(files), step)]))
     if inputs.shards:
-        ds = ray.data.from_arrow([io.listed_table([s]) for s in inputs.shards])
-        ds = ds.map_batches(io.expand_shards, batch_size=1, batch_format="pyarrow",
+        ds = ray.data.from_arrow([cio.listed_table([s]) for s in inputs.shards])
+        ds = ds.map_batches(cio.expand_shards, batch_size=1, batch_format="pyarrow",
                             fn_kwargs={"max_bytes": cfg.limits.max_bytes})  # fmt: skip
-        parts.append(ds.map_batches(io.drop_done, batch_format="pyarrow", fn_kwargs={"done": done}))
+        parts.append(ds.map_batches(cio.drop_done, batch_format="pyarrow", fn_kwargs={"done": done}))
     if inputs.manifest:
-        fs, path = io.filesystem(inputs.manifest)
-        if path.lower().endswith(".parquet"):
-            ds = ray.data.read_parquet(path, filesystem=fs)
-        else:
-            ds = ray.data.read_json(path, lines=True, filesystem=fs)
-        missing = {"id", "uri"} - set(ds.schema().names)
+        fs, path = cio.filesystem(inputs.manifest)
+        missing = {"id", "uri"} - set(cio.manifest_columns(inputs.manifest))
         if missing:
             raise ValueError(f"manifest {inputs.manifest} lacks column(s) {', '.join(sorted(missing))}; "
                              f"it needs id, uri and optionally prompt")  # fmt: skip
+        if path.lower().endswith(".parquet"):
+            ds = ray.data.read_parquet(path, filesystem=fs)
+        else:
+            ds = ray.data.read_json(path, filesystem=fs)  # pyarrow reads newline-delimited JSON
         base = inputs.manifest.rsplit("/", 1)[0]
-        ds = ds.map_batches(io.normalize_manifest, batch_format="pyarrow", fn_kwargs={"base": base})
-        parts.append(ds.map_batches(io.drop_done, batch_format="pyarrow", fn_kwargs={"done": done}))
+        ds = ds.map_batches(cio.normalize_manifest, batch_format="pyarrow", fn_kwargs={"base": base})
+        parts.append(ds.map_batches(cio.drop_done, batch_format="pyarrow", fn_kwargs={"done": done}))
     if not parts:
         return None
     ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     ds = ds.map_batches(
-        io.decode_rows, batch_size=cfg.decode_batch_size, batch_format="pyarrow", num_cpus=cfg.cpus_per_decode_task,
+        cio.decode_rows, batch_size=cfg.decode_batch_size, batch_format="pyarrow", num_cpus=cfg.cpus_per_decode_task,
         fn_kwargs={"opts": cfg.decode_options()},
     )  # fmt: skip
     gpus = cfg.gpus_per_actor
     if gpus is None:
         gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
-    return ds.map_batches(
-        Captioner,
-        fn_constructor_kwargs={
-            "model": cfg.model.model_dump(), "engine": cfg.engine.model_dump(), "sampling": cfg.sampling.model_dump(),
-        },
-        compute=ray.data.ActorPoolStrategy(min_size=cfg.actors.min, max_size=cfg.actors.max),
-        batch_size=cfg.batch_size, batch_format="pyarrow", num_gpus=gpus, num_cpus=cfg.cpus_per_actor,
-        max_task_retries=cfg.max_task_retries,
-    )  # fmt: skip
+    with warnings.catch_warnings():  # Ray 2.60 has no named parameter for max_task_retries; the kwarg still works
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        return ds.map_batches(
+            Captioner,
+            fn_constructor_kwargs={
+                "model": cfg.model.model_dump(), "engine": cfg.engine.model_dump(),
+                "sampling": cfg.sampling.model_dump(),
+            },
+            compute=ray.data.ActorPoolStrategy(min_size=cfg.actors.min, max_size=cfg.actors.max),
+            batch_size=cfg.batch_size, batch_format="pyarrow", num_gpus=gpus, num_cpus=cfg.cpus_per_actor,
+            max_task_retries=cfg.max_task_retries,
+        )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- run
 def summarize(cfg: CaptionJobConfig, run_id: str, wall_s: float, existing: int, partial: list[str], removed: int):
     """The run's summary from the rows it wrote (and the output's total)."""
-    rows = io.read_output(cfg.output, prefix=run_id).to_pylist()
+    rows = cio.read_output(cfg.output, prefix=run_id).to_pylist()
     ok = [r for r in rows if r["error"] is None]
     errors = Counter(r["error"].split(":", 1)[0] for r in rows if r["error"] is not None)
     tokens = sum(r["num_tokens"] or 0 for r in ok)
@@ -196,7 +200,7 @@ def summarize(cfg: CaptionJobConfig, run_id: str, wall_s: float, existing: int, 
         "ok": len(ok),
         "errors": dict(sorted(errors.items())),
         "existing_ids": existing,  # ids already in the output before this run (not redone)
-        "total_rows": io.read_output(cfg.output, columns=["id"]).num_rows,
+        "total_rows": cio.read_output(cfg.output, columns=["id"]).num_rows,
         "partial_files_moved": partial,
         "duplicates_removed": removed,
         "wall_s": round(wall_s, 3),
@@ -217,8 +221,8 @@ def run(cfg: CaptionJobConfig) -> dict:
         raise ValueError("both input and output are needed (--input / --output, or input:/output: in the config)")
     _check_model(cfg)
     t0 = time.perf_counter()
-    inputs = io.list_inputs(cfg.input)
-    state = io.scan_output(cfg.output)
+    inputs = cio.list_inputs(cfg.input)
+    state = cio.scan_output(cfg.output)
     extra = (", manifest" if inputs.manifest else "") + (
         f", {inputs.ignored} other files ignored" * bool(inputs.ignored)
     )
@@ -229,13 +233,13 @@ def run(cfg: CaptionJobConfig) -> dict:
     run_id = time.strftime("run-%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
     ds = build_dataset(cfg, inputs, state.done)
     if ds is not None:
-        fs, path = io.filesystem(cfg.output)
+        fs, path = cio.filesystem(cfg.output)
         ds.write_parquet(path, filesystem=fs, filename_provider=FilenameProvider(run_id, "parquet"),
                          min_rows_per_file=cfg.rows_per_file)  # fmt: skip
-    removed = io.dedupe_output(cfg.output)
+    removed = cio.dedupe_output(cfg.output)
     wall = time.perf_counter() - t0
     summary = summarize(cfg, run_id, wall, len(state.done), state.partial, removed)
-    where = io.write_text(cfg.output, "_summary.json", json.dumps(summary, indent=2) + "\n")
+    where = cio.write_text(cfg.output, "_summary.json", json.dumps(summary, indent=2) + "\n")
     print_summary(summary, where)
     return summary
 
@@ -298,7 +302,7 @@ def main(argv: list[str] | None = None) -> dict:
     import ray
 
     if not ray.is_initialized():  # the job's tasks and actors get the driver's S3 / model-cache environment
-        env = {"env_vars": e} if (e := io.job_env()) else None
+        env = {"env_vars": e} if (e := cio.job_env()) else None
         address = os.environ.get("RAY_ADDRESS")
         ray.init(address=address, runtime_env=env) if address else ray.init(include_dashboard=False, runtime_env=env)
     try:

@@ -24,6 +24,7 @@ the standard AWS environment (credentials, ``AWS_REGION``/``AWS_DEFAULT_REGION``
 
 from __future__ import annotations
 
+import io
 import os
 import posixpath
 import tarfile
@@ -229,6 +230,22 @@ def expand_shards(batch: pa.Table, max_bytes: int, chunk_rows: int = 32) -> Iter
             rows.append({"id": shard["id"], "uri": shard["uri"], "error": f"{kind}: {msg}"})
         if rows:
             yield listed_table(rows)
+
+
+def manifest_columns(uri: str) -> list[str]:
+    """Column names of a manifest, read on the driver (parquet footer, or the first JSON line)."""
+    import json
+
+    fs, path = filesystem(uri)
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        raise FileNotFoundError(f"manifest {uri} does not exist")
+    if path.lower().endswith(".parquet"):
+        return pq.read_schema(path, filesystem=fs).names
+    with fs.open_input_stream(path) as f:
+        for line in io.TextIOWrapper(f, encoding="utf-8"):
+            if line.strip():
+                return list(json.loads(line))
+    return []
 
 
 def normalize_manifest(batch: pa.Table, base: str) -> pa.Table:

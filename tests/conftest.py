@@ -149,7 +149,7 @@ def ray_local(ray_head):
 @dataclass
 class MotoS3:
     """A moto S3 server on loopback with IAM enforced: ``env`` holds an IAM user's credentials that may do
-    anything in S3 except ``GetObject`` under ``<bucket>/forbidden/``."""
+    anything in S3 except ``GetObject`` of keys with a ``forbidden/`` folder in them."""
 
     endpoint: str
     env: dict  # AWS_* variables for that user (endpoint included)
@@ -186,7 +186,7 @@ def moto_s3(tmp_path_factory):
         iam.create_user(UserName="captioner")
         key = iam.create_access_key(UserName="captioner")["AccessKey"]
         bucket = "specvlm-test"
-        deny = {"Effect": "Deny", "Action": "s3:GetObject", "Resource": f"arn:aws:s3:::{bucket}/forbidden/*"}
+        deny = {"Effect": "Deny", "Action": "s3:GetObject", "Resource": f"arn:aws:s3:::{bucket}/*forbidden/*"}
         policy = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}, deny]}
         iam.put_user_policy(UserName="captioner", PolicyName="s3", PolicyDocument=json.dumps(policy))
         boto3.client("s3", **root).create_bucket(Bucket=bucket)

@@ -274,32 +274,26 @@ def test_job_captions_every_input_once_and_resumes(ray_local, demo_paths, tmp_pa
     assert summary["tokens_per_s"] > 0 and summary["mean_accept_length"] >= 1
     assert json.loads((out / "_summary.json").read_text())["run_id"] == summary["run_id"]
 
-    # rerun: nothing to do; then two new files: only they are captioned
+    # rerun: nothing to do
     again = run(job(demo_paths, tmp_path / "in", out))
     assert again["rows"] == 0 and again["existing_ids"] == len(expected) and again["total_rows"] == len(expected)
+
+    # a manifest into the same output: ids already written are skipped, the rest captioned once, with their prompts
     for i, (im, _) in enumerate(shapes(2, seed=9)):
-        (tmp_path / "in" / f"new-{i}.png").write_bytes(save(im, "PNG"))
-    third = run(job(demo_paths, tmp_path / "in", out))
-    assert third["rows"] == 2 and sorted(ids_of(out)) == sorted([*expected, "new-0.png", "new-1.png"])
-
-
-def test_manifest_job_with_prompts_and_a_missing_file(ray_local, demo_paths, tmp_path):
-    src = tmp_path / "in"
-    src.mkdir()
-    for i, (im, _) in enumerate(shapes(3, seed=4)):
-        (src / f"{i}.png").write_bytes(save(im, "PNG"))
-    manifest = [{"id": "q0", "uri": "in/0.png", "prompt": "how many shapes are there?"},
-                {"id": "q1", "uri": str(src / "1.png")},
-                {"id": "q2", "uri": "in/2.png", "prompt": "describe the image."},
-                {"id": "gone", "uri": "in/missing.png"}, {"id": "q2", "uri": "in/2.png"}]  # fmt: skip
+        (tmp_path / f"new-{i}.png").write_bytes(save(im, "PNG"))
+    manifest = [{"id": "shapes/0.png", "uri": "in/shapes/0.png"},  # already written
+                {"id": "q0", "uri": "new-0.png", "prompt": "how many shapes are there?"},
+                {"id": "q1", "uri": str(tmp_path / "new-1.png")},
+                {"id": "gone", "uri": "in/missing.png"}, {"id": "q0", "uri": "new-0.png"}]  # fmt: skip
     path = tmp_path / "manifest.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in manifest))
-    summary = run(job(demo_paths, path, tmp_path / "out", prompt="what color is the circle?"))
-    rows = {r["id"]: r for r in cio.read_output(str(tmp_path / "out")).to_pylist()}
-    assert sorted(ids_of(tmp_path / "out")) == ["gone", "q0", "q1", "q2"]  # the duplicate id is written once
-    assert rows["q0"]["prompt"] == "how many shapes are there?" and rows["q1"]["prompt"] == "what color is the circle?"
-    assert rows["gone"]["error"] == f"read: not found: {src / 'missing.png'}"
-    assert summary["errors"] == {"read": 1} and summary["total_rows"] == 4
+    third = run(job(demo_paths, path, out, prompt="what color is the circle?"))
+    assert third["errors"] == {"read": 1} and third["duplicates_removed"] == 1  # q0 twice in the manifest
+    assert sorted(ids_of(out)) == sorted([*expected, "q0", "q1", "gone"])  # each id once
+    rows = {r["id"]: r for r in cio.read_output(str(out)).to_pylist()}
+    assert rows["q1"]["prompt"] == "what color is the circle?" and rows["q1"]["caption"]
+    assert rows["q0"]["prompt"] in ("how many shapes are there?", "what color is the circle?")
+    assert rows["gone"]["error"] == f"read: not found: {tmp_path / 'in' / 'missing.png'}"
 
 
 def _captioner_pids(dashboard: str) -> list[int]:

@@ -1,0 +1,246 @@
+"""The OpenAI endpoint live: Ray Serve on 127.0.0.1 (the session's Ray), the small demo model, the `openai`
+package as the client; plain, streamed and image requests, every class of bad request, 64 requests at 16
+concurrent, and the metrics on Ray's Prometheus endpoint."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import time
+import urllib.request
+from dataclasses import dataclass
+
+import httpx
+import pytest
+from conftest import free_port
+
+openai = pytest.importorskip("openai")
+pytestmark = pytest.mark.slow
+
+MODEL = "specvlm-demo"
+KEY = "test-key-0123"
+QUESTION = "describe the image."
+
+
+@dataclass
+class Server:
+    url: str  # http://127.0.0.1:PORT
+    port: int
+    images: list[str]  # data: URLs of demo scenes
+
+    def client(self, **kw):
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=KEY, max_retries=0, **kw)
+
+    def post(self, content: bytes | dict, key: str | None = KEY, **kw) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        data = content if isinstance(content, bytes) else json.dumps(content).encode()
+        return httpx.post(f"{self.url}/v1/chat/completions", content=data, headers=headers, timeout=60, **kw)
+
+
+def png_url(image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def user(text: str, *images: str) -> list[dict]:
+    parts = [{"type": "image_url", "image_url": {"url": u}} for u in images]
+    return [{"role": "user", "content": [*parts, {"type": "text", "text": text}]}]
+
+
+@pytest.fixture(scope="module")
+def server(ray_local, small_demo, tmp_path_factory):
+    from ray import serve
+
+    from actors.serving import build_app
+    from specvlm.demo import ShapesWorld
+
+    demo, _ = small_demo
+    port = free_port()
+    key_file = tmp_path_factory.mktemp("serve") / "api-key"
+    key_file.write_text(KEY + "\n")  # as a mounted Kubernetes secret would hold it
+    cfg = {
+        "model": {"target": str(demo.path / "target"), "draft": str(demo.path / "draft")},
+        "served_model_name": MODEL,
+        "api_key_file": str(key_file),
+        "limits": {"max_body_bytes": 1_000_000, "max_images": 2, "max_tokens": 64},
+        "image_fetch": {"allowed_hosts": ["localhost"], "allowed_ports": [80, 443, port]},
+        "batching": {"max_batch_size": 16, "batch_wait_timeout_s": 0.05},
+        # num_cpus 0: the replica must start even while other tests' actors hold the cluster's 2 CPUs
+        "deployment": {"max_ongoing_requests": 64, "ray_actor_options": {"num_cpus": 0}},
+    }
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(cfg), name="specvlm-test", route_prefix="/")
+    world = ShapesWorld(21)
+    try:
+        yield Server(f"http://127.0.0.1:{port}", port, [png_url(world.image_scene()[0]) for _ in range(4)])
+    finally:
+        serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def reference(small_demo, server):
+    """Greedy answers of the engine run in this process on the same weights (batch 1), per demo image."""
+    from actors.chat_runner import ChatRunner
+    from actors.openai_protocol import parse_chat_request
+    from actors.serve_config import ServeLimits
+    from specvlm import EngineConfig, SpecVLMEngine
+
+    demo, _ = small_demo
+    runner = ChatRunner(SpecVLMEngine(demo.target, demo.draft, EngineConfig(mode="ar")), demo.processor, ServeLimits())
+    out = []
+    for url in server.images:
+        req = parse_chat_request(json.dumps({"messages": user(QUESTION, url), "max_tokens": 16, "temperature": 0})
+                                 .encode(), ServeLimits(), MODEL)  # fmt: skip
+        raw = base64.b64decode(url.split(",", 1)[1])
+        texts = []
+        runner.run([runner.prepare(req, [raw])], lambda ups: texts.extend(u.text for u in ups.values()))
+        out.append("".join(texts))
+    return out
+
+
+def ask(client, messages, **kw):
+    return client.chat.completions.create(model=MODEL, messages=messages, **{"max_tokens": 16, "temperature": 0, **kw})
+
+
+# ----------------------------------------------------------------------------- happy paths
+def test_health_and_models(server):
+    assert httpx.get(f"{server.url}/health").json()["status"] == "ok"  # no key needed
+    assert [m.id for m in server.client().models.list()] == [MODEL]
+
+
+def test_plain_request_with_an_image(server, reference):
+    r = ask(server.client(), user(QUESTION, server.images[0]))
+    choice = r.choices[0]
+    assert choice.message.role == "assistant" and choice.finish_reason in ("stop", "length")
+    assert choice.message.content == reference[0]  # lossless: the target's own greedy answer
+    u = r.usage
+    assert u.prompt_tokens > 64 and 0 < u.completion_tokens <= 16 and u.total_tokens == u.prompt_tokens + u.completion_tokens
+    assert u.model_extra["accept_length"] >= 1.0 and u.model_extra["target_forwards"] >= 1
+
+
+def test_streaming_equals_plain(server, reference):
+    chunks = list(ask(server.client(), user(QUESTION, server.images[1]), stream=True,
+                      stream_options={"include_usage": True}))  # fmt: skip
+    texts = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert "".join(texts) == reference[1]
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("stop", "length")
+    usage = chunks[-1].usage
+    assert not chunks[-1].choices and usage.completion_tokens >= 1
+    if usage.model_extra["accept_length"] > 1.5:  # speculative rounds: several tokens (words) per chunk
+        assert len(texts) < usage.completion_tokens and any(" " in t.strip() for t in texts)
+
+
+def test_text_only_two_images_and_stop(server, reference):
+    c = server.client()
+    assert ask(c, [{"role": "user", "content": "hello"}]).choices[0].finish_reason in ("stop", "length")
+    two = ask(c, [{"role": "system", "content": "be brief"}, *user(QUESTION, *server.images[:2])])
+    assert two.usage.prompt_tokens > 128
+    words = reference[2].split()
+    if len(words) >= 3:
+        r = ask(c, user(QUESTION, server.images[2]), stop=[words[2]])
+        assert reference[2].startswith(r.choices[0].message.content) and r.choices[0].finish_reason == "stop"
+        assert words[2] not in r.choices[0].message.content.split()
+
+
+# ----------------------------------------------------------------------------- bad and hostile requests
+def _good(server, **kw):
+    return {"model": MODEL, "messages": user(QUESTION, server.images[0]), "max_tokens": 4, **kw}
+
+
+def _image(url: str):
+    return user(QUESTION, url)
+
+
+BAD = {
+    "bad JSON": (lambda s: b'{"model": "specvlm-demo", "messages": [', 400, "not valid JSON"),
+    "not an object": (lambda s: b"[]", 400, "JSON object"),
+    "missing messages": (lambda s: {"model": MODEL}, 400, "messages: Field required"),
+    "empty messages": (lambda s: {"model": MODEL, "messages": []}, 400, "at least 1"),
+    "unknown model": (lambda s: _good(s, model="gpt-4o"), 404, "does not exist"),
+    "bad base64": (lambda s: _good(s, messages=_image("data:image/png;base64,!!!!")), 400, "invalid base64"),
+    "non-image bytes": (lambda s: _good(s, messages=_image("data:image/png;base64," + base64.b64encode(
+        b"<html>hello</html>").decode())), 400, "cannot identify image"),  # fmt: skip
+    "non-image type": (lambda s: _good(s, messages=_image("data:text/plain;base64,aGk=")), 400, "not an image"),
+    "metadata URL": (lambda s: _good(s, messages=_image("http://169.254.169.254/latest/meta-data/")), 400,
+                     "allow-list"),  # fmt: skip
+    "loopback via allowed host": (lambda s: _good(s, messages=_image(f"http://localhost:{s.port}/health")), 400,
+                                  "non-public address"),  # fmt: skip
+    "file URL": (lambda s: _good(s, messages=_image("file:///etc/passwd")), 400, "scheme 'file'"),
+    "too many images": (lambda s: _good(s, messages=user(QUESTION, *s.images[:3])), 400, "max_images"),
+    "max_tokens too large": (lambda s: _good(s, max_tokens=65), 400, "limit 64"),
+    "bad temperature": (lambda s: _good(s, temperature=-1), 400, "temperature"),
+    "body too large": (lambda s: b'{"x": "' + b"A" * 1_100_000 + b'"}', 413, "max_body_bytes"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_requests_get_openai_errors(server, case):
+    make, status, text = BAD[case]
+    r = server.post(make(server))
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and text in err["message"]
+
+
+def test_auth_routes_and_methods(server):
+    for key, text in ((None, "missing API key"), ("wrong", "incorrect API key")):
+        r = server.post(_good(server), key=key)
+        assert r.status_code == 401 and text in r.json()["error"]["message"]
+    assert httpx.get(f"{server.url}/v1/models").status_code == 401
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{server.url}/v1", api_key="nope", max_retries=0).models.list()
+    r = httpx.get(f"{server.url}/v1/nothing")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+    assert httpx.get(f"{server.url}/v1/chat/completions").status_code == 405
+
+
+# ----------------------------------------------------------------------------- load, then still correct
+def test_64_requests_at_16_concurrent(server, reference):
+    async def main():
+        client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0, timeout=120)
+        gate = asyncio.Semaphore(16)
+
+        async def one(i):
+            async with gate:
+                kw = dict(model=MODEL, messages=user(QUESTION, server.images[i % 4]), max_tokens=16, temperature=0)
+                if i % 3 == 0:  # a third of them streamed
+                    parts = []
+                    async for c in await client.chat.completions.create(stream=True, **kw):
+                        if c.choices and c.choices[0].delta.content:
+                            parts.append(c.choices[0].delta.content)
+                    return "".join(parts)
+                return (await client.chat.completions.create(**kw)).choices[0].message.content
+
+        try:
+            return await asyncio.gather(*(one(i) for i in range(64)))
+        finally:
+            await client.close()
+
+    t0 = time.perf_counter()
+    answers = asyncio.run(main())
+    assert answers == [reference[i % 4] for i in range(64)], f"{time.perf_counter() - t0:.1f} s"
+
+
+def test_metrics_are_exported(server, ray_local):
+    port = next(n["MetricsExportPort"] for n in ray_local.nodes() if n["Alive"])
+    deadline, text = time.monotonic() + 40, ""
+    names = ("ray_specvlm_serve_requests_total", "ray_specvlm_serve_tokens_total", "ray_specvlm_serve_accept_length",
+             "ray_specvlm_serve_compressor_choices_total", "ray_specvlm_serve_latency_s", "ray_specvlm_serve_batch_rows")
+    while time.monotonic() < deadline and not all(n in text for n in names):
+        time.sleep(2)
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    missing = [n for n in names if n not in text]
+    assert not missing, missing
+    rows = [ln for ln in text.splitlines() if ln.startswith("ray_specvlm_serve_batch_rows_bucket") and 'le="1.0"' in ln]
+    total = [ln for ln in text.splitlines() if ln.startswith("ray_specvlm_serve_batch_rows_count")]
+    assert rows and total and float(rows[0].split()[-1]) < float(total[0].split()[-1])  # some batches held > 1
+
+
+def test_replica_still_answers_correctly(server, reference):
+    assert httpx.get(f"{server.url}/health").status_code == 200
+    for i in (0, 3):
+        assert ask(server.client(), user(QUESTION, server.images[i])).choices[0].message.content == reference[i]
