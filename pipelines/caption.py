@@ -22,8 +22,6 @@ Every input id ends up in the output exactly once:
   task rewrites the same file name (deterministic per write uuid and task), so it adds no rows;
 - after the write, `caption_io.dedupe_output` removes any row whose id an earlier file already holds
   (e.g. duplicate ids in a manifest), so the final output never has two rows for one id.
-
-Legend: none (no tensors here).
 """
 
 from __future__ import annotations
@@ -223,9 +221,8 @@ def run(cfg: CaptionJobConfig) -> dict:
     t0 = time.perf_counter()
     inputs = cio.list_inputs(cfg.input)
     state = cio.scan_output(cfg.output)
-    extra = (", manifest" if inputs.manifest else "") + (
-        f", {inputs.ignored} other files ignored" * bool(inputs.ignored)
-    )
+    extra = ", manifest" if inputs.manifest else ""
+    extra += f", {inputs.ignored} other files ignored" if inputs.ignored else ""
     print(f"[caption] input {cfg.input}: {len(inputs.files)} media files, {len(inputs.shards)} tar shards{extra}; "
           f"output {cfg.output}: {len(state.done)} ids already written", flush=True)  # fmt: skip
     for p in state.partial:

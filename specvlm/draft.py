@@ -30,6 +30,8 @@ from torch import nn
 from transformers import AutoConfig, PretrainedConfig
 from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
 
+from .decoder import fast_path_ok, run_layer
+
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 
@@ -144,6 +146,8 @@ class EagleDraft(nn.Module):
         """Predicted next features ``[B, Q, D]``."""
         h = self.fc(torch.cat([token_embeds, features.to(token_embeds.dtype)], dim=-1))  # [B, Q, D]
         pos_emb = self.rotary_emb(h, position_ids)
+        if cache is not None and not self.training and fast_path_ok(self.layer):
+            return run_layer(self.layer, h, position_ids, pos_emb, attention_mask, cache, fast=True)
         return self.layer(
             h,
             attention_mask=attention_mask,

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .decoder import fast_path_ok, run_layer
 from .kv import SlotKVCache
 
 SUPPORTED = ("llava", "llava_next")
@@ -55,6 +56,8 @@ class TargetAdapter:
         self.placeholder_ids = torch.tensor(placeholders, dtype=torch.long, device=self.device)  # [S]
         tc = self.text_config
         self.num_layers = tc.num_hidden_layers
+        self.layers = list(self.language_model.layers[: self.num_layers])
+        self.fast = [fast_path_ok(layer) for layer in self.layers]
         self.num_kv_heads = getattr(tc, "num_key_value_heads", None) or tc.num_attention_heads
         self.head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
         eos = model.generation_config.eos_token_id if model.generation_config else None
@@ -121,22 +124,15 @@ class TargetAdapter:
     ) -> torch.Tensor:
         """Run the decoder stack over the cache; returns features ``[B, Q, D]`` (LM-head input).
 
-        The HF decoder layers run directly (rotary embedding once, each layer,
-        final norm): the same modules and math as the model's own forward,
-        without its per-call wrapper work, which matters for small models.
+        The HF decoder layers run directly (rotary embedding once, each layer via
+        `decoder.run_layer`, final norm): the model's own math without its
+        per-call wrapper work, which matters for small models.
         """
         lm = self.language_model
         h = inputs_embeds
         pos_emb = lm.rotary_emb(h, position_ids)
-        for layer in lm.layers[: lm.config.num_hidden_layers]:
-            h = layer(
-                h,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                cache=cache,
-                use_cache=True,
-                position_embeddings=pos_emb,
-            )
+        for layer, fast in zip(self.layers, self.fast):
+            h = run_layer(layer, h, position_ids, pos_emb, attention_mask, cache, fast)
         return lm.norm(h)
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:

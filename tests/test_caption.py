@@ -291,7 +291,7 @@ def test_job_captions_every_input_once_and_resumes(ray_local, demo_paths, tmp_pa
     assert third["errors"] == {"read": 1} and third["duplicates_removed"] == 1  # q0 twice in the manifest
     assert sorted(ids_of(out)) == sorted([*expected, "q0", "q1", "gone"])  # each id once
     rows = {r["id"]: r for r in cio.read_output(str(out)).to_pylist()}
-    assert rows["q1"]["prompt"] == "what color is the circle?" and rows["q1"]["caption"]
+    assert rows["q1"]["prompt"] == "what color is the circle?" and rows["q1"]["caption"] is not None
     assert rows["q0"]["prompt"] in ("how many shapes are there?", "what color is the circle?")
     assert rows["gone"]["error"] == f"read: not found: {tmp_path / 'in' / 'missing.png'}"
 

@@ -267,9 +267,11 @@ def test_text_stream_max_tokens_and_engine_end():
 
 
 def test_text_stream_stop_string_is_cut_and_never_streamed():
-    ts, deltas = run_stream([[1, 2], [3, 7], [4]], stop=["circle END"])
+    ts, deltas = run_stream([[1, 2], [3], [7], [4]], stop=["circle END"])
     assert ts.finish_reason == "stop" and ts.sent == "a red "
-    assert deltas == ["a red ", ""]  # "circle" was held back: it may begin the stop string
+    assert deltas == ["a red", " ", ""]  # "circle" was held back: it may begin the stop string
+    ts, deltas = run_stream([[1, 2], [3, 7, 4]], stop=["circle END"])
+    assert ts.finish_reason == "stop" and deltas == ["a red", " "]
     ts, deltas = run_stream([[1, 2, 3], [4, 5]], stop=["circle EXIT"])
     assert ts.finish_reason is None and "".join(deltas) == "a red circle on blue"
 
@@ -379,9 +381,10 @@ def test_runner_ends_cancelled_rows(runner, scenes):
 def test_prepare_refuses_bad_images_and_long_requests(runner, scenes):
     refused(job, runner, "q", [b"this is not an image"], match="decode: cannot identify image")
     refused(job, runner, "q", [png()[:40]], match="decode")  # truncated
-    small = ChatRunner(runner.engine, runner.processor, ServeLimits(max_image_pixels=1000, max_prompt_tokens=16))
-    refused(job, small, "q", [png((40, 40))], match="max_pixels=1000")
-    refused(job, small, "q", scenes[:1], match="max_prompt_tokens=16")
+    few_pixels = ChatRunner(runner.engine, runner.processor, ServeLimits(max_image_pixels=1000))
+    refused(job, few_pixels, "q", [png((40, 40))], match="max_pixels=1000")
+    short = ChatRunner(runner.engine, runner.processor, ServeLimits(max_prompt_tokens=16))
+    refused(job, short, "q", scenes[:1], match="max_prompt_tokens=16")
     refused(job, runner, "q", scenes[:1], max_tokens=500, match="maximum context length is 512")
 
 

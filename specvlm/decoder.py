@@ -1,0 +1,76 @@
+"""Run HF decoder layers over a `SlotKVCache` with explicit 4D masks and positions.
+
+Legend: B batch rows, Q query tokens, V cache view, H heads, Hk kv heads, d head dim, D hidden.
+
+`run_layer` calls an HF decoder layer. For the Llama family (Llama, Mistral
+without sliding window: LLaVA-1.5 / LLaVA-NeXT language models) it computes
+the layer's own math directly from its weights (`_llama_layer`): the same
+RMSNorm, rotary, scaled-dot-product attention and SwiGLU formulas in the same
+order, without the per-module and per-call wrapper work of the HF forward.
+At batch 1 on small models that wrapper work is a large share of a decode
+step; the lossless tests compare every path with HF `generate`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+FAST_LAYERS = ("LlamaDecoderLayer", "MistralDecoderLayer")
+
+
+def fast_path_ok(layer) -> bool:
+    """Whether `_llama_layer` reproduces this HF layer exactly."""
+    cfg = getattr(layer.self_attn, "config", None)
+    return (
+        type(layer).__name__ in FAST_LAYERS
+        and getattr(cfg, "sliding_window", None) is None
+        and getattr(cfg, "hidden_act", "silu") == "silu"
+        and not getattr(layer.self_attn, "training", False)
+    )
+
+
+def _rms_norm(x: torch.Tensor, norm) -> torch.Tensor:
+    """HF LlamaRMSNorm: normalise in float32, scale in the input dtype."""
+    dtype = x.dtype
+    x = x.to(torch.float32)
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+    return norm.weight * x.to(dtype)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """HF apply_rotary_pos_emb for one tensor ``[B, H, Q, d]`` with ``cos/sin [B, 1, Q, d]``."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+def _llama_layer(layer, h, cos, sin, mask, cache):
+    """One Llama-family decoder layer. h ``[B, Q, D]`` -> ``[B, Q, D]``."""
+    attn, mlp = layer.self_attn, layer.mlp
+    B, Q, _ = h.shape
+    d = attn.head_dim
+    x = _rms_norm(h, layer.input_layernorm)
+    q = F.linear(x, attn.q_proj.weight, attn.q_proj.bias).view(B, Q, -1, d).transpose(1, 2)  # [B, H, Q, d]
+    k = F.linear(x, attn.k_proj.weight, attn.k_proj.bias).view(B, Q, -1, d).transpose(1, 2)  # [B, Hk, Q, d]
+    v = F.linear(x, attn.v_proj.weight, attn.v_proj.bias).view(B, Q, -1, d).transpose(1, 2)  # [B, Hk, Q, d]
+    q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+    k, v = cache.update(k, v, attn.layer_idx)  # [B, Hk, V, d]
+    if k.shape[1] != q.shape[1]:  # GQA: repeat kv heads, as HF does whenever a mask is given
+        rep = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # [B, H, V, d]
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling)  # [B, H, Q, d]
+    o = o.transpose(1, 2).reshape(B, Q, -1)
+    h = h + F.linear(o, attn.o_proj.weight, attn.o_proj.bias)
+    x = _rms_norm(h, layer.post_attention_layernorm)
+    up = F.linear(x, mlp.up_proj.weight, mlp.up_proj.bias)
+    gate = F.linear(x, mlp.gate_proj.weight, mlp.gate_proj.bias)
+    return h + F.linear(F.silu(gate) * up, mlp.down_proj.weight, mlp.down_proj.bias)
+
+
+def run_layer(layer, h, position_ids, pos_emb, mask, cache, fast: bool):
+    """One decoder layer over the cache. h ``[B, Q, D]``, pos_emb ``(cos, sin)`` each ``[B, Q, d]``."""
+    if fast:
+        cos, sin = pos_emb
+        return _llama_layer(layer, h, cos[:, None], sin[:, None], mask, cache)
+    return layer(h, attention_mask=mask, position_ids=position_ids, cache=cache, use_cache=True,
+                 position_embeddings=pos_emb)  # fmt: skip
