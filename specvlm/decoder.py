@@ -31,11 +31,12 @@ def fast_path_ok(layer) -> bool:
 
 
 def _rms_norm(x: torch.Tensor, norm) -> torch.Tensor:
-    """HF LlamaRMSNorm: normalise in float32, scale in the input dtype."""
+    """HF LlamaRMSNorm: normalise in (at least) float32, scale in the input dtype."""
     dtype = x.dtype
-    x = x.to(torch.float32)
+    if dtype in (torch.float16, torch.bfloat16):
+        x = x.to(torch.float32)
     x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
-    return norm.weight * x.to(dtype)
+    return norm.weight * (x if x.dtype == dtype else x.to(dtype))
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -74,3 +75,28 @@ def run_layer(layer, h, position_ids, pos_emb, mask, cache, fast: bool):
         return _llama_layer(layer, h, cos[:, None], sin[:, None], mask, cache)
     return layer(h, attention_mask=mask, position_ids=position_ids, cache=cache, use_cache=True,
                  position_embeddings=pos_emb)  # fmt: skip
+
+
+class RotaryTable:
+    """Precomputed ``(cos, sin)`` of an HF rotary embedding for positions ``[0, length)``.
+
+    Static RoPE types give the same values per position whatever the batch, so
+    a lookup replaces the per-forward computation; dynamic types (which depend
+    on the sequence length) are computed per call, as HF does.
+    """
+
+    STATIC = ("default", "linear", "llama3")
+
+    def __init__(self, rotary_emb, length: int, like: torch.Tensor):
+        self.rotary_emb = rotary_emb
+        self.static = getattr(rotary_emb, "rope_type", "default") in self.STATIC
+        if self.static:
+            pos = torch.arange(length, device=like.device)[None]
+            cos, sin = rotary_emb(like, pos)
+            self.cos, self.sin = cos[0], sin[0]  # [S, d]
+
+    def __call__(self, h: torch.Tensor, position_ids: torch.Tensor):
+        """``(cos, sin)`` each ``[B, Q, d]`` for ``position_ids [B, Q]``."""
+        if not self.static:
+            return self.rotary_emb(h, position_ids)
+        return self.cos[position_ids], self.sin[position_ids]

@@ -128,12 +128,24 @@ class EagleDraft(nn.Module):
         return self._shared[0](tokens)
 
     def log_probs(self, hidden: torch.Tensor, suppress: torch.Tensor | None = None) -> torch.Tensor:
-        """``[..., D]`` draft hidden -> ``[..., V]`` log-probs through the target's LM head."""
+        """``[..., D]`` draft hidden -> ``[..., V]`` log-probs through the target's LM head.
+
+        suppress: token ids ``[S]`` never to propose, or an additive ``[V]`` float bias (0 / -inf).
+        """
         assert self._shared is not None, "draft is not bound to a target: call bind()"
         logits = self._shared[1](hidden).float()
         if suppress is not None and suppress.numel():
-            logits[..., suppress] = float("-inf")
+            if suppress.is_floating_point():
+                logits = logits + suppress
+            else:
+                logits[..., suppress] = float("-inf")
         return logits.log_softmax(-1)
+
+    def rotary_table(self, length: int, like: torch.Tensor):
+        """Rotary ``(cos, sin)`` lookup for the draft's positions ``[0, length)``."""
+        from .decoder import RotaryTable
+
+        return RotaryTable(self.rotary_emb, length, like)
 
     def forward(
         self,
@@ -142,10 +154,11 @@ class EagleDraft(nn.Module):
         position_ids: torch.Tensor,  # [B, Q] position of i
         attention_mask: torch.Tensor | None,  # [B, 1, Q, V] additive, None = causal without cache
         cache=None,  # SlotKVCache with one layer, or None (training)
+        rope=None,  # decoder.RotaryTable for the draft's positions, or None
     ) -> torch.Tensor:
         """Predicted next features ``[B, Q, D]``."""
         h = self.fc(torch.cat([token_embeds, features.to(token_embeds.dtype)], dim=-1))  # [B, Q, D]
-        pos_emb = self.rotary_emb(h, position_ids)
+        pos_emb = rope(h, position_ids) if rope is not None else self.rotary_emb(h, position_ids)
         if cache is not None and not self.training and fast_path_ok(self.layer):
             return run_layer(self.layer, h, position_ids, pos_emb, attention_mask, cache, fast=True)
         return self.layer(

@@ -212,7 +212,8 @@ class SpecVLMEngine:
         kv.valid[:, :T] = mask.bool()
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, T]
         causal = torch.ones(T, T, dtype=torch.bool, device=dev).tril()[None] & mask.bool()[:, None, :]  # [B, T, T]
-        feats = tgt.forward(embeds, positions, kv.begin(T, causal), kv)  # [B, T, D]
+        rope = tgt.rotary_table(kv.max_len)
+        feats = tgt.forward(embeds, positions, kv.begin(T, causal), kv, rope)  # [B, T, D]
         kv.advance(torch.full((B,), T, device=dev))
         root = self._choose(tgt.logits(feats[:, -1]), sampling, gen)  # [B]
         pos = mask.sum(-1)  # [B] position of the root token
@@ -224,7 +225,10 @@ class SpecVLMEngine:
             )  # fmt: skip
             dkv.valid[:, :T] = mask.bool()
             next_embeds = torch.cat([embeds[:, 1:], draft.embed(root[:, None])], dim=1)  # [B, T, D]
-            g = draft(next_embeds, feats, positions, dkv.begin(T, causal), dkv)  # [B, T, D]
+            draft_rope = draft.rotary_table(dkv.max_len, embeds)
+            suppress = torch.zeros(tgt.lm_head.out_features, dtype=torch.float32, device=dev)  # [V] additive
+            suppress[tgt.placeholder_ids] = float("-inf")
+            g = draft(next_embeds, feats, positions, dkv.begin(T, causal), dkv, draft_rope)  # [B, T, D]
             dkv.advance(torch.full((B,), T, device=dev))
             root_hidden = g[:, -1]  # [B, D]
         prefill_ms = clock.lap()
@@ -249,7 +253,7 @@ class SpecVLMEngine:
             n_rows = len(rows)
             if not eagle:  # ---- autoregressive step
                 one = torch.ones(n_rows, 1, 1, dtype=torch.bool, device=dev)
-                f = tgt.forward(tgt.embed_tokens(root[:, None]), pos[:, None], kv.begin(1, one), kv)  # [B, 1, D]
+                f = tgt.forward(tgt.embed_tokens(root[:, None]), pos[:, None], kv.begin(1, one), kv, rope)  # [B, 1, D]
                 kv.advance(torch.ones(n_rows, dtype=torch.long, device=dev))
                 root = self._choose(tgt.logits(f[:, 0]), sampling, gen)
                 pos = pos + 1
@@ -261,10 +265,10 @@ class SpecVLMEngine:
                 continue
 
             # ---- speculative round
-            tree = propose_tree(draft, dkv, root, root_hidden, pos, k, depth, K, tgt.placeholder_ids)
+            tree = propose_tree(draft, dkv, root, root_hidden, pos, k, depth, K, suppress, draft_rope)
             draft_ms = clock.lap()
             mask4 = kv.begin(K, tree.ancestors)
-            tf = tgt.forward(tgt.embed_tokens(tree.tokens), pos[:, None] + tree.depth, mask4, kv)  # [B, K, D]
+            tf = tgt.forward(tgt.embed_tokens(tree.tokens), pos[:, None] + tree.depth, mask4, kv, rope)  # [B, K, D]
             logits = tgt.logits(tf)  # [B, K, V]
             if sampling["temperature"] == 0:
                 path, n_acc, bonus = greedy_accept(tree, process_logits(logits, **sampling).argmax(-1))
@@ -279,7 +283,8 @@ class SpecVLMEngine:
             nxt.scatter_(1, (n_acc - 1)[:, None], bonus[:, None])
             path_feats = tf.gather(1, path[..., None].expand(-1, -1, tf.shape[-1]))  # [B, A, D]
             tril = torch.ones(A, A, dtype=torch.bool, device=dev).tril().expand(n_rows, A, A)
-            g = draft(draft.embed(nxt), path_feats, pos[:, None] + torch.arange(A, device=dev), dkv.begin(A, tril), dkv)
+            cpos = pos[:, None] + torch.arange(A, device=dev)  # [B, A]
+            g = draft(draft.embed(nxt), path_feats, cpos, dkv.begin(A, tril), dkv, draft_rope)
             dkv.advance(n_acc)
             root_hidden = g.gather(1, (n_acc - 1)[:, None, None].expand(-1, 1, g.shape[-1]))[:, 0]  # [B, D]
             pos = pos + n_acc

@@ -55,6 +55,7 @@ class SlotKVCache(Cache):
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)  # [B]
         self.valid = torch.ones(batch_size, max_len, dtype=torch.bool, device=device)  # [B, S]
         self.max_len = max_len
+        self._arange = torch.arange(max_len, device=device)  # [S]
         self.layer_offset = layer_offset  # HF layer_idx of our layer 0 (the draft's layer is idx 0)
         self._slots: torch.Tensor | None = None  # [B, Q] slots of the pending forward
         self._view_len = 0
@@ -74,21 +75,16 @@ class SlotKVCache(Cache):
         B = self.lengths.shape[0]
         P = offset + q
         assert tree_mask.shape == (B, q, P), (tree_mask.shape, (B, q, P))
-        start = self.lengths + offset  # [B]
-        self._slots = start[:, None] + torch.arange(q, device=start.device)  # [B, Q]
+        pending = self.lengths[:, None] + self._arange[:P]  # [B, P] slots of this round's writes
+        self._slots = pending[:, offset:]  # [B, Q]
         view = int(self.lengths.max()) + P
         if view > self.max_len:
             raise RuntimeError(f"KV cache overflow: need {view} slots, have {self.max_len}")
         self._view_len = view
-        cols = torch.arange(view, device=start.device)  # [V]
-        prefix = (cols[None, :] < self.lengths[:, None]) & self.valid[:, :view]  # [B, V]
-        pending = torch.zeros(B, q, view, dtype=torch.bool, device=start.device)  # [B, Q, V]
-        pend_slots = self.lengths[:, None] + torch.arange(P, device=start.device)  # [B, P]
-        pending.scatter_(2, pend_slots[:, None, :].expand(B, q, P), tree_mask)
-        visible = prefix[:, None, :] | pending  # [B, Q, V]
-        mask = torch.zeros(B, 1, q, view, dtype=self.keys.dtype, device=start.device)
-        mask.masked_fill_(~visible[:, None], torch.finfo(self.keys.dtype).min)
-        return mask  # [B, 1, Q, V]
+        prefix = self.valid[:, None, :view] & (self._arange[:view] < self.lengths[:, None, None])  # [B, 1, V]
+        visible = prefix.expand(B, q, view).clone()  # [B, Q, V]; pending columns are False here
+        visible.scatter_(2, pending[:, None, :].expand(B, q, P), tree_mask)
+        return (~visible[:, None]).to(self.keys.dtype) * torch.finfo(self.keys.dtype).min  # [B, 1, Q, V]
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         """HF hook: write ``[B, H, Q, D]`` at the pending slots, return the ``[B, H, V, D]`` view."""

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .decoder import fast_path_ok, run_layer
+from .decoder import RotaryTable, fast_path_ok, run_layer
 from .kv import SlotKVCache
 
 SUPPORTED = ("llava", "llava_next")
@@ -110,6 +110,10 @@ class TargetAdapter:
         return embeds.masked_scatter(mask, feats)
 
     # --------------------------------------------------------------- forwards
+    def rotary_table(self, length: int) -> RotaryTable:
+        """Rotary ``(cos, sin)`` lookup for positions ``[0, length)``."""
+        return RotaryTable(self.language_model.rotary_emb, length, self.embed_tokens.weight)
+
     def new_cache(self, batch_size: int, max_len: int) -> SlotKVCache:
         return SlotKVCache(
             self.num_layers, batch_size, self.num_kv_heads, self.head_dim, max_len, self.dtype, self.device
@@ -121,6 +125,7 @@ class TargetAdapter:
         position_ids: torch.Tensor,  # [B, Q]
         attention_mask: torch.Tensor,  # [B, 1, Q, V] from cache.begin()
         cache: SlotKVCache,
+        rope: RotaryTable | None = None,
     ) -> torch.Tensor:
         """Run the decoder stack over the cache; returns features ``[B, Q, D]`` (LM-head input).
 
@@ -130,7 +135,7 @@ class TargetAdapter:
         """
         lm = self.language_model
         h = inputs_embeds
-        pos_emb = lm.rotary_emb(h, position_ids)
+        pos_emb = rope(h, position_ids) if rope is not None else lm.rotary_emb(h, position_ids)
         for layer, fast in zip(self.layers, self.fast):
             h = run_layer(layer, h, position_ids, pos_emb, attention_mask, cache, fast)
         return lm.norm(h)

@@ -94,7 +94,8 @@ def propose_tree(
     top_k: int,
     depth: int,
     total_tokens: int,
-    suppress: torch.Tensor | None = None,  # [S] token ids never proposed
+    suppress: torch.Tensor | None = None,  # [S] token ids never proposed, or a [V] additive bias
+    rope=None,  # the draft's decoder.RotaryTable
 ) -> Tree:
     """Grow the EAGLE-2 tree with ``draft`` over its `SlotKVCache` (nothing committed)."""
     B, D = root_hidden.shape
@@ -112,7 +113,7 @@ def propose_tree(
     for s in range(1, depth):
         mask = cache.begin(k, anc, offset=(s - 1) * k)  # [B, 1, k, V']
         pos = (root_pos + s - 1)[:, None].expand(B, k)  # [B, k] entry of a depth-s node
-        g = draft(draft.embed(front_tok), front_hidden, pos, mask, cache)  # [B, k, D]
+        g = draft(draft.embed(front_tok), front_hidden, pos, mask, cache, rope)  # [B, k, D]
         child_score, child_tok = draft.log_probs(g, suppress).topk(k, dim=-1)  # [B, k, k]
         child_score = front_score[:, :, None] + child_score
         flat_score = child_score.reshape(B, k * k)
