@@ -28,7 +28,7 @@ demo-model: $(VENV)/.installed
 	$(BIN)/specvlm demo-model
 
 demo: demo-model
-	$(BIN)/specvlm demo
+	$(BIN)/specvlm caption --input examples/inputs --output out/caption-demo
 
 test: $(VENV)/.dev
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

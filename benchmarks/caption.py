@@ -121,8 +121,8 @@ def to_markdown(rows: list[dict], cols: list[str]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="specvlm bench caption", description=__doc__.splitlines()[0])
-    ap.add_argument("--num", type=int, default=64, help="inputs (20%% videos)")
-    ap.add_argument("--small", type=int, default=16, help="inputs of the run that measures the fixed per-job cost")
+    ap.add_argument("--num", type=int, default=256, help="inputs (20%% videos)")
+    ap.add_argument("--small", type=int, default=32, help="inputs of the run that measures the fixed per-job cost")
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--out", type=Path, default=RESULTS)
@@ -139,6 +139,7 @@ def main(argv: list[str] | None = None) -> None:
     base = parse_config({"sampling": {"max_new_tokens": args.max_new_tokens}, "batch_size": args.batch_size},
                         CaptionJobConfig)  # fmt: skip
     _check_model(base)  # the demo model must be built
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="specvlm-bench-caption-") as tmp:
         work = Path(tmp)
         src, small = work / "inputs", work / "inputs-small"
@@ -152,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
             rows.append(direct(variant(base, mode, 1), paths))
             print(to_markdown(rows[-1:], COLS).splitlines()[-1], flush=True)
         env = {"env_vars": e} if (e := cio.job_env()) else None
-        ray.init(num_cpus=2, include_dashboard=False, runtime_env=env)
+        ray.init(num_cpus=2, include_dashboard=False, runtime_env=env, _node_ip_address="127.0.0.1")
         ray.data.DataContext.get_current().enable_progress_bars = False
         for mode, actors in (("eagle", 1), ("eagle", 2), ("ar", 1)):
             rows.append(pipeline(variant(base, mode, actors), src, small, work))
@@ -170,7 +171,9 @@ def main(argv: list[str] | None = None) -> None:
         "\n\nwall_s / images_per_s / tokens_per_s: end to end (pipeline: whole job incl. actor start and model "
         f"load). steady_*: the marginal rate between the {args.num}-input run and a {args.small}-input run "
         "(fixed per-job cost cancelled). overhead = 1 - steady images/s of the 1-actor pipeline / direct images/s "
-        "(target <= 15%). `specvlm` mode needs the visual compressor (not available yet).\n"
+        "(target <= 15%). `specvlm` mode needs the visual compressor (not available yet). "
+        f"1-minute load average of the machine: {load_before:.1f} before, {os.getloadavg()[0]:.1f} after "
+        f"({os.cpu_count()} cores; other users' work shows up here).\n"
     )
     report = header + "\n\n" + to_markdown(rows, COLS) + notes
     args.out.mkdir(parents=True, exist_ok=True)

@@ -136,7 +136,7 @@ def build_dataset(cfg: CaptionJobConfig, inputs: cio.Inputs, done):
     parts = []
     files = [r for r in inputs.files if r["id"] not in done_set]
     if files:
-        step = max(1, min(cfg.decode_batch_size, -(-len(files) // 64)))  # small blocks: decode streams to actors
+        step = -(-len(files) // 1000)  # at most ~1000 blocks; small jobs get one row per block, so decode streams
         parts.append(ray.data.from_arrow([cio.listed_table(files[i : i + step]) for i in range(0, len(files), step)]))
     if inputs.shards:
         ds = ray.data.from_arrow([cio.listed_table([s]) for s in inputs.shards])
@@ -237,11 +237,13 @@ def run(cfg: CaptionJobConfig) -> dict:
     wall = time.perf_counter() - t0
     summary = summarize(cfg, run_id, wall, len(state.done), state.partial, removed)
     where = cio.write_text(cfg.output, "_summary.json", json.dumps(summary, indent=2) + "\n")
-    print_summary(summary, where)
+    print_summary(summary, where, cio.read_output(cfg.output, ["id", "caption", "error"], prefix=run_id).slice(0, 5))
     return summary
 
 
-def print_summary(s: dict, where: str) -> None:
+def print_summary(s: dict, where: str, samples=None) -> None:
+    for r in samples.to_pylist() if samples is not None else []:
+        print(f"[caption] {r['id']}: {r['caption'] if r['error'] is None else 'ERROR ' + r['error']}", flush=True)
     errors = ", ".join(f"{k} {v}" for k, v in s["errors"].items()) or "none"
     acc = f"{s['mean_accept_length']:.2f}" if s["mean_accept_length"] is not None else "-"
     print(
@@ -301,7 +303,10 @@ def main(argv: list[str] | None = None) -> dict:
     if not ray.is_initialized():  # the job's tasks and actors get the driver's S3 / model-cache environment
         env = {"env_vars": e} if (e := cio.job_env()) else None
         address = os.environ.get("RAY_ADDRESS")
-        ray.init(address=address, runtime_env=env) if address else ray.init(include_dashboard=False, runtime_env=env)
+        if address:
+            ray.init(address=address, runtime_env=env)
+        else:  # a private single-node Ray, on loopback
+            ray.init(include_dashboard=False, runtime_env=env, _node_ip_address="127.0.0.1")
     try:
         return run(cfg)
     except FileNotFoundError as e:

@@ -9,7 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-BENCHES = ("engine", "demo")
+DELEGATED = {"caption": "pipelines.caption", "distill": "pipelines.distill"}
+BENCHES = ("engine", "demo", "caption")
 
 
 def _demo_model(args: argparse.Namespace) -> None:
@@ -77,11 +78,8 @@ def _demo(args: argparse.Namespace) -> None:
 def _bench(args: argparse.Namespace) -> None:
     names = BENCHES if args.name == "all" else (args.name,)
     for name in names:
-        if name == "engine":
-            from benchmarks.engine import main
-        else:
-            from benchmarks.demo import main
-        main(args.rest)
+        module = __import__(f"benchmarks.{name}", fromlist=["main"])
+        module.main(args.rest)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -100,16 +98,16 @@ def main(argv: list[str] | None = None) -> None:
     dm.add_argument("--output", help="folder (default: $SPECVLM_HOME/demo)")
     dm.set_defaults(func=_demo_model)
     # subcommands with their own argument parsers: everything after the name is theirs
+    sub.add_parser("caption", help="batch-caption images/videos with Ray Data (demo model by default)", add_help=False)
     sub.add_parser("distill", help="distil the draft with Ray Train (demo draft by default)", add_help=False)
     bench = sub.add_parser("bench", help="run benchmarks and write their tables")
     bench.add_argument("name", nargs="?", default="all", choices=("all", *BENCHES))
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="options passed to the benchmark")
     bench.set_defaults(func=_bench)
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "distill":
-        from pipelines.distill import main as distill_main
-
-        return distill_main(argv[1:])
+    if argv and argv[0] in DELEGATED:
+        module = __import__(DELEGATED[argv[0]], fromlist=["main"])
+        return module.main(argv[1:])
     args = ap.parse_args(argv)
     args.func(args)
 
