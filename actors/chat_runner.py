@@ -8,6 +8,7 @@ module owns the translation, so it is tested by calling it directly:
     prepare(request, image_bytes) -> ChatJob   chat template + images -> one row's processor inputs,
                                                prompt and context limits (OpenAIError 4xx)
     run(jobs, post)                            decode a batch; post({batch index: RowUpdate}) after every round
+    EngineQueue                                what waits for the engine: every waiting request joins the next batch
 
 One `SpecVLMEngine.generate` call decodes rows that share sampling settings
 (all greedy rows together; sampled rows with the same temperature, top_p,
@@ -21,6 +22,8 @@ row early (through the engine's ``on_tokens``) at a stop string, at its own
 from __future__ import annotations
 
 import logging
+import threading
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -67,6 +70,7 @@ class ChatJob:
 
 
 Post = Callable[[dict[int, RowUpdate]], None]
+CANCELLED = "cancelled"  # the error of a row whose client went away
 
 
 class ChatRunner:
@@ -108,20 +112,27 @@ class ChatRunner:
 
     # ------------------------------------------------------------------ run
     def run(self, jobs: list[ChatJob], post: Post) -> None:
-        """Decode ``jobs`` (in groups of shared sampling settings); every job gets a last update."""
+        """Decode ``jobs`` (in groups of shared sampling settings); every job gets exactly one last update
+        (``finish_reason``, or ``error``: ``"cancelled"`` for a job whose client left)."""
         groups: dict[tuple, list[int]] = {}
         for i, job in enumerate(jobs):
-            if not job.cancelled:
+            if job.cancelled:
+                job.done = True
+                post({i: RowUpdate(error=CANCELLED)})
+            else:
                 groups.setdefault(job.group_key(i), []).append(i)
         for idx in groups.values():
             try:
                 self._run_group(jobs, idx, post)
+                failure = "the engine stopped without finishing this row"  # (a bug: it reports every row)
             except Exception as e:  # an engine failure fails its group, never the replica
                 log.exception("engine failed on a batch of %d rows", len(idx))
-                post({i: RowUpdate(error=f"{type(e).__name__}: {e}") for i in idx if not jobs[i].done})
-            left = [i for i in idx if not jobs[i].done and not jobs[i].cancelled]
-            if left:  # an invariant: the engine reports every row until it finishes
-                post({i: RowUpdate(error="the engine stopped without finishing this row") for i in left})
+                failure = f"{type(e).__name__}: {e}"
+            left = [i for i in idx if not jobs[i].done]
+            for i in left:
+                jobs[i].done = True
+            if left:
+                post({i: RowUpdate(error=failure) for i in left})
 
     def _run_group(self, jobs: list[ChatJob], idx: list[int], post: Post) -> None:
         group = [jobs[i] for i in idx]
@@ -137,6 +148,7 @@ class ChatRunner:
                 if job.cancelled:
                     job.done = True
                     end.append(r)
+                    updates[idx[r]] = RowUpdate(error=CANCELLED)
                     continue
                 delta = job.text.push(toks, r in event.finished)
                 if job.text.finish_reason is None:
@@ -162,6 +174,45 @@ class ChatRunner:
             seed=first.seed,
             on_tokens=on_tokens,
         )
+
+
+class EngineQueue:
+    """Requests waiting for the engine; each engine batch takes every request waiting (up to ``max_rows``).
+
+    Producers (the Serve batch handler, one call per group of arrivals) `submit` jobs with one
+    callback each; the engine thread calls `drain` once per `submit`. A drain runs batches until
+    nothing waits, so a group that arrived while the engine was busy joins the next batch with
+    every other waiting group instead of running alone after them (Ray Serve 2.60's ``@serve.batch``
+    forms its batches while the previous one still runs).
+    """
+
+    def __init__(self, runner: ChatRunner, max_rows: int, on_batch: Callable[[int], None] | None = None):
+        self.runner, self.max_rows, self.on_batch = runner, max_rows, on_batch
+        self._waiting: deque[tuple[ChatJob, Callable[[RowUpdate], None]]] = deque()
+        self._lock = threading.Lock()
+
+    def submit(self, items: list[tuple[ChatJob, Callable[[RowUpdate], None]]]) -> None:
+        with self._lock:
+            self._waiting.extend(items)
+
+    def drain(self) -> None:
+        """Engine thread: decode everything waiting, ``max_rows`` at a time, oldest first."""
+        while True:
+            with self._lock:
+                take = [self._waiting.popleft() for _ in range(min(self.max_rows, len(self._waiting)))]
+            if not take:
+                return
+            if self.on_batch:
+                self.on_batch(len(take))
+            self.runner.run([job for job, _ in take], _route([sink for _, sink in take]))
+
+
+def _route(sinks: list[Callable[[RowUpdate], None]]) -> Post:
+    def post(updates: dict[int, RowUpdate]) -> None:
+        for i, update in updates.items():
+            sinks[i](update)
+
+    return post
 
 
 def collate(rows: list[dict], pad_id: int) -> dict:

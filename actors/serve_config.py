@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
+
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -29,7 +30,7 @@ class ServeLimits(_Strict):
     max_image_pixels: int = Field(25_000_000, gt=0, description="width*height of one image, read from its header")
     max_tokens: int = Field(1024, ge=1, description="largest max_tokens a request may ask for")
     default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request gives none (capped by context)")
-    max_prompt_tokens: int = Field(8192, ge=1, description="prompt tokens after the chat template, image tokens included")
+    max_prompt_tokens: int = Field(8192, ge=1, description="after the chat template, image tokens included")
     max_context_tokens: int | None = Field(
         None, ge=2, description="prompt + completion; None = the target's max_position_embeddings"
     )
@@ -78,7 +79,7 @@ class BatchingConfig(_Strict):
     """Dynamic batching (`@serve.batch`): concurrent requests are decoded together."""
 
     max_batch_size: int = Field(16, ge=1, description="requests decoded together; 1 = no batching")
-    batch_wait_timeout_s: float = Field(0.02, ge=0, description="how long a batch waits to fill once it has one request")
+    batch_wait_timeout_s: float = Field(0.02, ge=0, description="how long a started batch waits to fill")
 
 
 class DeploymentConfig(_Strict):
@@ -188,11 +189,11 @@ def load_serve_file(path: str | Path, app_name: str | None = None) -> ServeFile:
         raise ConfigError(f"{path}: no application {app_name!r} (found: {', '.join(names) or 'none'})")
     entry = chosen[0]
     http = data.get("http_options") or {}
+    source = f"{path}: application {entry.get('name', 'default')!r} args"
     return ServeFile(
-        app=parse_config(entry.get("args") or {}, ServeAppConfig, source=f"{path}: application {entry.get('name', 'default')!r} args"),
+        app=parse_config(entry.get("args") or {}, ServeAppConfig, source=source),
         name=entry.get("name", "specvlm"),
         route_prefix=entry.get("route_prefix") or "/",
         host=http.get("host"),
         port=http.get("port"),
     )
-

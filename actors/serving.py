@@ -12,18 +12,21 @@ What runs where in a replica::
     event loop      auth, body limit, parse + validate (`openai_protocol`), image URLs (`image_urls`),
                     SSE; never blocks on the model
     prep thread     image decode + chat template + processor (`ChatRunner.prepare`)
-    engine thread   one batch at a time: `ChatRunner.run` -> `SpecVLMEngine.generate(on_tokens=...)`;
-                    every round's text deltas go back to the loop through an asyncio queue
+    engine thread   `EngineQueue.drain`: one engine batch at a time, `ChatRunner.run` ->
+                    `SpecVLMEngine.generate(on_tokens=...)`; every round's text deltas go back to
+                    the loop through an asyncio queue per arrival group
 
 Batching: every request, streamed or not, goes through ``decode_batch``, an
-async-generator `@serve.batch` method: the requests that arrive within
-``batch_wait_timeout_s`` (up to ``max_batch_size``) are decoded as one batch,
-and each round yields one `RowUpdate` (or None) per request, so streamed
-requests see each speculative round's tokens as one chunk. A batch runs to
-its end before the next starts (no joining mid-decode). Decoding logic is the
-engine's; this module only translates and exports metrics.
+async-generator `@serve.batch` method: requests that arrive within
+``batch_wait_timeout_s`` (up to ``max_batch_size``) form a group. Ray Serve
+2.60 forms groups while an earlier one is still decoding, so groups are not
+decoded one by one: they join the `EngineQueue`, and each engine batch takes
+every request waiting when the engine frees up (up to ``max_batch_size``
+rows). Each round yields one `RowUpdate` per request that got tokens, so a
+streamed request sees each speculative round's tokens as one chunk. Requests
+do not join a batch mid-decode. Decoding logic is the engine's; this module
+only translates and exports metrics.
 """
-
 
 import argparse
 import asyncio
@@ -43,7 +46,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .chat_runner import ChatJob, ChatRunner, RowUpdate
+from .chat_runner import ChatJob, ChatRunner, EngineQueue, RowUpdate
 from .image_urls import image_bytes
 from .openai_protocol import (
     ChatRequest,
@@ -61,6 +64,7 @@ from .openai_protocol import (
 from .serve_config import ServeAppConfig, load_serve_file
 
 log = logging.getLogger("ray.serve")
+MAX_WAITING_BATCHES = 1024  # @serve.batch groups in the handler at once: enough that every arrival joins the queue
 
 fastapi_app = FastAPI(title="specvlm", docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -138,6 +142,17 @@ async def read_body(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
+async def _drain(updates) -> None:
+    """Consume what is left of one request's batch results (their futures must be awaited)."""
+    try:
+        async for _ in updates:
+            pass
+    except Exception:  # the request already has its answer
+        pass
+
+
+# Everything the routes use is defined above this line: serve.ingress freezes the app (and its
+# handlers' globals) when the class is decorated.
 @serve.deployment(max_ongoing_requests=64)
 @serve.ingress(fastapi_app)
 class SpecVLMServer:
@@ -157,6 +172,8 @@ class SpecVLMServer:
         self._prep = ThreadPoolExecutor(1, thread_name_prefix="specvlm-prep")
         self._engine = ThreadPoolExecutor(1, thread_name_prefix="specvlm-engine")
         self._drains: set[asyncio.Task] = set()
+        self._works: set[asyncio.Future] = set()
+        self.queue = EngineQueue(self.runner, cfg.batching.max_batch_size, self.metrics.batch_rows.observe)
         self.decode_batch.set_max_batch_size(cfg.batching.max_batch_size)
         self.decode_batch.set_batch_wait_timeout_s(cfg.batching.batch_wait_timeout_s)
         log.info("specvlm serving %s (mode %s, api key %s)", self.model_name, cfg.engine.mode,
@@ -235,14 +252,19 @@ class SpecVLMServer:
 
     async def _complete(self, job: ChatJob, rid: str, created: int, t0: float) -> JSONResponse:
         parts, last, ttft = [], None, None
-        async for update in self._updates(job):
-            if update.error:
-                self.metrics.record(500, False, t0)
-                return _error(OpenAIError(500, f"decoding failed: {update.error}", "server_error"))
-            if ttft is None and update.text:
-                ttft = time.perf_counter() - t0
-            parts.append(update.text)
-            last = update
+        try:
+            async for update in self._updates(job):
+                if update.error:
+                    self.metrics.record(500, False, t0)
+                    return _error(OpenAIError(500, f"decoding failed: {update.error}", "server_error"))
+                if ttft is None and update.text:
+                    ttft = time.perf_counter() - t0
+                parts.append(update.text)
+                last = update
+        except Exception as e:  # a bug in the batch plumbing: a 500, and the replica goes on
+            log.exception("decoding failed")
+            self.metrics.record(500, False, t0)
+            return _error(OpenAIError(500, f"decoding failed: {type(e).__name__}", "server_error"))
         if last is None or not last.finish_reason:
             self.metrics.record(500, False, t0)
             return _error(OpenAIError(500, "decoding ended without a result", "server_error"))
@@ -253,16 +275,20 @@ class SpecVLMServer:
     async def _sse(self, job: ChatJob, rid: str, created: int, include_usage: bool, t0: float):
         name, last, ttft = self.model_name, None, None
         yield sse(chunk(rid, created, name, {"role": "assistant", "content": ""}))
-        async for update in self._updates(job):
-            if update.error:
-                self.metrics.record(500, True, t0)
-                yield sse(OpenAIError(500, f"decoding failed: {update.error}", "server_error").body())
-                yield sse("[DONE]")
-                return
-            if update.text:
-                ttft = ttft if ttft is not None else time.perf_counter() - t0
-                yield sse(chunk(rid, created, name, {"content": update.text}))
-            last = update
+        try:
+            async for update in self._updates(job):
+                if update.error:
+                    raise RuntimeError(update.error)
+                if update.text:
+                    ttft = ttft if ttft is not None else time.perf_counter() - t0
+                    yield sse(chunk(rid, created, name, {"content": update.text}))
+                last = update
+        except Exception as e:  # headers are sent: report it as an error event (as OpenAI does)
+            log.exception("decoding failed")
+            self.metrics.record(500, True, t0)
+            yield sse(OpenAIError(500, f"decoding failed: {e}", "server_error").body())
+            yield sse("[DONE]")
+            return
         if last is not None and last.finish_reason:
             yield sse(chunk(rid, created, name, {}, last.finish_reason))
             if include_usage:
@@ -270,37 +296,34 @@ class SpecVLMServer:
             self.metrics.record(200, True, t0, last, ttft)
         yield sse("[DONE]")
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02)
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02, max_concurrent_batches=MAX_WAITING_BATCHES)
     async def decode_batch(self, jobs: list[ChatJob]):
-        """Decode the requests that arrived together; yields, per round, one `RowUpdate` or None per request."""
+        """Requests that arrived together; yields, per update, one `RowUpdate` (or None) per request.
+
+        The jobs join the engine queue; the engine thread's next batch takes them together with
+        every other group waiting by then (`EngineQueue`).
+        """
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-        done = object()
+        updates: asyncio.Queue = asyncio.Queue()
 
-        def post(updates: dict[int, RowUpdate]) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, updates)
+        def sink(i: int):
+            return lambda update: loop.call_soon_threadsafe(updates.put_nowait, (i, update))
 
-        def work() -> None:
-            try:
-                self.runner.run(jobs, post)
-            finally:
-                loop.call_soon_threadsafe(queue.put_nowait, done)
-
-        self.metrics.batch_rows.observe(len(jobs))
-        task = loop.run_in_executor(self._engine, work)
+        self.queue.submit([(job, sink(i)) for i, job in enumerate(jobs)])
+        work = loop.run_in_executor(self._engine, self.queue.drain)
+        self._works.add(work)
+        work.add_done_callback(self._work_done)
         finished: set[int] = set()
-        while (updates := await queue.get()) is not done:
-            yield [StopAsyncIteration if i in finished else updates.get(i) for i in range(len(jobs))]
-            finished.update(i for i, u in updates.items() if u.finish_reason or u.error)
-        await task
+        while len(finished) < len(jobs):
+            i, update = await updates.get()
+            yield [update if k == i else StopAsyncIteration if k in finished else None for k in range(len(jobs))]
+            if update.finish_reason or update.error:
+                finished.add(i)
 
-
-async def _drain(updates) -> None:
-    try:
-        async for _ in updates:
-            pass
-    except Exception:  # the request already has its answer
-        pass
+    def _work_done(self, work) -> None:
+        self._works.discard(work)
+        if not work.cancelled() and work.exception() is not None:
+            log.error("engine thread failed: %r", work.exception())
 
 
 def build_app(args: dict):

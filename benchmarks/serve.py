@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--model-dir", help="a demo folder with target/ and draft/ (default: the built demo model)")
     ap.add_argument("--modes", default="ar,eagle,specvlm")
     ap.add_argument("--concurrency", default="1,8,32")
-    ap.add_argument("--requests", type=int, default=2, help="requests per unit of concurrency (at least 16)")
+    ap.add_argument("--requests", type=int, default=3, help="requests per unit of concurrency (at least 16)")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--max-batch-size", type=int, default=16)
     ap.add_argument("--out", type=Path, default=RESULTS)
@@ -119,6 +119,7 @@ def main(argv: list[str] | None = None) -> None:
     import ray
     from ray import serve
 
+    from actors.serve_config import ServeAppConfig
     from actors.serving import build_app
     from specvlm.config import ModelConfig
 
@@ -134,11 +135,17 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(str(e)) from None
         model = {"target": "demo"}
     modes = available_modes(ModelConfig(**model), args.modes.split(","))
+    tree = ServeAppConfig().engine.tree
     levels = [int(c) for c in args.concurrency.split(",")]
     bodies = requests_for(16, args.max_tokens)
     cpus = os.cpu_count() or 1
-    header = (f"## Serve: demo model, 1 replica ({cpus} CPUs), greedy, max_tokens {args.max_tokens}, "
-              f"{len(bodies)} held-out image questions as data: URLs, HTTP via Ray Serve on loopback")  # fmt: skip
+    import torch
+
+    # the replica leaves a core to Serve's proxy and this process's HTTP client
+    actor = {"num_gpus": 1} if torch.cuda.is_available() else {"num_cpus": max(1, cpus - 1)}
+    header = (f"## Serve: demo model, 1 replica ({actor}; {cpus} CPUs in all), greedy, max_tokens "
+              f"{args.max_tokens}, tree top_k={tree.top_k} total={tree.total_tokens} depth={tree.depth}, "
+              f"{len(bodies)} held-out image questions as data: URLs over HTTP (Ray Serve on loopback)")  # fmt: skip
     print(header, flush=True)
     ray.init(num_cpus=cpus, include_dashboard=False, _node_ip_address="127.0.0.1")
     port = free_port()
@@ -152,10 +159,10 @@ def main(argv: list[str] | None = None) -> None:
                 rows.append({"mode": mode, "batching": f"skipped: {reason}"})
                 continue
             for batch in (1, args.max_batch_size):
-                cfg = {"model": model, "served_model_name": "bench", "engine": {"mode": mode},
-                       "batching": {"max_batch_size": batch, "batch_wait_timeout_s": 0.01},
-                       "deployment": {"max_ongoing_requests": max(64, max(levels)),
-                                      "ray_actor_options": {"num_cpus": cpus}}}  # fmt: skip
+                engine = {**ServeAppConfig().engine.model_dump(), "mode": mode}  # the CPU tree of configs/serve.yaml
+                deployment = {"max_ongoing_requests": max(64, *levels), "ray_actor_options": actor}
+                cfg = {"model": model, "served_model_name": "bench", "engine": engine, "deployment": deployment,
+                       "batching": {"max_batch_size": batch, "batch_wait_timeout_s": 0.01}}  # fmt: skip
                 serve.run(build_app(cfg), name="bench", route_prefix="/")
                 asyncio.run(load(url, bodies, 2, 1))  # warm-up
                 for c in levels:

@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-DELEGATED = {"caption": "pipelines.caption", "distill": "pipelines.distill"}
-BENCHES = ("engine", "demo", "caption")
+DELEGATED = {"caption": "pipelines.caption", "distill": "pipelines.distill", "serve": "actors.serving"}
+BENCHES = ("engine", "demo", "caption", "serve")
 
 
 def _demo_model(args: argparse.Namespace) -> None:
@@ -100,6 +100,7 @@ def main(argv: list[str] | None = None) -> None:
     # subcommands with their own argument parsers: everything after the name is theirs
     sub.add_parser("caption", help="batch-caption images/videos with Ray Data (demo model by default)", add_help=False)
     sub.add_parser("distill", help="distil the draft with Ray Train (demo draft by default)", add_help=False)
+    sub.add_parser("serve", help="OpenAI-compatible endpoint on Ray Serve (demo model by default)", add_help=False)
     bench = sub.add_parser("bench", help="run benchmarks and write their tables")
     bench.add_argument("name", nargs="?", default="all", choices=("all", *BENCHES))
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="options passed to the benchmark")

@@ -15,7 +15,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from actors.chat_runner import ChatRunner, collate
+from actors.chat_runner import ChatRunner, EngineQueue, RowUpdate, collate
 from actors.image_urls import check_url, decode_data_url, fetch_image_bytes, image_bytes, is_public
 from actors.openai_protocol import OpenAIError, TextStream, parse_chat_request
 from actors.serve_config import ImageFetchConfig, ServeAppConfig, ServeLimits, load_serve_file
@@ -55,7 +55,8 @@ def test_parse_accepts_openai_requests():
         {"role": "system", "content": "be brief"},
         {"role": "user", "content": [image, {"type": "text", "text": "what is it?"}], "name": "x"},
     ]
-    req = parse_chat_request(body(messages=msgs, max_tokens=8, temperature=0, stop="END", seed=3, user="u"), LIMITS, "m")
+    raw = body(messages=msgs, max_tokens=8, temperature=0, stop="END", seed=3, user="u")
+    req = parse_chat_request(raw, LIMITS, "m")
     assert req.stops == ["END"] and req.requested_max_tokens() == 8 and req.temperature == 0
     assert req.image_urls() == [("messages.1.content.0.image_url", "data:image/png;base64,AAAA")]
     assert req.template_messages() == [
@@ -321,7 +322,7 @@ def run(runner, jobs, on_post=None):
             on_post(ups)
 
     runner.run(jobs, post)
-    for i, us in updates.items():  # exactly one last update per request, and it is the last one
+    for us in updates.values():  # exactly one last update per request, and it is the last one
         assert sum(bool(u.finish_reason or u.error) for u in us) == 1 and (us[-1].finish_reason or us[-1].error)
     return [("".join(u.text for u in us), us[-1]) for us in updates.values()]
 
@@ -374,8 +375,49 @@ def test_runner_ends_cancelled_rows(runner, scenes):
         jobs[0].cancelled = True  # the first client leaves after the first round
 
     runner.run(jobs, post)
-    assert len(updates[0]) == 1 and not updates[0][0].finish_reason  # it just stops; nobody is listening
-    assert updates[1][-1].finish_reason and len(updates[1]) > 1
+    assert [(u.error, u.finish_reason) for u in updates[0][1:]] == [("cancelled", None)]  # ended after round 1
+    assert updates[1][-1].finish_reason and len(updates[1]) > 2
+    late = job(runner, "describe the image.", scenes[:1], max_tokens=40)
+    late.cancelled = True  # gone before its batch started: it is not decoded at all
+    assert [u.error for u in run(runner, [late])[0][1:]] == ["cancelled"]
+
+
+def test_runner_turns_engine_failures_into_row_errors(runner, scenes, monkeypatch):
+    def boom(**kw):
+        raise RuntimeError("boom")
+
+    jobs = [job(runner, "describe the image.", scenes[:1], max_tokens=4) for _ in range(2)]
+    monkeypatch.setattr(runner.engine, "generate", boom)
+    assert [last.error for _, last in run(runner, jobs)] == ["RuntimeError: boom"] * 2
+
+
+class FakeRunner:
+    """Finishes every job at once; records the engine batches."""
+
+    def __init__(self):
+        self.batches = []
+
+    def run(self, jobs, post):
+        self.batches.append([j.name for j in jobs])
+        post({i: RowUpdate(f"<{j.name}>", "stop") for i, j in enumerate(jobs)})
+
+
+def test_engine_queue_merges_waiting_groups():
+    from types import SimpleNamespace
+
+    runner, got = FakeRunner(), {}
+    queue = EngineQueue(runner, max_rows=3, on_batch=lambda n: got.setdefault("sizes", []).append(n))
+
+    def group(*names):
+        return [(SimpleNamespace(name=n), lambda u, n=n: got.setdefault(n, []).append(u.text)) for n in names]
+
+    for g in (group("a"), group("b", "c"), group("d", "e")):  # three arrival groups while the engine was busy
+        queue.submit(g)
+    queue.drain()  # the first drain takes everything waiting, max_rows at a time, oldest first
+    queue.drain()
+    queue.drain()  # one drain per submit: the later ones find nothing
+    assert runner.batches == [["a", "b", "c"], ["d", "e"]] and got["sizes"] == [3, 2]
+    assert {n: got[n] for n in "abcde"} == {n: [f"<{n}>"] for n in "abcde"}
 
 
 def test_prepare_refuses_bad_images_and_long_requests(runner, scenes):
@@ -446,8 +488,30 @@ def test_config_errors_name_the_field(data, field):
         parse_config(data, ServeAppConfig, source="serve.yaml")
 
 
+def test_specvlm_serve_reports_bad_config_before_starting_ray(tmp_path):
+    from actors.serving import main
+
+    bad = tmp_path / "serve.yaml"
+    bad.write_text("applications:\n  - name: specvlm\n    import_path: actors.serving:build_app\n"
+                   "    args: {batching: {max_batch_size: 0}}\n")  # fmt: skip
+    with pytest.raises(SystemExit, match="batching.max_batch_size"):
+        main(["--config", str(bad)])
+    with pytest.raises(SystemExit, match="no application 'other'"):
+        main(["--config", str(bad), "--app", "other"])
+
+
 def test_model_name():
     cfg = ServeAppConfig()
     assert cfg.model_name({"model": "specvlm-demo"}) == "specvlm-demo"
     assert cfg.model_name({"model": "/models/llava-1.5-7b/"}) == "llava-1.5-7b"
     assert ServeAppConfig(served_model_name="x").model_name({"model": "y"}) == "x"
+
+
+def test_protocol_modules_do_not_import_ray():
+    import subprocess
+    import sys
+
+    code = ("import sys, actors.openai_protocol, actors.image_urls, actors.chat_runner, actors.serve_config; "
+            "print('ray' in sys.modules)")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

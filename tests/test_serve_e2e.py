@@ -95,8 +95,8 @@ def reference(small_demo, server):
         req = parse_chat_request(json.dumps({"messages": user(QUESTION, url), "max_tokens": 16, "temperature": 0})
                                  .encode(), ServeLimits(), MODEL)  # fmt: skip
         raw = base64.b64decode(url.split(",", 1)[1])
-        texts = []
-        runner.run([runner.prepare(req, [raw])], lambda ups: texts.extend(u.text for u in ups.values()))
+        texts: list[str] = []
+        runner.run([runner.prepare(req, [raw])], lambda ups, texts=texts: texts.extend(u.text for u in ups.values()))
         out.append("".join(texts))
     return out
 
@@ -117,7 +117,8 @@ def test_plain_request_with_an_image(server, reference):
     assert choice.message.role == "assistant" and choice.finish_reason in ("stop", "length")
     assert choice.message.content == reference[0]  # lossless: the target's own greedy answer
     u = r.usage
-    assert u.prompt_tokens > 64 and 0 < u.completion_tokens <= 16 and u.total_tokens == u.prompt_tokens + u.completion_tokens
+    assert u.prompt_tokens > 64 and 0 < u.completion_tokens <= 16
+    assert u.total_tokens == u.prompt_tokens + u.completion_tokens
     assert u.model_extra["accept_length"] >= 1.0 and u.model_extra["target_forwards"] >= 1
 
 
@@ -151,25 +152,23 @@ def _good(server, **kw):
     return {"model": MODEL, "messages": user(QUESTION, server.images[0]), "max_tokens": 4, **kw}
 
 
-def _image(url: str):
-    return user(QUESTION, url)
+def _image(server, url: str) -> dict:
+    return _good(server, messages=user(QUESTION, url))
 
 
-BAD = {
+NOT_AN_IMAGE = "data:image/png;base64," + base64.b64encode(b"<html>hello</html>").decode()
+BAD = {  # case: (request body from the server, status, text in the error message)
     "bad JSON": (lambda s: b'{"model": "specvlm-demo", "messages": [', 400, "not valid JSON"),
     "not an object": (lambda s: b"[]", 400, "JSON object"),
     "missing messages": (lambda s: {"model": MODEL}, 400, "messages: Field required"),
     "empty messages": (lambda s: {"model": MODEL, "messages": []}, 400, "at least 1"),
     "unknown model": (lambda s: _good(s, model="gpt-4o"), 404, "does not exist"),
-    "bad base64": (lambda s: _good(s, messages=_image("data:image/png;base64,!!!!")), 400, "invalid base64"),
-    "non-image bytes": (lambda s: _good(s, messages=_image("data:image/png;base64," + base64.b64encode(
-        b"<html>hello</html>").decode())), 400, "cannot identify image"),  # fmt: skip
-    "non-image type": (lambda s: _good(s, messages=_image("data:text/plain;base64,aGk=")), 400, "not an image"),
-    "metadata URL": (lambda s: _good(s, messages=_image("http://169.254.169.254/latest/meta-data/")), 400,
-                     "allow-list"),  # fmt: skip
-    "loopback via allowed host": (lambda s: _good(s, messages=_image(f"http://localhost:{s.port}/health")), 400,
-                                  "non-public address"),  # fmt: skip
-    "file URL": (lambda s: _good(s, messages=_image("file:///etc/passwd")), 400, "scheme 'file'"),
+    "bad base64": (lambda s: _image(s, "data:image/png;base64,!!!!"), 400, "invalid base64"),
+    "non-image bytes": (lambda s: _image(s, NOT_AN_IMAGE), 400, "cannot identify image"),
+    "non-image type": (lambda s: _image(s, "data:text/plain;base64,aGk="), 400, "not an image"),
+    "metadata URL": (lambda s: _image(s, "http://169.254.169.254/latest/meta-data/"), 400, "allow-list"),
+    "loopback via allowed host": (lambda s: _image(s, f"http://localhost:{s.port}/health"), 400, "non-public"),
+    "file URL": (lambda s: _image(s, "file:///etc/passwd"), 400, "scheme 'file'"),
     "too many images": (lambda s: _good(s, messages=user(QUESTION, *s.images[:3])), 400, "max_images"),
     "max_tokens too large": (lambda s: _good(s, max_tokens=65), 400, "limit 64"),
     "bad temperature": (lambda s: _good(s, temperature=-1), 400, "temperature"),
@@ -225,19 +224,29 @@ def test_64_requests_at_16_concurrent(server, reference):
     assert answers == [reference[i % 4] for i in range(64)], f"{time.perf_counter() - t0:.1f} s"
 
 
+def _batched_rows(text: str) -> tuple[float, float]:
+    """(batches of one row, all batches) from the batch_rows histogram."""
+
+    def value(prefix: str, needle: str = "") -> float:
+        return sum(float(ln.split()[-1]) for ln in text.splitlines() if ln.startswith(prefix) and needle in ln)
+
+    return value("ray_specvlm_serve_batch_rows_bucket", 'le="1.0"'), value("ray_specvlm_serve_batch_rows_count")
+
+
 def test_metrics_are_exported(server, ray_local):
     port = next(n["MetricsExportPort"] for n in ray_local.nodes() if n["Alive"])
-    deadline, text = time.monotonic() + 40, ""
-    names = ("ray_specvlm_serve_requests_total", "ray_specvlm_serve_tokens_total", "ray_specvlm_serve_accept_length",
-             "ray_specvlm_serve_compressor_choices_total", "ray_specvlm_serve_latency_s", "ray_specvlm_serve_batch_rows")
-    while time.monotonic() < deadline and not all(n in text for n in names):
-        time.sleep(2)
+    names = [f"ray_specvlm_serve_{n}" for n in ("requests_total", "tokens_total", "accept_length",
+                                                "compressor_choices_total", "latency_s", "batch_rows")]  # fmt: skip
+    deadline, text = time.monotonic() + 60, ""
+    while True:  # Ray exports every few seconds: wait until the 64-request test's batches show
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    missing = [n for n in names if n not in text]
-    assert not missing, missing
-    rows = [ln for ln in text.splitlines() if ln.startswith("ray_specvlm_serve_batch_rows_bucket") and 'le="1.0"' in ln]
-    total = [ln for ln in text.splitlines() if ln.startswith("ray_specvlm_serve_batch_rows_count")]
-    assert rows and total and float(rows[0].split()[-1]) < float(total[0].split()[-1])  # some batches held > 1
+        ones, batches = _batched_rows(text)
+        if all(n in text for n in names) and ones < batches or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    assert not [n for n in names if n not in text]
+    assert 'status="400"' in text and 'status="200"' in text and 'compressor="none"' in text
+    assert ones < batches, "no batch held more than one request"
 
 
 def test_replica_still_answers_correctly(server, reference):
