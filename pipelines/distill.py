@@ -477,7 +477,7 @@ def main(argv: list[str] | None = None) -> None:
 
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS")
-        ray.init(address=address) if address else ray.init(include_dashboard=False)
+        ray.init(address=address) if address else ray.init(include_dashboard=False, _node_ip_address="127.0.0.1")
     run(cfg)
 
 
