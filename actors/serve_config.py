@@ -11,10 +11,9 @@ from __future__ import annotations
 import ipaddress
 from pathlib import Path
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from specvlm.config import ConfigError, EngineConfig, ModelConfig, TreeConfig, parse_config
+from specvlm.config import ConfigError, EngineConfig, ModelConfig, TreeConfig, parse_config, read_yaml
 
 
 class _Strict(BaseModel):
@@ -172,12 +171,7 @@ class ServeFile(_Strict):
 def load_serve_file(path: str | Path, app_name: str | None = None) -> ServeFile:
     """Read a Serve config file (``applications:`` with ``args``) or a bare `ServeAppConfig` YAML."""
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    data = read_yaml(path)
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
     if "applications" not in data:

@@ -24,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.report import to_markdown
+
 RESULTS = Path(__file__).parent / "results"
 COLS = ["method", "actors", "rows", "wall_s", "images_per_s", "tokens_per_s", "steady_images_per_s",
         "steady_tokens_per_s", "overhead", "accept_length"]  # fmt: skip
@@ -109,14 +111,6 @@ def variant(base, mode: str, actors: int):
     data = base.model_dump()
     data["engine"]["mode"], data["actors"] = mode, {"min": 1, "max": actors}
     return parse_config(data, CaptionJobConfig)
-
-
-def to_markdown(rows: list[dict], cols: list[str]) -> str:
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for r in rows:
-        lines.append("| " + " | ".join(f"{r[c]:.2f}" if isinstance(r.get(c), float) else str(r.get(c, ""))
-                                       for c in cols) + " |")  # fmt: skip
-    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:

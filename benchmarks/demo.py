@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.report import to_markdown
 from specvlm import EngineConfig, SpecVLMEngine, TreeConfig
 from specvlm.demo import load_demo
 from specvlm.demo.recipe import DemoRecipe, distill_demo_draft, examples
@@ -132,14 +133,6 @@ def plot(curve: list[dict], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
-
-
-def to_markdown(rows: list[dict], cols: list[str]) -> str:
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for r in rows:
-        lines.append("| " + " | ".join(f"{r[c]:.2f}" if isinstance(r.get(c), float) else str(r.get(c, ""))
-                                       for c in cols) + " |")  # fmt: skip
-    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -19,10 +19,13 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.report import to_markdown
 from specvlm import EagleDraft, EngineConfig, SpecVLMEngine, TreeConfig
 from specvlm.tiny import IMAGE, tiny_inputs, tiny_llava
 
 RESULTS = Path(__file__).parent / "results"
+COLS = ["method", "batch", "tokens_per_s", "speedup", "accept_length", "prefill_ms", "draft_ms", "verify_ms",
+        "identical_to_hf"]  # fmt: skip
 
 
 def bench_target(layers: int = 8, hidden: int = 512, vocab: int = 32000):
@@ -87,19 +90,6 @@ def run(batch_sizes=(1, 8), max_new_tokens: int = 64, repeats: int = 3, tree: Tr
     return rows
 
 
-def to_markdown(rows: list[dict]) -> str:
-    cols = ["method", "batch", "tokens_per_s", "speedup", "accept_length", "prefill_ms", "draft_ms", "verify_ms",
-            "identical_to_hf"]  # fmt: skip
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for r in rows:
-        cells = []
-        for c in cols:
-            v = r.get(c, "")
-            cells.append(f"{v:.2f}" if isinstance(v, float) else str(v))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="specvlm bench engine", description=__doc__.splitlines()[0])
     ap.add_argument("--batch-sizes", default="1,8", help="comma-separated (default 1,8)")
@@ -114,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(header, flush=True)
     rows = run(tuple(int(b) for b in args.batch_sizes.split(",")), args.max_new_tokens, args.repeats)
-    table = to_markdown(rows)
+    table = to_markdown(rows, COLS)
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "engine.md").write_text(header + "\n\n" + table + "\n")

@@ -23,6 +23,8 @@ import statistics
 import time
 from pathlib import Path
 
+from benchmarks.report import to_markdown
+
 RESULTS = Path(__file__).parent / "results"
 COLS = ["mode", "batching", "concurrency", "requests", "requests_per_s", "p50_ms", "p99_ms", "tokens_per_s",
         "accept_length", "errors", "identical_to_ar"]  # fmt: skip
@@ -96,14 +98,6 @@ def available_modes(model_cfg, modes: list[str]) -> dict[str, str | None]:
     return out
 
 
-def to_markdown(rows: list[dict]) -> str:
-    lines = ["| " + " | ".join(COLS) + " |", "|" + "---|" * len(COLS)]
-    for r in rows:
-        lines.append("| " + " | ".join(f"{r[c]:.2f}" if isinstance(r.get(c), float) else str(r.get(c, ""))
-                                       for c in COLS) + " |")  # fmt: skip
-    return "\n".join(lines)
-
-
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="specvlm bench serve", description=__doc__.splitlines()[0])
     ap.add_argument("--model-dir", help="a demo folder with target/ and draft/ (default: the built demo model)")
@@ -174,12 +168,12 @@ def main(argv: list[str] | None = None) -> None:
                     row = dict(mode=mode, batching=f"max {batch}" if batch > 1 else "off", concurrency=c,
                                identical_to_ar=same if reference is not None else "", **res)  # fmt: skip
                     rows.append(row)
-                    print(to_markdown([row]).splitlines()[-1], flush=True)
+                    print(to_markdown([row], COLS).splitlines()[-1], flush=True)
                 serve.delete("bench")
     finally:
         serve.shutdown()
         ray.shutdown()
-    table = to_markdown([r for r in rows if "concurrency" in r])
+    table = to_markdown([r for r in rows if "concurrency" in r], COLS)
     skipped = [f"- `{r['mode']}`: {r['batching']}" for r in rows if "concurrency" not in r]
     report = header + "\n\n" + table + "\n" + ("\nNot run:\n" + "\n".join(skipped) + "\n" if skipped else "")
     print("\n" + report)

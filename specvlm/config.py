@@ -81,16 +81,20 @@ class ConfigError(ValueError):
     """A config file or value that does not validate; the message names the field."""
 
 
-def load_config(path: str | Path, model: type[M]) -> M:
-    """Read YAML at ``path`` into ``model``; errors name the file and each bad field."""
+def read_yaml(path: str | Path):
+    """The YAML document at ``path`` (``{}`` when empty), with `ConfigError` naming the file on failure."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        return yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    return parse_config(data, model, source=str(path))
+
+
+def load_config(path: str | Path, model: type[M]) -> M:
+    """Read YAML at ``path`` into ``model``; errors name the file and each bad field."""
+    return parse_config(read_yaml(path), model, source=str(path))
 
 
 def parse_config(data: dict, model: type[M], source: str = "config") -> M:
