@@ -101,41 +101,41 @@ def propose_tree(
     B, D = root_hidden.shape
     k = top_k
     dev = root.device
+    eye = torch.eye(k, dtype=torch.bool, device=dev).expand(B, k, k)  # [B, k, k] a frontier node sees itself
     score, tok = draft.log_probs(root_hidden, suppress).topk(k, dim=-1)  # [B, k]
     cand_tok, cand_score = [tok], [score]
     cand_parent = [torch.full((B, k), -1, dtype=torch.long, device=dev)]
-    cand_depth = [torch.ones(B, k, dtype=torch.long, device=dev)]
     front_tok, front_score = tok, score  # [B, k]
     front_idx = torch.arange(k, device=dev).expand(B, k)  # [B, k] candidate index of each frontier node
     front_hidden = root_hidden[:, None, :].expand(B, k, D)  # [B, k, D] parent hidden per frontier node
-    anc = torch.eye(k, dtype=torch.bool, device=dev).expand(B, k, k)  # [B, k, s*k] written entries seen
+    anc = eye  # [B, k, s*k] which written entries each frontier node sees
+    entry_pos = (root_pos - 1)[:, None]  # [B, 1] the root's own draft entry position
     n_cand = k
     for s in range(1, depth):
         mask = cache.begin(k, anc, offset=(s - 1) * k)  # [B, 1, k, V']
-        pos = (root_pos + s - 1)[:, None].expand(B, k)  # [B, k] entry of a depth-s node
+        pos = (entry_pos + s).expand(B, k)  # [B, k] entry of a depth-s node
         g = draft(draft.embed(front_tok), front_hidden, pos, mask, cache, rope)  # [B, k, D]
         child_score, child_tok = draft.log_probs(g, suppress).topk(k, dim=-1)  # [B, k, k]
-        child_score = front_score[:, :, None] + child_score
-        flat_score = child_score.reshape(B, k * k)
+        flat_score = (front_score[:, :, None] + child_score).reshape(B, k * k)
         flat_tok = child_tok.reshape(B, k * k)
         cand_tok.append(flat_tok)
         cand_score.append(flat_score)
-        cand_parent.append(front_idx[:, :, None].expand(B, k, k).reshape(B, k * k))
-        cand_depth.append(torch.full((B, k * k), s + 1, dtype=torch.long, device=dev))
+        cand_parent.append(front_idx.repeat_interleave(k, dim=1))
         front_score, best = flat_score.topk(k, dim=-1)  # [B, k]
         slot = best // k  # [B, k] which current frontier node is the parent
         front_tok = flat_tok.gather(1, best)
         front_idx = n_cand + best
         front_hidden = g.gather(1, slot[..., None].expand(B, k, D))
         seen = anc.gather(1, slot[..., None].expand(B, k, anc.shape[2]))  # [B, k, s*k]
-        own = torch.eye(k, dtype=torch.bool, device=dev).expand(B, k, k)
-        anc = torch.cat([seen, own], dim=2)  # [B, k, (s+1)*k]
+        anc = torch.cat([seen, eye], dim=2)  # [B, k, (s+1)*k]
         n_cand += k * k
+    per_depth = torch.tensor([k] + [k * k] * (depth - 1), device=dev)
+    cand_depth = torch.arange(1, depth + 1, device=dev).repeat_interleave(per_depth).expand(B, n_cand)  # [B, C]
     return select_tree(
         root,
         torch.cat(cand_tok, 1),
         torch.cat(cand_score, 1),
         torch.cat(cand_parent, 1),
-        torch.cat(cand_depth, 1),
+        cand_depth,
         total_tokens,
     )
