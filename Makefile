@@ -21,6 +21,10 @@ $(VENV)/.dev: $(VENV)/.installed
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@
 
+$(VENV)/.bench: $(VENV)/.installed
+	$(BIN)/pip install -q -e '.[bench]'
+	touch $@
+
 install: $(VENV)/.installed
 dev: $(VENV)/.dev
 
@@ -33,12 +37,12 @@ demo: demo-model
 test: $(VENV)/.dev
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
-bench: demo-model
+bench: demo-model $(VENV)/.bench
 	$(BIN)/specvlm bench
 
 lint: $(VENV)/.dev
-	$(BIN)/ruff check specvlm actors pipelines benchmarks tests
-	$(BIN)/ruff format --check specvlm actors pipelines benchmarks tests
+	$(BIN)/ruff check specvlm actors pipelines benchmarks k8s tests
+	$(BIN)/ruff format --check specvlm actors pipelines benchmarks k8s tests
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
