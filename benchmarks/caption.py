@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
 import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.report import to_markdown
+from benchmarks.report import to_markdown, write_results
 
 RESULTS = Path(__file__).parent / "results"
 COLS = ["method", "actors", "rows", "wall_s", "images_per_s", "tokens_per_s", "steady_images_per_s",
@@ -170,11 +169,8 @@ def main(argv: list[str] | None = None) -> None:
         f"({os.cpu_count()} cores; other users' work shows up here).\n"
     )
     report = header + "\n\n" + to_markdown(rows, COLS) + notes
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "caption.md").write_text(report)
-    (args.out / "caption.json").write_text(json.dumps(rows, indent=2))
     print(report)
-    print(f"wrote {args.out / 'caption.md'}")
+    write_results(args.out, "caption", report, rows)
 
 
 if __name__ == "__main__":

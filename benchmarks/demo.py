@@ -16,18 +16,17 @@ Run with ``make bench`` / ``specvlm bench demo`` / ``python -m benchmarks.demo``
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
 
 import torch
 
-from benchmarks.report import to_markdown
+from benchmarks.report import to_markdown, write_results
 from specvlm import EngineConfig, SpecVLMEngine, TreeConfig
 from specvlm.demo import load_demo
 from specvlm.demo.recipe import DemoRecipe, distill_demo_draft, examples
-from specvlm.distill import chat_prompt, evaluate_accept_length
+from specvlm.distill import encode_prompts, evaluate_accept_length
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).parent / "results"
@@ -70,10 +69,7 @@ def speed(demo, n: int = 16, max_new_tokens: int = 48, repeats: int = 3) -> list
 
     rows = []
     for kind, mix in KINDS.items():
-        inputs = [
-            proc(text=[chat_prompt(proc, s["prompt"])], images=[s["image"]], return_tensors="pt")
-            for s in examples(seed=777, n=n, **mix)
-        ]
+        inputs = [encode_prompts(proc, [s]) for s in examples(seed=777, n=n, **mix)]
         results = {}
         for name, method in methods.items():
             call(method, inputs[0])  # warm-up
@@ -169,10 +165,7 @@ def main(argv: list[str] | None = None) -> None:
         report += "\n## Accept length vs distillation steps\n\n" + to_markdown(curve, ["step", "accept_length"]) + "\n"
         result["accept_vs_steps"] = curve
         print(f"wrote {ROOT / 'docs' / 'accept_vs_steps.png'}")
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "demo.md").write_text(report)
-    (args.out / "demo.json").write_text(json.dumps(result, indent=2))
-    print(f"wrote {args.out / 'demo.md'}")
+    write_results(args.out, "demo", report, result)
 
 
 if __name__ == "__main__":

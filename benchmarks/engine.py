@@ -12,14 +12,13 @@ split, so the speedup can be explained by the cost model in DESIGN.md.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
 
 import torch
 
-from benchmarks.report import to_markdown
+from benchmarks.report import to_markdown, write_results
 from specvlm import EagleDraft, EngineConfig, SpecVLMEngine, TreeConfig
 from specvlm.tiny import IMAGE, tiny_inputs, tiny_llava
 
@@ -106,10 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = run(tuple(int(b) for b in args.batch_sizes.split(",")), args.max_new_tokens, args.repeats)
     table = to_markdown(rows, COLS)
     print(table)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "engine.md").write_text(header + "\n\n" + table + "\n")
-    (args.out / "engine.json").write_text(json.dumps(rows, indent=2))
-    print(f"\nwrote {args.out / 'engine.md'}")
+    write_results(args.out, "engine", header + "\n\n" + table + "\n", rows)
 
 
 if __name__ == "__main__":

@@ -16,14 +16,13 @@ import argparse
 import asyncio
 import base64
 import io
-import json
 import os
 import socket
 import statistics
 import time
 from pathlib import Path
 
-from benchmarks.report import to_markdown
+from benchmarks.report import to_markdown, write_results
 
 RESULTS = Path(__file__).parent / "results"
 COLS = ["mode", "batching", "concurrency", "requests", "requests_per_s", "p50_ms", "p99_ms", "tokens_per_s",
@@ -177,10 +176,7 @@ def main(argv: list[str] | None = None) -> None:
     skipped = [f"- `{r['mode']}`: {r['batching']}" for r in rows if "concurrency" not in r]
     report = header + "\n\n" + table + "\n" + ("\nNot run:\n" + "\n".join(skipped) + "\n" if skipped else "")
     print("\n" + report)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "serve.md").write_text(report)
-    (args.out / "serve.json").write_text(json.dumps(rows, indent=2))
-    print(f"wrote {args.out / 'serve.md'}")
+    write_results(args.out, "serve", report, rows)
 
 
 if __name__ == "__main__":

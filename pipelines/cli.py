@@ -46,7 +46,7 @@ def _demo(args: argparse.Namespace) -> None:
     from specvlm import EngineConfig, SpecVLMEngine, TreeConfig
     from specvlm.demo import DemoNotBuiltError, load_demo
     from specvlm.demo.recipe import examples
-    from specvlm.distill import chat_prompt
+    from specvlm.distill import encode_prompts
 
     try:
         demo = load_demo()
@@ -61,7 +61,7 @@ def _demo(args: argparse.Namespace) -> None:
     tok = demo.processor.tokenizer
     print(f"specvlm demo: demo target from {demo.path}, greedy, batch 1")
     for i, s in enumerate(examples(seed=12345, n=args.num, p_video=0.25, p_qa=0.25)):
-        enc = demo.processor(text=[chat_prompt(demo.processor, s["prompt"])], images=[s["image"]], return_tensors="pt")
+        enc = encode_prompts(demo.processor, [s])
         outs = {m: e.generate(**enc, max_new_tokens=args.max_new_tokens) for m, e in engines.items()}
         text = tok.decode(outs["eagle"].sequences[0], skip_special_tokens=True)
         st, ar = outs["eagle"].stats[0], outs["ar"].stats[0]

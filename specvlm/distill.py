@@ -139,6 +139,13 @@ def chat_prompt(processor, question: str, num_images: int = 1) -> str:
     return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
 
 
+def encode_prompts(processor, samples: list[dict]):
+    """Processor inputs (left-padded ``input_ids [B, T]``, ``attention_mask``, ``pixel_values``, ...)
+    for samples ``{"image": PIL, "prompt": question}`` in the model's chat format."""
+    prompts = [chat_prompt(processor, s["prompt"]) for s in samples]
+    return processor(text=prompts, images=[s["image"] for s in samples], return_tensors="pt", padding=True)
+
+
 def collate(processor, samples: list[dict], responses: list[list[int]] | None = None) -> DistillBatch:
     """Samples ``{"image": PIL, "prompt": question, "response": text}`` -> a left-padded `DistillBatch`.
 
@@ -146,8 +153,7 @@ def collate(processor, samples: list[dict], responses: list[list[int]] | None = 
     samples' response text when given. Text responses get the EOS token appended.
     """
     tok = processor.tokenizer
-    prompts = [chat_prompt(processor, s["prompt"]) for s in samples]
-    enc = processor(text=prompts, images=[s["image"] for s in samples], return_tensors="pt", padding=True)
+    enc = encode_prompts(processor, samples)
     if responses is None:
         responses = [tok(" " + s["response"].strip(), add_special_tokens=False).input_ids + [tok.eos_token_id]
                      for s in samples]  # fmt: skip
@@ -170,16 +176,14 @@ def collate(processor, samples: list[dict], responses: list[list[int]] | None = 
 
 def target_responses(engine, processor, samples: list[dict], max_new_tokens: int) -> list[list[int]]:
     """The target's own greedy continuations (``response_source: target``), via an ``ar`` engine."""
-    prompts = [chat_prompt(processor, s["prompt"]) for s in samples]
-    enc = processor(text=prompts, images=[s["image"] for s in samples], return_tensors="pt", padding=True)
-    return engine.generate(**enc, max_new_tokens=max_new_tokens).sequences
+    return engine.generate(**encode_prompts(processor, samples), max_new_tokens=max_new_tokens).sequences
 
 
 def evaluate_accept_length(engine, processor, samples: list[dict], max_new_tokens: int = 48) -> float:
     """Mean accept length of ``engine`` (``eagle``/``specvlm`` mode) over held-out samples, greedy, batch 1."""
     total = 0.0
     for s in samples:
-        enc = processor(text=[chat_prompt(processor, s["prompt"])], images=[s["image"]], return_tensors="pt")
+        enc = encode_prompts(processor, [s])
         total += engine.generate(**enc, max_new_tokens=max_new_tokens).stats[0]["accept_length"]
     return total / max(len(samples), 1)
 

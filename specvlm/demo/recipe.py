@@ -160,7 +160,7 @@ def _finish(model, log):
 @torch.no_grad()
 def evaluate_target(model, processor, samples: list[dict], max_new_tokens: int = 48) -> dict:
     """Held-out quality: teacher-forced token accuracy and greedy exact match, per kind and overall."""
-    from ..distill import chat_prompt, collate
+    from ..distill import collate, encode_prompts
     from ..engine import EngineConfig, SpecVLMEngine
 
     batch = collate(processor, samples)
@@ -173,8 +173,7 @@ def evaluate_target(model, processor, samples: list[dict], max_new_tokens: int =
     exact = 0
     for i in range(0, len(samples), 16):
         chunk = samples[i : i + 16]
-        enc = processor(text=[chat_prompt(processor, s["prompt"]) for s in chunk], images=[s["image"] for s in chunk],
-                        return_tensors="pt", padding=True)  # fmt: skip
+        enc = encode_prompts(processor, chunk)
         for s, seq in zip(chunk, engine.generate(**enc, max_new_tokens=max_new_tokens).sequences):
             exact += tok.decode(seq, skip_special_tokens=True).strip() == s["response"].strip()
     return {
