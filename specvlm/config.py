@@ -52,6 +52,66 @@ class SamplingConfig(_Strict):
     seed: int | None = None
 
 
+class PrimitiveConfig(_Strict):
+    """One visual compressor primitive (see `specvlm.compressor`).
+
+    kind: ``pool`` (2D average pooling), ``conv`` (strided convolution), ``prune``
+    (keep 1/ratio of the patches: a learned scorer, or ``learned: false`` for a
+    seeded random subset), ``resampler`` (cross-attention over ``queries``
+    learned queries), ``text`` (drop the visual span), ``none`` (keep it).
+    """
+
+    kind: Literal["none", "prune", "pool", "conv", "resampler", "text"]
+    ratio: int = Field(4, ge=1, description="pool / conv / prune: patches per output token")
+    queries: int = Field(2, ge=1, description="resampler: learned queries (output tokens) per image segment")
+    learned: bool = Field(True, description="prune: learned scorer (True) or random subset (False)")
+
+    @property
+    def name(self) -> str:
+        """Short label used in stats and tables: ``pool4``, ``resampler2``, ``text``, ``random_prune4``."""
+        if self.kind in ("none", "text"):
+            return self.kind
+        if self.kind == "resampler":
+            return f"resampler{self.queries}"
+        prefix = "random_" if self.kind == "prune" and not self.learned else ""
+        return f"{prefix}{self.kind}{self.ratio}"
+
+
+def _default_primitives() -> tuple[PrimitiveConfig, ...]:
+    return (
+        PrimitiveConfig(kind="pool", ratio=4), PrimitiveConfig(kind="pool", ratio=16),
+        PrimitiveConfig(kind="conv", ratio=4), PrimitiveConfig(kind="prune", ratio=4),
+        PrimitiveConfig(kind="resampler", queries=2), PrimitiveConfig(kind="text"),
+    )  # fmt: skip
+
+
+class CompressorConfig(_Strict):
+    """The elastic visual compressor the ``specvlm`` draft reads its visual span through.
+
+    mode: ``select`` (the paper's default: a question-conditioned gate picks one
+    primitive per input; Gumbel-softmax in training, argmax at inference),
+    ``weight`` (gate-weighted sum of the primitives' outputs; they must give
+    equal lengths, so no ``text``) or ``concat`` (the weighted outputs side by side).
+    cost_weight: beyond the paper, adds ``cost_weight * E_gate[visual tokens kept / P]``
+    to the training loss so the gate prefers cheaper primitives where they lose nothing.
+    """
+
+    mode: Literal["select", "weight", "concat"] = "select"
+    primitives: tuple[PrimitiveConfig, ...] = Field(default_factory=_default_primitives, min_length=1)
+    gate_hidden: int = Field(64, ge=1, description="width of the gate's hidden layer")
+    tau: float = Field(1.0, gt=0, description="Gumbel-softmax temperature (training)")
+    cost_weight: float = Field(0.0, ge=0, description="weight of the expected-visual-tokens cost term")
+
+    @model_validator(mode="after")
+    def _checks(self):
+        names = [p.name for p in self.primitives]
+        if len(set(names)) != len(names):
+            raise ValueError(f"primitives must be distinct, got {names}")
+        if self.mode == "weight" and any(p.kind == "text" for p in self.primitives):
+            raise ValueError("mode 'weight' sums equal-length outputs; 'text' (no tokens) cannot take part")
+        return self
+
+
 class EngineConfig(_Strict):
     """How `SpecVLMEngine` decodes.
 

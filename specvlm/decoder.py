@@ -19,6 +19,17 @@ import torch.nn.functional as F
 FAST_LAYERS = ("LlamaDecoderLayer", "MistralDecoderLayer")
 
 
+def causal_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``[B, T]`` padding mask -> ``[B, 1, T, T]`` additive causal mask."""
+    B, T = attention_mask.shape
+    allowed = torch.ones(T, T, dtype=torch.bool, device=attention_mask.device).tril()[None]
+    allowed = allowed & attention_mask.bool()[:, None, :]
+    allowed = allowed | torch.eye(T, dtype=torch.bool, device=attention_mask.device)  # pad rows: no NaN
+    return torch.zeros(B, 1, T, T, dtype=dtype, device=attention_mask.device).masked_fill(
+        ~allowed[:, None], torch.finfo(dtype).min
+    )
+
+
 def fast_path_ok(layer) -> bool:
     """Whether `_llama_layer` reproduces this HF layer exactly."""
     cfg = getattr(layer.self_attn, "config", None)

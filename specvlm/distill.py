@@ -15,11 +15,12 @@ receive gradients; the target, its embedding and LM head are frozen.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
+from .decoder import causal_mask
 from .draft import EagleDraft
 from .target import TargetAdapter
 
@@ -43,6 +44,7 @@ class Teacher:
     features: torch.Tensor  # [B, T, D] last hidden states (LM-head input)
     logits: torch.Tensor  # [B, T, V]
     positions: torch.Tensor  # [B, T]
+    layouts: list = field(default_factory=list)  # one compressor.Layout per image (specvlm drafts)
 
 
 @torch.no_grad()
@@ -50,22 +52,11 @@ def teacher_forward(target: TargetAdapter, batch: DistillBatch) -> Teacher:
     """Frozen target pass over a whole batch (no cache)."""
     mask = batch.attention_mask
     mm = {"image_sizes": batch.image_sizes} if batch.image_sizes is not None else {}
-    embeds = target.embed_inputs(batch.input_ids, batch.pixel_values, **mm)
+    embeds, layouts = target.embed_inputs(batch.input_ids, batch.pixel_values, return_layouts=True, **mm)
     positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
     out = target.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False)
     feats = out.last_hidden_state
-    return Teacher(embeds, feats, target.logits(feats), positions)
-
-
-def causal_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``[B, T]`` padding mask -> ``[B, 1, T, T]`` additive causal mask."""
-    B, T = attention_mask.shape
-    allowed = torch.ones(T, T, dtype=torch.bool, device=attention_mask.device).tril()[None]
-    allowed = allowed & attention_mask.bool()[:, None, :]
-    allowed = allowed | torch.eye(T, dtype=torch.bool, device=attention_mask.device)  # pad rows: no NaN
-    return torch.zeros(B, 1, T, T, dtype=dtype, device=attention_mask.device).masked_fill(
-        ~allowed[:, None], torch.finfo(dtype).min
-    )
+    return Teacher(embeds, feats, target.logits(feats), positions, layouts)
 
 
 @dataclass
@@ -74,6 +65,8 @@ class StepResult:
     loss_logit: float
     loss_feat: float
     draft_top1: float  # fraction of response positions where draft argmax == target argmax
+    visual_tokens: float = 0.0  # specvlm drafts: mean visual tokens the draft read per row
+    choices: list[int] | None = None  # specvlm drafts: the gate's primitive per row
 
 
 def distill_loss(
@@ -83,14 +76,32 @@ def distill_loss(
     logit_weight: float = 0.1,
     feat_weight: float = 1.0,
     feature_noise: float = 0.0,
+    image_token_id: int | None = None,
 ) -> StepResult:
-    """The SpecVLM loss for one batch (teacher already computed)."""
+    """The SpecVLM loss for one batch (teacher already computed).
+
+    A draft with a compressor (``specvlm``) reads each image's span through it
+    (``image_token_id`` marks the span); its gate's cost term is added when
+    ``compressor.config.cost_weight > 0``.
+    """
     f_in = teacher.features[:, :-1]  # [B, T-1, D] f_i
     if feature_noise > 0:
         f_in = f_in + (torch.rand_like(f_in) - 0.5) * 2 * feature_noise  # EAGLE: uniform noise
     tok_in = teacher.embeds[:, 1:]  # [B, T-1, D] embed(x_{i+1})
     mask = batch.attention_mask[:, :-1]  # entry i is real iff f_i is
-    g = draft(tok_in, f_in, teacher.positions[:, :-1], causal_mask(mask, f_in.dtype))  # [B, T-1, D]
+    compressor = getattr(draft, "compressor", None)
+    comp = None
+    if compressor is None:
+        g = draft(tok_in, f_in, teacher.positions[:, :-1], causal_mask(mask, f_in.dtype))  # [B, T-1, D]
+    else:
+        if image_token_id is None:
+            raise ValueError("a draft with a compressor needs image_token_id to find the visual span")
+        span = batch.input_ids[:, 1:] == image_token_id  # [B, T-1] entry i reads visual token x_{i+1}
+        last_prompt = (batch.loss_mask.argmax(1) - 1).clamp(min=0)  # [B] the prompt's last token
+        query = teacher.features[torch.arange(span.shape[0], device=span.device), last_prompt]  # [B, D]
+        compress = dict(valid=mask.bool(), span=span, layouts=teacher.layouts,
+                        features=teacher.features[:, :-1], query=query)  # fmt: skip
+        g, comp = draft(tok_in, f_in, teacher.positions[:, :-1], None, compress=compress)  # [B, T-1, D]
     target_f = teacher.features[:, 1:]  # [B, T-1, D] f_{i+1}
     target_logits = teacher.logits[:, 1:].float()  # [B, T-1, V] predicts x_{i+2}
     # response positions: x_{i+2} is a response token
@@ -104,7 +115,12 @@ def distill_loss(
     loss_feat = (feat * sel).sum() / n
     top1 = ((logp.argmax(-1) == target_logits.argmax(-1)) & sel).sum() / n
     loss = logit_weight * loss_logit + feat_weight * loss_feat
-    return StepResult(loss, loss_logit.item(), loss_feat.item(), top1.item())
+    if comp is None:
+        return StepResult(loss, loss_logit.item(), loss_feat.item(), top1.item())
+    if compressor.config.cost_weight > 0:
+        loss = loss + compressor.config.cost_weight * comp.cost.mean()
+    return StepResult(loss, loss_logit.item(), loss_feat.item(), top1.item(),
+                      comp.visual_tokens.float().mean().item(), comp.choice.tolist())  # fmt: skip
 
 
 def distill_step(
@@ -118,7 +134,7 @@ def distill_step(
     """Teacher pass, draft pass, loss, backward, clip, optimizer step."""
     teacher = teacher_forward(target, batch)
     draft.train()
-    res = distill_loss(draft, teacher, batch, **loss_kwargs)
+    res = distill_loss(draft, teacher, batch, image_token_id=target.image_token_id, **loss_kwargs)
     optimizer.zero_grad(set_to_none=True)
     res.loss.backward()
     if max_grad_norm:

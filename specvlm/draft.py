@@ -14,7 +14,10 @@ over the token at ``i + 2``::
 
 For image placeholder tokens the "embedding" is the visual feature the
 target merged at that position, so the draft sees the same visual + text
-inputs as the target. The decoder layer is the target family's own HF class
+inputs as the target. A ``specvlm`` draft also carries an
+`ElasticCompressor` (``draft.compressor``): at prefill the visual span of
+``h`` is compressed before the decoder layer reads it (`project`, then
+`compressor.compress`, then `decode`). The decoder layer is the target family's own HF class
 (Llama, Qwen2, Mistral, ...) at the target's width. The embedding and LM head
 are the target's, frozen, bound with `bind()`, and never saved with the draft.
 """
@@ -30,7 +33,9 @@ from torch import nn
 from transformers import AutoConfig, PretrainedConfig
 from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
 
-from .decoder import fast_path_ok, run_layer
+from .compressor import ElasticCompressor
+from .config import CompressorConfig, parse_config
+from .decoder import causal_mask, fast_path_ok, run_layer
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -53,12 +58,13 @@ def _family_classes(text_config: PretrainedConfig):
 class EagleDraft(nn.Module):
     """One decoder layer that predicts the target's next feature.
 
-    Attributes saved by `save_pretrained`: ``fc`` and ``layer`` (and later
-    issues' compressor). ``embed_tokens`` / ``lm_head`` are the target's and
-    are held outside the module's parameters.
+    Attributes saved by `save_pretrained`: ``fc``, ``layer`` and the optional
+    ``compressor`` (with its `CompressorConfig` in config.json).
+    ``embed_tokens`` / ``lm_head`` are the target's and are held outside the
+    module's parameters.
     """
 
-    def __init__(self, text_config: PretrainedConfig):
+    def __init__(self, text_config: PretrainedConfig, compressor: CompressorConfig | None = None):
         super().__init__()
         cfg = text_config.__class__.from_dict(text_config.to_dict())
         cfg.num_hidden_layers = 1
@@ -69,18 +75,20 @@ class EagleDraft(nn.Module):
         self.fc = nn.Linear(2 * D, D, bias=True)
         self.layer = layer_cls(cfg, layer_idx=0)
         self.rotary_emb = rope_cls(config=cfg)
+        self.compressor = ElasticCompressor(compressor, D, cfg.num_attention_heads) if compressor is not None else None
         self._shared: tuple[nn.Module, nn.Module] | None = None  # (embed_tokens, lm_head), not registered
 
     # ----------------------------------------------------------------- build
     @classmethod
-    def from_target(cls, model: nn.Module, seed: int = 0) -> EagleDraft:
-        """An untrained draft for ``model`` (any supported HF VLM), seeded, in its dtype/device."""
+    def from_target(cls, model: nn.Module, seed: int = 0, compressor: CompressorConfig | None = None) -> EagleDraft:
+        """An untrained draft for ``model`` (any supported HF VLM), seeded, in its dtype/device;
+        with an `ElasticCompressor` when ``compressor`` is given (``specvlm`` mode)."""
         from .target import TargetAdapter
 
         target = TargetAdapter(model)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            draft = cls(target.text_config)
+            draft = cls(target.text_config, compressor)
         param = next(model.parameters())
         draft.to(device=param.device, dtype=param.dtype)
         draft.bind(target.embed_tokens, target.lm_head)
@@ -98,6 +106,8 @@ class EagleDraft(nn.Module):
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         meta = {"architecture": "EagleDraft", "text_config": self.config.to_dict()}
+        if self.compressor is not None:
+            meta["compressor"] = self.compressor.config.model_dump(mode="json")
         (path / CONFIG_NAME).write_text(json.dumps(meta, indent=2, default=str))
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         save_file(state, str(path / WEIGHTS_NAME))
@@ -117,7 +127,8 @@ class EagleDraft(nn.Module):
         text_config = AutoConfig.for_model(tc.pop("model_type"), **tc)
         state = load_file(str(path / WEIGHTS_NAME))
         dtype = next(iter(state.values())).dtype
-        draft = cls(text_config).to(dtype)
+        comp = meta.get("compressor")
+        draft = cls(text_config, parse_config(comp, CompressorConfig, str(path)) if comp else None).to(dtype)
         draft.load_state_dict(state, strict=True)
         return draft
 
@@ -155,9 +166,40 @@ class EagleDraft(nn.Module):
         attention_mask: torch.Tensor | None,  # [B, 1, Q, V] additive, None = causal without cache
         cache=None,  # SlotKVCache with one layer, or None (training)
         rope=None,  # decoder.RotaryTable for the draft's positions, or None
+        compress: dict | None = None,
+    ):
+        """Predicted next features ``[B, Q, D]``.
+
+        ``compress`` (training a ``specvlm`` draft, no cache): keyword arguments of
+        `ElasticCompressor.compress` besides ``h`` and ``positions`` (``valid``,
+        ``span``, ``layouts``, ``features``, ``query``). The layer then reads the
+        compressed sequence (causal, ``attention_mask`` ignored) and the result is
+        ``(g, compressed)``: ``g [B, Q, D]`` holds the outputs at the text entries
+        (zeros at visual ones). Routing this through ``forward`` keeps DDP's
+        gradient hooks in play.
+        """
+        h = self.project(token_embeds, features)
+        if compress is None:
+            return self.decode(h, position_ids, attention_mask, cache, rope)
+        comp = self.compressor.compress(h, position_ids, **compress)
+        gc = self.decode(comp.embeds, comp.positions, causal_mask(comp.valid, h.dtype))  # [B, T', D]
+        keep = comp.source >= 0
+        g = h.new_zeros(h.shape).index_put((keep.nonzero()[:, 0], comp.source[keep]), gc[keep])
+        return g, comp
+
+    def project(self, token_embeds: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """The draft's input entries ``h = fc(cat(embed, feature))``: ``[B, Q, D]`` x 2 -> ``[B, Q, D]``."""
+        return self.fc(torch.cat([token_embeds, features.to(token_embeds.dtype)], dim=-1))
+
+    def decode(
+        self,
+        h: torch.Tensor,  # [B, Q, D] from project() (or its compressed sequence)
+        position_ids: torch.Tensor,  # [B, Q]
+        attention_mask: torch.Tensor | None,  # [B, 1, Q, V] additive, None = causal without cache
+        cache=None,
+        rope=None,
     ) -> torch.Tensor:
-        """Predicted next features ``[B, Q, D]``."""
-        h = self.fc(torch.cat([token_embeds, features.to(token_embeds.dtype)], dim=-1))  # [B, Q, D]
+        """The decoder layer over input entries: ``[B, Q, D]`` -> predicted next features ``[B, Q, D]``."""
         pos_emb = rope(h, position_ids) if rope is not None else self.rotary_emb(h, position_ids)
         if cache is not None and not self.training and fast_path_ok(self.layer):
             return run_layer(self.layer, h, position_ids, pos_emb, attention_mask, cache, fast=True)

@@ -9,6 +9,11 @@ what an HF processor returns. Modes:
 * ``ar``: the target alone, one token per forward (the baseline loop).
 * ``eagle``: EAGLE-2 draft tree + one target forward per round (`tree.py`,
   `verify.py`); each row accepts its own number of tokens per round.
+* ``specvlm``: as ``eagle``, but the draft's prefill and KV hold each image's
+  visual span through its `ElasticCompressor` (one primitive per row, chosen
+  by the gate); text entries keep the target's positions, so every later
+  draft step is unchanged. Only the draft's context shrinks: outputs are the
+  target's, token for token.
 
 One round for a batch (see DESIGN.md's cost model)::
 
@@ -49,9 +54,12 @@ class RowStats:
     num_tokens: int = 0
     target_forwards: int = 0  # prefill included
     draft_forwards: int = 0  # draft prefill included
-    prefill_ms: float = 0.0
+    prefill_ms: float = 0.0  # target + draft prefill
+    draft_prefill_ms: float = 0.0  # the draft's share of it (projection, compression, draft layer over the prompt)
     draft_ms: float = 0.0
     verify_ms: float = 0.0  # target forwards after prefill, acceptance and KV commit
+    compressor: str = "none"  # specvlm mode: the primitive the gate chose for this row
+    draft_visual_tokens: int = 0  # visual tokens in the draft's context (= the target's unless compressed)
 
     @property
     def accept_length(self) -> float:
@@ -112,11 +120,14 @@ class SpecVLMEngine:
         self.target = TargetAdapter(model)
         model.eval()
         mode = self.config.mode
-        if mode == "specvlm":
-            raise ValueError("mode 'specvlm' needs the elastic visual compressor, which is not available yet")
-        if mode == "eagle":
+        if mode in ("eagle", "specvlm"):
             if draft is None:
-                raise ValueError("mode 'eagle' needs a draft: EagleDraft.from_target(model) or from_pretrained(dir)")
+                raise ValueError(f"mode {mode!r} needs a draft: EagleDraft.from_target(model) or from_pretrained(dir)")
+            if mode == "specvlm" and draft.compressor is None:
+                raise ValueError(
+                    "mode 'specvlm' needs a draft with a visual compressor (distilled with `mode: specvlm`); "
+                    "this draft has none: use mode 'eagle'"
+                )
             if draft.config.hidden_size != self.target.text_config.hidden_size:
                 raise ValueError(
                     f"draft hidden size {draft.config.hidden_size} != target's "
@@ -198,7 +209,7 @@ class SpecVLMEngine:
 
     def _decode(self, input_ids, mask, pixel_values, max_new_tokens, sampling, gen, mm_kwargs, on_tokens=None):
         tgt, draft, tree_cfg = self.target, self.draft, self.config.tree
-        eagle = self.config.mode == "eagle"
+        eagle = self.config.mode != "ar"  # eagle or specvlm: the speculative loop
         B, T = input_ids.shape
         dev = input_ids.device
         stats = [RowStats() for _ in range(B)]
@@ -206,7 +217,7 @@ class SpecVLMEngine:
         clock = _Clock(dev)
 
         # ---- prefill: target over the prompt, first token
-        embeds = tgt.embed_inputs(input_ids, pixel_values, **mm_kwargs)  # [B, T, D]
+        embeds, layouts = tgt.embed_inputs(input_ids, pixel_values, return_layouts=True, **mm_kwargs)  # [B, T, D]
         K, depth, k = tree_cfg.total_tokens, tree_cfg.depth, tree_cfg.top_k
         kv = tgt.new_cache(B, T + max_new_tokens + (K if eagle else 1) + 1)
         kv.valid[:, :T] = mask.bool()
@@ -218,24 +229,41 @@ class SpecVLMEngine:
         root = self._choose(tgt.logits(feats[:, -1]), sampling, gen)  # [B]
         pos = mask.sum(-1)  # [B] position of the root token
         root_hidden = None
+        target_prefill_ms = clock.lap()
         if eagle:
+            next_ids = torch.cat([input_ids[:, 1:], root[:, None]], dim=1)  # [B, T] token after each entry
+            h = draft.project(torch.cat([embeds[:, 1:], draft.embed(root[:, None])], dim=1), feats)  # [B, T, D]
+            d_pos, d_valid, d_causal = positions, mask.bool(), causal
+            span = next_ids == tgt.image_token_id if tgt.image_token_id is not None else torch.zeros_like(mask.bool())
+            visual = span.sum(1).tolist()  # [B] visual tokens per row (the target's)
+            if self.config.mode == "specvlm":
+                comp = draft.compressor.compress(h, positions, mask.bool(), span, layouts, feats, feats[:, -1])
+                h, d_pos, d_valid = comp.embeds, comp.positions, comp.valid  # [B, T', ...]
+                T2 = h.shape[1]
+                d_causal = torch.ones(T2, T2, dtype=torch.bool, device=dev).tril()[None] & d_valid[:, None, :]
+                visual = comp.visual_tokens.tolist()
+                for b, choice in enumerate(comp.choice.tolist()):
+                    stats[b].compressor = draft.compressor.names[choice]
+            for b in range(B):
+                stats[b].draft_visual_tokens = visual[b]
+            T2 = h.shape[1]
             dkv = SlotKVCache(
                 1, B, tgt.num_kv_heads, tgt.head_dim,
-                T + max_new_tokens + (depth - 1) * k + depth + 2, tgt.dtype, dev,
+                T2 + max_new_tokens + (depth - 1) * k + depth + 2, tgt.dtype, dev,
             )  # fmt: skip
-            dkv.valid[:, :T] = mask.bool()
-            next_embeds = torch.cat([embeds[:, 1:], draft.embed(root[:, None])], dim=1)  # [B, T, D]
-            draft_rope = draft.rotary_table(dkv.max_len, embeds)
+            dkv.valid[:, :T2] = d_valid
+            draft_rope = draft.rotary_table(max(dkv.max_len, kv.max_len), embeds)
             suppress = torch.zeros(tgt.lm_head.out_features, dtype=torch.float32, device=dev)  # [V] additive
             suppress[tgt.placeholder_ids] = float("-inf")
-            g = draft(next_embeds, feats, positions, dkv.begin(T, causal), dkv, draft_rope)  # [B, T, D]
-            dkv.advance(torch.full((B,), T, device=dev))
+            g = draft.decode(h, d_pos, dkv.begin(T2, d_causal), dkv, draft_rope)  # [B, T', D]
+            dkv.advance(torch.full((B,), T2, device=dev))
             root_hidden = g[:, -1]  # [B, D]
-        prefill_ms = clock.lap()
+        draft_prefill_ms = clock.lap()
         rows = list(range(B))  # original index of each active row
         for b in rows:
             st = stats[b]
-            st.prefill_ms, st.target_forwards, st.draft_forwards = prefill_ms, 1, int(eagle)
+            st.prefill_ms, st.draft_prefill_ms = target_prefill_ms + draft_prefill_ms, draft_prefill_ms
+            st.target_forwards, st.draft_forwards = 1, int(eagle)
         done = self._emit(seqs, stats, rows, [[t] for t in root.tolist()], max_new_tokens, on_tokens)
 
         while True:

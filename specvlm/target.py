@@ -70,10 +70,13 @@ class TargetAdapter:
         self,
         input_ids: torch.Tensor,  # [B, T]
         pixel_values: torch.Tensor | None,  # [N, C, H, W] (llava) or [N, tiles, C, H, W] (llava_next)
+        return_layouts: bool = False,
         **mm_kwargs,
-    ) -> torch.Tensor:
+    ):
         """Prompt embeddings with the visual features merged in: ``[B, T, D]``.
 
+        With ``return_layouts``: ``(embeds, layouts)``, one `compressor.Layout`
+        per image in the order the images fill the placeholders.
         Raises ValueError when image placeholders and images do not agree.
         """
         embeds = self.embed_tokens(input_ids)  # [B, T, D]
@@ -84,7 +87,7 @@ class TargetAdapter:
                     f"input_ids hold {n_tokens} image placeholder tokens (id {self.image_token_id}) "
                     "but pixel_values is missing"
                 )
-            return embeds
+            return (embeds, []) if return_layouts else embeds
         if n_tokens == 0:
             raise ValueError(
                 f"pixel_values given but input_ids hold no image placeholder token (id {self.image_token_id}); "
@@ -99,7 +102,8 @@ class TargetAdapter:
             return_dict=True,
             **{k: v for k, v in mm_kwargs.items() if v is not None},
         )
-        feats = torch.cat(list(out.pooler_output), dim=0).to(embeds.dtype)  # [P_total, D]
+        per_image = list(out.pooler_output)
+        feats = torch.cat(per_image, dim=0).to(embeds.dtype)  # [P_total, D]
         if feats.shape[0] != n_tokens:
             raise ValueError(
                 f"input_ids hold {n_tokens} image placeholder tokens but the images give {feats.shape[0]} "
@@ -107,7 +111,43 @@ class TargetAdapter:
                 "(use the model's processor to build it)"
             )
         mask = (input_ids == self.image_token_id)[..., None]  # [B, T, 1]
-        return embeds.masked_scatter(mask, feats)
+        embeds = embeds.masked_scatter(mask, feats)
+        if not return_layouts:
+            return embeds
+        sizes = mm_kwargs.get("image_sizes")
+        return embeds, [self.layout(f.shape[0], None if sizes is None else sizes[i]) for i, f in enumerate(per_image)]
+
+    def layout(self, n_tokens: int, image_size=None) -> tuple:
+        """The patch layout of one image's ``n_tokens`` visual tokens (see `compressor.Segment`).
+
+        LLaVA-1.5: a ``g x g`` grid (after a CLS token with the ``full`` strategy).
+        LLaVA-NeXT: the base tile's grid, then the unpadded high-res grid with its
+        newline column (or one trailing newline for a single tile). Anything
+        else falls back to one row of ``n_tokens`` patches.
+        """
+        from .compressor import Segment
+
+        vc = self.config.vision_config
+        g = vc.image_size // vc.patch_size
+        if self.model_type == "llava":
+            if n_tokens == g * g:
+                return (Segment(g, g),)
+            if n_tokens == g * g + 1:
+                return (Segment(loose=1), Segment(g, g))
+        elif self.model_type == "llava_next" and image_size is not None and n_tokens > g * g:
+            from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
+
+            rest = n_tokens - g * g
+            if rest == 1:
+                return (Segment(g, g), Segment(loose=1))
+            nph, npw = get_anyres_image_grid_shape(
+                image_size.tolist() if torch.is_tensor(image_size) else image_size,
+                self.config.image_grid_pinpoints, vc.image_size,
+            )  # fmt: skip
+            h, w = unpad_image(torch.empty(1, nph * g, npw * g), image_size).shape[1:]
+            if h * (w + 1) == rest:
+                return (Segment(g, g), Segment(int(h), int(w), newline=True))
+        return (Segment(1, n_tokens),)
 
     # --------------------------------------------------------------- forwards
     def rotary_table(self, length: int) -> RotaryTable:
