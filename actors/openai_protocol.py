@@ -306,15 +306,20 @@ def now() -> int:
 
 
 def usage(prompt_tokens: int, completion_tokens: int, stats: dict | None) -> dict:
-    """OpenAI usage plus the engine's accept length (tokens per target forward) for this request."""
+    """OpenAI usage plus the engine's accept length (tokens per target forward), target forwards and, in
+    ``specvlm`` mode, the compressor the gate chose and the visual tokens the draft read for this request."""
     stats = stats or {}
-    return {
+    out = {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
         "accept_length": round(float(stats.get("accept_length", 1.0)), 4),
         "target_forwards": int(stats.get("target_forwards", 0)),
     }
+    if stats.get("compressor", "none") != "none":
+        out["compressor"] = stats["compressor"]
+        out["draft_visual_tokens"] = int(stats.get("draft_visual_tokens", 0))
+    return out
 
 
 def completion(rid: str, created: int, model: str, text: str, finish_reason: str, use: dict) -> dict:

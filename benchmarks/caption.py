@@ -11,7 +11,7 @@ Model: the demo model (``make demo-model``), greedy, the demo job's tree and bat
   model load, decoding in CPU tasks, parquet write, summary), and at steady state: the marginal rate
   ``(N - n0) / (T(N) - T(n0))`` from a second run on the first ``n0`` inputs, which cancels the fixed
   per-job cost (Ray Data planning, actor start, model load). Pipeline overhead = 1 - steady rate / direct rate.
-* 1 vs 2 actors, and ``ar`` vs ``eagle`` through the pipeline.
+* 1 vs 2 actors, and ``ar`` vs ``eagle`` vs ``specvlm`` through the pipeline.
 """
 
 from __future__ import annotations
@@ -142,13 +142,13 @@ def main(argv: list[str] | None = None) -> None:
         for p in paths[: args.small]:
             (small / p.name).write_bytes(p.read_bytes())
         rows = []
-        for mode in ("ar", "eagle"):
+        for mode in ("ar", "eagle", "specvlm"):
             rows.append(direct(variant(base, mode, 1), paths))
             print(to_markdown(rows[-1:], COLS).splitlines()[-1], flush=True)
         env = {"env_vars": e} if (e := cio.job_env()) else None
         ray.init(num_cpus=2, include_dashboard=False, runtime_env=env, _node_ip_address="127.0.0.1")
         ray.data.DataContext.get_current().enable_progress_bars = False
-        for mode, actors in (("eagle", 1), ("eagle", 2), ("ar", 1)):
+        for mode, actors in (("eagle", 1), ("eagle", 2), ("ar", 1), ("specvlm", 1)):
             rows.append(pipeline(variant(base, mode, actors), src, small, work))
             print(to_markdown(rows[-1:], COLS).splitlines()[-1], flush=True)
         ray.shutdown()
@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> None:
         "\n\nwall_s / images_per_s / tokens_per_s: end to end (pipeline: whole job incl. actor start and model "
         f"load). steady_*: the marginal rate between the {args.num}-input run and a {args.small}-input run "
         "(fixed per-job cost cancelled). overhead = 1 - steady images/s of the 1-actor pipeline / direct images/s "
-        "(target <= 15%). `specvlm` mode needs the visual compressor (not available yet). "
+        "(target <= 15%). "
         f"1-minute load average of the machine: {load_before:.1f} before, {os.getloadavg()[0]:.1f} after "
         f"({os.cpu_count()} cores; other users' work shows up here).\n"
     )

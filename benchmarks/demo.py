@@ -4,9 +4,10 @@ Run with ``make bench`` / ``specvlm bench demo`` / ``python -m benchmarks.demo``
 
 1. Speed (greedy, batch 1, CPU): for held-out ShapesWorld questions (image
    captions, QA, 4-frame videos) the target's HF ``generate``, the engine's
-   ``ar`` loop and ``eagle`` with a few tree shapes, all on the same inputs in
-   one process. Reports tokens/s, speedup over HF generate, accept length,
-   the time split, and whether the tokens are identical to HF's.
+   ``ar`` loop, ``eagle`` with a few tree shapes and ``specvlm`` (the draft
+   with the elastic visual compressor), all on the same inputs in one
+   process. Reports tokens/s, speedup over HF generate, accept length, the
+   time split, and whether the tokens are identical to HF's.
 2. Training-time scaling (SpecVLM paper §4: longer online distillation ->
    longer accepted runs): a fresh draft is distilled on the demo target and
    its real accept length measured every few steps; the curve is written to
@@ -35,8 +36,9 @@ TREES = {
     "k3-n12-d6": TreeConfig(top_k=3, total_tokens=12, depth=6),
     "paper k10-n60-d7": TreeConfig(),
 }
-COLS = ["task", "method", "tokens", "tokens_per_s", "speedup", "accept_length", "prefill_ms", "draft_ms", "verify_ms",
-        "identical_to_hf"]  # fmt: skip
+SPECVLM_TREES = ("k3-n12-d6",)  # specvlm (elastic compressor draft) runs on the CPU-best tree
+COLS = ["task", "method", "tokens", "tokens_per_s", "speedup", "accept_length", "draft_visual_tokens", "prefill_ms",
+        "draft_prefill_ms", "draft_ms", "verify_ms", "identical_to_hf"]  # fmt: skip
 
 
 KINDS = {
@@ -46,51 +48,78 @@ KINDS = {
 }
 
 
-def speed(demo, n: int = 16, max_new_tokens: int = 48, repeats: int = 3) -> list[dict]:
-    """Per task kind and method: tokens/s over ``n`` held-out inputs at batch 1 (best of ``repeats`` passes)."""
-    proc, model = demo.processor, demo.target
+def hf_generate(model, max_new_tokens: int):
+    """The target's own HF ``generate`` (greedy, image tokens suppressed) as a method for `measure`."""
     image_id = model.config.image_token_id
     eos = model.generation_config.eos_token_id
 
-    def hf(enc):
+    def run(enc):
         out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, suppress_tokens=[image_id])
         seq = out[0, enc["input_ids"].shape[1] :].tolist()
         return (seq[: seq.index(eos) + 1] if eos in seq else seq), None
 
-    methods = {"hf_generate": hf, "ar": SpecVLMEngine(model, None, EngineConfig(mode="ar"))}
-    for name, tree in TREES.items():
-        methods[f"eagle {name}"] = SpecVLMEngine(model, demo.draft, EngineConfig(mode="eagle", tree=tree))
+    return run
+
+
+def measure(methods: dict, inputs: list, max_new_tokens: int, repeats: int) -> dict:
+    """Run every method (an engine, or a callable ``enc -> (tokens, stats)``) over the same batch-1 inputs.
+
+    Returns ``name -> (seconds, sequences, stats)``, the fastest of ``repeats`` passes
+    (after one warm-up call), so methods are compared side by side in one process.
+    """
 
     def call(method, enc):
-        if callable(method) and not isinstance(method, SpecVLMEngine):
+        if not isinstance(method, SpecVLMEngine):
             return method(enc)
         out = method.generate(**enc, max_new_tokens=max_new_tokens)
         return out.sequences[0], out.stats[0]
 
+    results = {}
+    for name, method in methods.items():
+        call(method, inputs[0])  # warm-up
+        best = None
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            run = [call(method, enc) for enc in inputs]
+            sec = time.perf_counter() - t0
+            if best is None or sec < best[0]:
+                best = (sec, [r[0] for r in run], [r[1] for r in run])
+        results[name] = best
+    return results
+
+
+def speed_row(name: str, result, hf_result, **extra) -> dict:
+    """One table row: tokens/s, speedup over HF generate, mean stats, and whether the tokens equal HF's."""
+    sec, seqs, stats = result
+    n_tok = sum(len(s) for s in seqs)
+    row = dict(**extra, method=name, tokens=n_tok, tokens_per_s=n_tok / sec, speedup=hf_result[0] / sec,
+               identical_to_hf=seqs == hf_result[1])  # fmt: skip
+    if stats[0] is not None:
+        keys = ("accept_length", "prefill_ms", "draft_prefill_ms", "draft_ms", "verify_ms", "draft_visual_tokens")
+        row.update({k: statistics.mean(s[k] for s in stats) for k in keys})
+    return row
+
+
+def speed(demo, n: int = 16, max_new_tokens: int = 48, repeats: int = 3) -> list[dict]:
+    """Per task kind and method: tokens/s over ``n`` held-out inputs at batch 1 (best of ``repeats`` passes)."""
+    proc, model = demo.processor, demo.target
+    methods = {
+        "hf_generate": hf_generate(model, max_new_tokens),
+        "ar": SpecVLMEngine(model, None, EngineConfig(mode="ar")),
+    }
+    for name, tree in TREES.items():
+        methods[f"eagle {name}"] = SpecVLMEngine(model, demo.draft, EngineConfig(mode="eagle", tree=tree))
+    for name in SPECVLM_TREES:
+        methods[f"specvlm {name}"] = SpecVLMEngine(
+            model, demo.specvlm_draft, EngineConfig(mode="specvlm", tree=TREES[name])
+        )
     rows = []
     for kind, mix in KINDS.items():
         inputs = [encode_prompts(proc, [s]) for s in examples(seed=777, n=n, **mix)]
-        results = {}
-        for name, method in methods.items():
-            call(method, inputs[0])  # warm-up
-            best = None
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                run = [call(method, enc) for enc in inputs]
-                sec = time.perf_counter() - t0
-                if best is None or sec < best[0]:
-                    best = (sec, [r[0] for r in run], [r[1] for r in run])
-            results[name] = best
-        hf_s, ref, _ = results["hf_generate"]
-        for name, (sec, seqs, stats) in results.items():
-            n_tok = sum(len(s) for s in seqs)
-            row = dict(task=kind, method=name, tokens=n_tok, tokens_per_s=n_tok / sec, speedup=hf_s / sec,
-                       identical_to_hf=seqs == ref)  # fmt: skip
-            if stats[0] is not None:
-                row.update({k: statistics.mean(s[k] for s in stats)
-                            for k in ("accept_length", "prefill_ms", "draft_ms", "verify_ms")})  # fmt: skip
-            rows.append(row)
-            print(to_markdown([row], COLS).splitlines()[-1], flush=True)
+        results = measure(methods, inputs, max_new_tokens, repeats)
+        for name, result in results.items():
+            rows.append(speed_row(name, result, results["hf_generate"], task=kind))
+            print(to_markdown([rows[-1]], COLS).splitlines()[-1], flush=True)
     return rows
 
 

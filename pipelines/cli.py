@@ -10,7 +10,7 @@ import argparse
 import sys
 
 DELEGATED = {"caption": "pipelines.caption", "distill": "pipelines.distill", "serve": "actors.serving"}
-BENCHES = ("engine", "demo", "caption", "serve")
+BENCHES = ("engine", "demo", "compressor", "caption", "serve")
 
 
 def _demo_model(args: argparse.Namespace) -> None:
@@ -18,16 +18,19 @@ def _demo_model(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from specvlm.demo import demo_dir
-    from specvlm.demo.recipe import DemoRecipe, build_demo
+    from specvlm.demo.recipe import DemoRecipe, build_demo, is_built
 
     out = Path(args.output) if args.output else demo_dir()
-    if (out / "draft" / "config.json").is_file() and not args.force:
-        print(f"demo model already built in {out} (use --force to rebuild)")
-        return
     recipe = DemoRecipe().small() if args.small else DemoRecipe()
     work = out.parent / f".{out.name}-build"  # an interrupted build resumes from its finished stages
+    if is_built(out, recipe) and not args.force:
+        print(f"demo model already built in {out} (use --force to rebuild)")
+        return
     if args.force and work.exists():
         shutil.rmtree(work)
+    if out.exists() and not args.force and not work.exists():  # an older build: keep the stages this recipe reuses
+        print(f"{out} holds a demo built by another recipe or an older version; rebuilding what changed")
+        out.rename(work)
     print(f"building the demo target VLM and draft into {out} (deterministic; ~10 min on 2 CPU cores)")
     metrics = build_demo(work, recipe)
     if out.exists():
@@ -57,6 +60,7 @@ def _demo(args: argparse.Namespace) -> None:
     engines = {
         "ar": SpecVLMEngine(demo.target, None, EngineConfig(mode="ar")),
         "eagle": SpecVLMEngine(demo.target, demo.draft, EngineConfig(mode="eagle", tree=tree)),
+        "specvlm": SpecVLMEngine(demo.target, demo.specvlm_draft, EngineConfig(mode="specvlm", tree=tree)),
     }
     tok = demo.processor.tokenizer
     print(f"specvlm demo: demo target from {demo.path}, greedy, batch 1")
@@ -64,15 +68,18 @@ def _demo(args: argparse.Namespace) -> None:
         enc = encode_prompts(demo.processor, [s])
         outs = {m: e.generate(**enc, max_new_tokens=args.max_new_tokens) for m, e in engines.items()}
         text = tok.decode(outs["eagle"].sequences[0], skip_special_tokens=True)
-        st, ar = outs["eagle"].stats[0], outs["ar"].stats[0]
-        same = outs["eagle"].sequences == outs["ar"].sequences
-        ms = st["prefill_ms"] + st["draft_ms"] + st["verify_ms"]
+        ar = outs["ar"].stats[0]
         ar_ms = ar["prefill_ms"] + ar["verify_ms"]
         print(f"[{i}] Q: {s['prompt']}\n    A: {text}\n    truth: {s['response']}")
-        print(
-            f"    accept_length={st['accept_length']:.2f} target_forwards={st['target_forwards']} "
-            f"eagle={ms:.0f}ms ar={ar_ms:.0f}ms ({ar_ms / ms:.2f}x) identical_to_ar={same}"
-        )
+        for mode in ("eagle", "specvlm"):
+            st = outs[mode].stats[0]
+            ms = st["prefill_ms"] + st["draft_ms"] + st["verify_ms"]
+            same = outs[mode].sequences == outs["ar"].sequences
+            extra = f" compressor={st['compressor']} visual_tokens={st['draft_visual_tokens']}" * (mode == "specvlm")
+            print(
+                f"    {mode}: accept_length={st['accept_length']:.2f} target_forwards={st['target_forwards']} "
+                f"{ms:.0f}ms vs ar {ar_ms:.0f}ms ({ar_ms / ms:.2f}x) identical_to_ar={same}{extra}"
+            )
 
 
 def _bench(args: argparse.Namespace) -> None:

@@ -44,7 +44,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from specvlm.config import ConfigError, TreeConfig, load_config, parse_config
+from specvlm.config import CompressorConfig, ConfigError, TreeConfig, load_config, parse_config
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "distill-demo.yaml"
 MANIFEST_SUFFIXES = (".jsonl", ".json", ".parquet")
@@ -94,6 +94,10 @@ class DistillJobConfig(_Strict):
     target: str = Field("demo", description="target HF folder (local or s3://) holding model + processor, or 'demo'")
     dtype: Literal["float32", "bfloat16", "float16"] | None = Field(None, description="target dtype; None = as saved")
     draft_init: str | None = Field(None, description="draft folder to start from; None = EagleDraft.from_target(seed)")
+    mode: Literal["eagle", "specvlm"] = Field(
+        "eagle", description="eagle: the draft alone; specvlm: the draft + elastic visual compressor, trained jointly"
+    )
+    compressor: CompressorConfig = Field(default_factory=CompressorConfig, description="mode specvlm: the compressor")
     data: Annotated[DemoData | ManifestData, Field(discriminator="source")] = DemoData()
     response_source: Literal["dataset", "target"] = Field(
         "target", description="train on the dataset's responses or on the target's own greedy output"
@@ -167,16 +171,27 @@ def load_job_target(target: str, dtype: str | None = None, device=None):
     return model.eval(), processor
 
 
-def init_draft(model, draft_init: str | None, seed: int):
-    """An `EagleDraft` bound to ``model``: from ``draft_init`` when given, else ``from_target(model, seed)``."""
+def init_draft(model, draft_init: str | None, seed: int, compressor: CompressorConfig | None = None):
+    """An `EagleDraft` bound to ``model``: from ``draft_init`` when given, else ``from_target(model, seed)``.
+
+    ``compressor`` (mode specvlm): the draft gets a fresh `ElasticCompressor` with this config,
+    unless ``draft_init`` already carries one (which is kept).
+    """
     from specvlm import EagleDraft
+    from specvlm.compressor import ElasticCompressor
     from specvlm.loading import load_draft
     from specvlm.target import TargetAdapter
 
     if draft_init is None:
-        return EagleDraft.from_target(model, seed=seed)
+        return EagleDraft.from_target(model, seed=seed, compressor=compressor)
     target = TargetAdapter(model)
     draft = load_draft(draft_init)
+    if compressor is not None and draft.compressor is None:  # start specvlm from a trained eagle draft
+        import torch
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            draft.compressor = ElasticCompressor(compressor, draft.config.hidden_size, draft.config.num_attention_heads)
     if draft.config.hidden_size != target.text_config.hidden_size:
         raise ValueError(
             f"draft_init {draft_init}: hidden size {draft.config.hidden_size} != target's "
@@ -320,7 +335,7 @@ def train_loop_per_worker(config: dict) -> None:
     for p in model.parameters():
         p.requires_grad_(False)
     target = TargetAdapter(model)
-    draft = init_draft(model, cfg.draft_init, cfg.seed)
+    draft = init_draft(model, cfg.draft_init, cfg.seed, cfg.compressor if cfg.mode == "specvlm" else None)
     optimizer = make_optimizer(draft, lr=cfg.lr, weight_decay=cfg.weight_decay)
     state = {"step": 0, "skipped_rows": 0}
     checkpoint = ray.train.get_checkpoint()
@@ -329,7 +344,9 @@ def train_loop_per_worker(config: dict) -> None:
             state = load_training_state(d, draft, optimizer)
         if rank == 0:
             print(f"[distill] resuming from checkpoint at step {state['step']}", flush=True)
-    wrapped = WrappedDraft(draft, ray.train.torch.prepare_model(draft))  # DDP over the draft only (world > 1)
+    # DDP over the draft only (world > 1); a select-mode compressor leaves unchosen primitives without gradients
+    ddp_kwargs = {"find_unused_parameters": True} if draft.compressor is not None else {}
+    wrapped = WrappedDraft(draft, ray.train.torch.prepare_model(draft, parallel_strategy_kwargs=ddp_kwargs))
 
     need_response = cfg.response_source == "dataset"
     ar = SpecVLMEngine(model, None, EngineConfig(mode="ar")) if not need_response else None
@@ -370,24 +387,31 @@ def train_loop_per_worker(config: dict) -> None:
         ckpt = step % cfg.checkpoint_every == 0 or last
         if not (step % cfg.log_every == 0 or evaluate or ckpt):
             continue
-        stats = torch.tensor([res.loss.item(), res.loss_logit, res.loss_feat, res.draft_top1, skipped],
-                             dtype=torch.float64, device=device)  # fmt: skip
+        names = draft.compressor.names if draft.compressor is not None else []
+        chosen = [0.0] * len(names)  # specvlm: rows per primitive the gate picked this step
+        for k in res.choices or []:
+            chosen[k] += 1
+        stats = torch.tensor([res.loss.item(), res.loss_logit, res.loss_feat, res.draft_top1, res.visual_tokens,
+                              skipped, *chosen], dtype=torch.float64, device=device)  # fmt: skip
         if world > 1:
             dist.all_reduce(stats)
-            stats[:4] /= world
+            stats[:5] /= world
         record = {
             "step": step,
             "loss": stats[0].item(),
             "loss_logit": stats[1].item(),
             "loss_feat": stats[2].item(),
             "draft_top1": stats[3].item(),
-            "skipped_rows": state["skipped_rows"] + int(stats[4].item()),
+            "skipped_rows": state["skipped_rows"] + int(stats[5].item()),
             "lr": optimizer.param_groups[0]["lr"],
             "elapsed_s": round(time.perf_counter() - t0, 3),
         }
+        if names:
+            record["draft_visual_tokens"] = stats[4].item()
+            record["compressor_choices"] = {n: int(c) for n, c in zip(names, stats[6:].tolist())}
         if rank == 0:
             if evaluate and eval_samples:
-                engine = SpecVLMEngine(model, draft, EngineConfig(mode="eagle", tree=cfg.tree))
+                engine = SpecVLMEngine(model, draft, EngineConfig(mode=cfg.mode, tree=cfg.tree))
                 record["accept_length"] = evaluate_accept_length(
                     engine, processor, eval_samples, cfg.eval_max_new_tokens
                 )

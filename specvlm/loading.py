@@ -116,8 +116,9 @@ def load_engine(model_cfg, engine_cfg=None):
         from .demo import demo_dir, load_demo
 
         demo = load_demo()
-        model, processor, draft = demo.target, demo.processor, demo.draft
-        target_name, draft_name = "specvlm-demo", f"specvlm-demo-draft@{demo_dir()}"
+        model, processor, draft = demo.target, demo.processor, demo.draft_for(engine_cfg.mode)
+        sub = "draft-specvlm" if engine_cfg.mode == "specvlm" else "draft"
+        target_name, draft_name = "specvlm-demo", f"specvlm-demo-{sub}@{demo_dir()}"
         if model_cfg.dtype or device != "cpu":
             model = model.to(device=device, dtype=resolve_dtype(model_cfg.dtype) or model.dtype)
     else:

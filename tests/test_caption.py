@@ -23,6 +23,7 @@ from PIL import Image
 from pipelines import caption_io as cio
 from pipelines.caption import CaptionJobConfig, parse_args, run
 from specvlm.config import ConfigError, load_config, parse_config
+from specvlm.demo.world import IMAGE_SIZE
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs"
@@ -141,7 +142,7 @@ def test_video_frames_are_tiled_like_the_demo_recipe():
     frames, _ = shapes_video()
     image = cio.decode_one(encode_video(frames), "clip.mp4", OPTS)
     reference = to_example({"frames": frames, "prompt": "", "response": ""}, 4)["image"]
-    assert image.size == reference.size == (64, 64)
+    assert image.size == reference.size == (IMAGE_SIZE, IMAGE_SIZE)
     diff = sum(abs(a - b) for a, b in zip(image.tobytes(), reference.tobytes())) / len(image.tobytes())
     assert diff < 8  # the same four frames, tiled 2x2; H.264 is lossy
 

@@ -12,6 +12,7 @@ from specvlm.demo.world import (
     BACKGROUNDS,
     DIRECTIONS,
     IMAGE_QUESTION,
+    IMAGE_SIZE,
     VIDEO_QUESTION,
     Motion,
     Scene,
@@ -79,7 +80,7 @@ def test_sample_kinds_and_keys():
         if s["kind"] == "video":
             assert s["prompt"] == VIDEO_QUESTION and len(s["frames"]) == 3 and "image" not in s
         else:
-            assert s["image"].size == (64, 64) and s["image"].mode == "RGB" and "frames" not in s
+            assert s["image"].size == (IMAGE_SIZE, IMAGE_SIZE) and s["image"].mode == "RGB" and "frames" not in s
             if s["kind"] == "caption":
                 assert s["prompt"] == IMAGE_QUESTION
     assert kinds == {"caption", "qa", "video"}

@@ -10,6 +10,7 @@ import yaml
 
 from pipelines.distill import DistillJobConfig, ManifestData
 from specvlm.config import ConfigError, load_config, parse_config
+from specvlm.demo.world import IMAGE_SIZE
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -65,7 +66,7 @@ def tiny_target_dir(tmp_path_factory):
     from specvlm.demo import build_processor
     from specvlm.tiny import tiny_llava
 
-    processor = build_processor()
+    processor = build_processor(image_size=64, patch_size=8)
     model = tiny_llava(vocab=64, image_size=64, patch=8, hidden=64, layers=2)
     assert model.config.image_token_id == processor.tokenizer.convert_tokens_to_ids("<image>") == 3
     assert len(processor.tokenizer) == model.config.text_config.vocab_size
@@ -145,6 +146,34 @@ def test_ray_train_run_checkpoints_skips_bad_rows_and_resumes(ray_local, tiny_ta
     assert json.loads((output / "ray" / "distill" / "checkpoint_00000006" / "state.json").read_text())["step"] == 6
 
 
+@pytest.mark.slow
+def test_ray_train_specvlm_mode_trains_the_compressor(ray_local, tiny_target_dir, manifest, tmp_path):
+    """mode specvlm: DDP over draft + compressor + gate (unused primitives allowed), gate stats logged,
+    the final draft carries the compressor, and the held-out accept length comes from a specvlm engine."""
+    from pipelines.distill import run
+    from specvlm import EagleDraft
+
+    output = tmp_path / "out"
+    job = {
+        "target": str(tiny_target_dir), "data": {"source": "manifest", "path": str(manifest)}, "mode": "specvlm",
+        "compressor": {"primitives": [{"kind": "pool", "ratio": 4}, {"kind": "resampler"}, {"kind": "text"}],
+                       "cost_weight": 0.05},
+        "max_steps": 2, "batch_size": 2, "workers": 2, "checkpoint_every": 2, "eval_every": 2, "eval_samples": 1,
+        "eval_max_new_tokens": 4, "tree": {"top_k": 2, "total_tokens": 4, "depth": 2}, "output": str(output),
+        "max_failures": 0,
+    }  # fmt: skip
+    final = run(parse_config(job, DistillJobConfig))
+    steps = _steps(output)
+    assert [r["step"] for r in steps] == [1, 2]
+    for r in steps:
+        assert set(r["compressor_choices"]) == {"pool4", "resampler2", "text"}
+        assert sum(r["compressor_choices"].values()) >= 1 and 0 <= r["draft_visual_tokens"] <= 64
+    assert steps[-1]["accept_length"] >= 1.0
+    draft = EagleDraft.from_pretrained(final)
+    assert draft.compressor is not None and draft.compressor.names == ["pool4", "resampler2", "text"]
+    assert draft.compressor.config.cost_weight == 0.05
+
+
 def test_demo_data_rows_hold_png_bytes(ray_local):
     """The demo source: ShapesWorld rows with PNG bytes in a Ray Dataset, held-out rows from another seed."""
     from pipelines.distill import build_datasets
@@ -156,7 +185,7 @@ def test_demo_data_rows_hold_png_bytes(ray_local):
     assert len(rows) == 3 and len(eval_rows) == 2 and base is None
     assert rows[0]["image"].startswith(b"\x89PNG") and rows[0]["image"] != eval_rows[0]["image"]
     sample = sample_from_row(rows[0])
-    assert sample["image"].size == (64, 64) and sample["response"] == rows[0]["response"]
+    assert sample["image"].size == (IMAGE_SIZE, IMAGE_SIZE) and sample["response"] == rows[0]["response"]
 
 
 def test_demo_target_missing_says_how_to_build_it(tmp_path, monkeypatch):

@@ -2,8 +2,10 @@
 
 `ShapesWorld(seed)` draws images, videos, captions and questions; `build_processor()`
 gives the matching `LlavaProcessor`; `prompt` / `format_example` give the chat
-format. `load_demo()` loads the demo target VLM and its distilled draft built
-by ``make demo-model`` (`specvlm.demo.recipe.build_demo`).
+format. `load_demo()` loads the demo target VLM and its two distilled drafts
+built by ``make demo-model`` (`specvlm.demo.recipe.build_demo`): ``draft``
+(EAGLE, mode ``eagle``) and ``specvlm_draft`` (with the elastic visual
+compressor, mode ``specvlm``).
 """
 
 from __future__ import annotations
@@ -40,12 +42,17 @@ def demo_dir() -> Path:
 
 @dataclass
 class DemoBundle:
-    """The demo target (HF model, eval mode), its processor and distilled draft."""
+    """The demo target (HF model, eval mode), its processor and distilled drafts."""
 
     target: object  # LlavaForConditionalGeneration
     processor: object  # LlavaProcessor
-    draft: object  # EagleDraft
+    draft: object  # EagleDraft (mode eagle)
     path: Path
+    specvlm_draft: object = None  # EagleDraft with an ElasticCompressor (mode specvlm)
+
+    def draft_for(self, mode: str):
+        """The draft for engine ``mode``: ``specvlm_draft`` for ``specvlm``, ``draft`` otherwise."""
+        return self.specvlm_draft if mode == "specvlm" else self.draft
 
     def prompt(self, question: str) -> str:
         """The full chat prompt for ``question`` with the image placeholder."""
@@ -58,8 +65,10 @@ def load_demo(path: str | Path | None = None) -> DemoBundle:
     from ..loading import load_target
 
     root = Path(path) if path else demo_dir()
-    if not (root / "target" / "config.json").is_file() or not (root / "draft" / "config.json").is_file():
+    parts = ("target", "draft", "draft-specvlm")
+    if not all((root / p / "config.json").is_file() for p in parts):
         hint = "run `make demo-model` (or `specvlm demo-model`)"
         raise DemoNotBuiltError(f"the demo model is not built in {root}: {hint}")
     model, processor = load_target(root / "target")
-    return DemoBundle(model, processor, EagleDraft.from_pretrained(root / "draft"), root)
+    drafts = [EagleDraft.from_pretrained(root / p) for p in parts[1:]]
+    return DemoBundle(model, processor, drafts[0], root, drafts[1])

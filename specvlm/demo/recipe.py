@@ -25,9 +25,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..config import CompressorConfig
 from ..media import tile_frames
 from .text import build_processor
-from .world import ShapesWorld
+from .world import IMAGE_SIZE, ShapesWorld
 
 
 @dataclass(frozen=True)
@@ -35,8 +36,8 @@ class DemoRecipe:
     """Sizes and schedule of the demo build (defaults: ~10 min on 2 CPU cores)."""
 
     seed: int = 0
-    image_size: int = 64
-    patch: int = 8
+    image_size: int = 96
+    patch: int = 12  # 8 x 8 = 64 visual tokens
     vision_hidden: int = 128
     vision_layers: int = 3
     hidden: int = 256
@@ -45,7 +46,7 @@ class DemoRecipe:
     kv_heads: int = 2
     intermediate: int = 640
     video_frames: int = 4
-    target_steps: int = 900
+    target_steps: int = 1000
     target_batch: int = 24
     target_lr: float = 1.5e-3
     warmup: int = 60
@@ -55,12 +56,18 @@ class DemoRecipe:
     draft_responses: str = "target"  # the target's own greedy outputs (what the draft sees at inference) | "dataset"
     draft_pool: int = 3000  # distinct examples the draft trains on (several epochs)
     eval_samples: int = 120
+    compressor_cost_weight: float = 0.0  # the specvlm draft's gate cost term (CompressorConfig.cost_weight)
     bf16: bool = True  # autocast the target's training forward (2-3x faster matmuls on AVX512-BF16 CPUs)
+
+    def compressor(self) -> CompressorConfig:
+        """The specvlm draft's elastic compressor: the default primitives, this recipe's cost weight."""
+        return CompressorConfig(cost_weight=self.compressor_cost_weight)
 
     def small(self) -> DemoRecipe:
         """A reduced build for tests: same code path, minutes -> seconds."""
-        return DemoRecipe(**{**asdict(self), "target_steps": 60, "draft_steps": 30, "eval_samples": 8, "draft_pool": 64,
-                             "layers": 2, "hidden": 64, "intermediate": 128, "vision_layers": 1})  # fmt: skip
+        small = {"target_steps": 60, "draft_steps": 30, "eval_samples": 8, "draft_pool": 64, "layers": 2,
+                 "hidden": 64, "intermediate": 128, "vision_layers": 1, "vision_hidden": 64}  # fmt: skip
+        return DemoRecipe(**{**asdict(self), **small})
 
 
 def build_target(recipe: DemoRecipe, vocab_size: int):
@@ -99,9 +106,9 @@ def to_example(sample: dict, frames: int = 4) -> dict:
     return {"image": sample["image"], "prompt": sample["prompt"], "response": sample["response"]}
 
 
-def examples(seed: int, n: int, frames: int = 4, **kw) -> list[dict]:
-    """``n`` examples from ``ShapesWorld(seed)``."""
-    world = ShapesWorld(seed)
+def examples(seed: int, n: int, frames: int = 4, image_size: int = IMAGE_SIZE, **kw) -> list[dict]:
+    """``n`` examples from ``ShapesWorld(seed, image_size)``."""
+    world = ShapesWorld(seed, image_size)
     return [to_example(world.sample(**kw), frames) for _ in range(n)]
 
 
@@ -115,7 +122,7 @@ def train_target(model, processor, recipe: DemoRecipe, progress: bool = True) ->
     """Supervised training of the whole target on response tokens (cross-entropy)."""
     from ..distill import collate
 
-    world = ShapesWorld(recipe.seed + 1)
+    world = ShapesWorld(recipe.seed + 1, recipe.image_size)
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.target_lr, betas=(0.9, 0.95), weight_decay=0.01)
     total = recipe.target_steps
 
@@ -183,20 +190,26 @@ def evaluate_target(model, processor, samples: list[dict], max_new_tokens: int =
     }
 
 
-def distill_demo_draft(model, processor, recipe: DemoRecipe, progress: bool = True, log_every: int = 50, on_step=None):
+def distill_demo_draft(
+    model, processor, recipe: DemoRecipe, progress: bool = True, log_every: int = 50, on_step=None,
+    compressor: CompressorConfig | None = None, steps: int | None = None,
+):  # fmt: skip
     """Distil an `EagleDraft` onto the trained target, on the target's own greedy outputs.
 
-    ``on_step(step, draft)`` is called before each step and after the last (step == draft_steps).
+    ``compressor``: distil a ``specvlm`` draft (draft + elastic compressor + gate, jointly).
+    ``steps``: override ``recipe.draft_steps``.
+    ``on_step(step, draft)`` is called before each step and after the last (step == steps).
     """
+    steps = recipe.draft_steps if steps is None else steps
     from ..distill import collate, distill_step, make_optimizer, target_responses
     from ..draft import EagleDraft
     from ..engine import EngineConfig, SpecVLMEngine
     from ..target import TargetAdapter
 
-    draft = EagleDraft.from_target(model, seed=recipe.seed)
+    draft = EagleDraft.from_target(model, seed=recipe.seed, compressor=compressor)
     target = TargetAdapter(model)
     opt = make_optimizer(draft, lr=recipe.draft_lr)
-    world = ShapesWorld(recipe.seed + 2)
+    world = ShapesWorld(recipe.seed + 2, recipe.image_size)
     pool = [to_example(world.sample(), recipe.video_frames) for _ in range(recipe.draft_pool)]
     responses: list | None = None
     if recipe.draft_responses == "target":  # the target's own greedy outputs, generated once in big batches
@@ -205,8 +218,9 @@ def distill_demo_draft(model, processor, recipe: DemoRecipe, progress: bool = Tr
         for i in range(0, len(pool), 64):
             responses += target_responses(ar, processor, pool[i : i + 64], max_new_tokens=48)
     order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(recipe.seed))
-    log, bar = [], _progress(recipe.draft_steps, "demo draft") if progress else None
-    for step in range(recipe.draft_steps):
+    label = "demo draft" if compressor is None else "demo specvlm draft"
+    log, bar = [], _progress(steps, label) if progress else None
+    for step in range(steps):
         if on_step is not None:
             on_step(step, draft)
         idx = [int(order[(step * recipe.draft_batch + j) % len(pool)]) for j in range(recipe.draft_batch)]
@@ -215,31 +229,53 @@ def distill_demo_draft(model, processor, recipe: DemoRecipe, progress: bool = Tr
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{res.loss.item():.3f}", top1=f"{res.draft_top1:.2f}")
-        if step % log_every == 0 or step == recipe.draft_steps - 1:
-            log.append({"step": step, "loss": res.loss.item(), "loss_logit": res.loss_logit,
-                        "loss_feat": res.loss_feat, "draft_top1": res.draft_top1})  # fmt: skip
+        if step % log_every == 0 or step == steps - 1:
+            entry = {"step": step, "loss": res.loss.item(), "loss_logit": res.loss_logit,
+                     "loss_feat": res.loss_feat, "draft_top1": res.draft_top1}  # fmt: skip
+            if compressor is not None:
+                entry["draft_visual_tokens"] = res.visual_tokens
+            log.append(entry)
     if bar is not None:
         bar.close()
     draft.eval()
     if on_step is not None:
-        on_step(recipe.draft_steps, draft)
+        on_step(steps, draft)
     return draft, log
 
 
-def build_demo(out: Path, recipe: DemoRecipe | None = None, progress: bool = True) -> dict:
-    """Train target + draft and write ``out/{target,draft}`` and ``out/metrics.json``.
+STAGES = ("target", "draft", "draft-specvlm")
 
-    Two stages: a target already in ``out/target`` (with ``target_metrics.json``)
-    is reused, so an interrupted build resumes at the draft.
+
+def _stage(out: Path, name: str, recipe: DemoRecipe) -> dict | None:
+    """A finished stage's metrics when ``out/<name>`` was built by this very recipe, else None."""
+    done = out / f"{name}_metrics.json"
+    if not (out / name / "config.json").is_file() or not done.is_file():
+        return None
+    metrics = json.loads(done.read_text())
+    return metrics if metrics.get("recipe") == asdict(recipe) else None
+
+
+def is_built(out: Path, recipe: DemoRecipe | None = None) -> bool:
+    """Whether ``out`` holds every stage of a demo built by ``recipe`` (default: `DemoRecipe()`)."""
+    recipe = recipe or DemoRecipe()
+    return (Path(out) / "metrics.json").is_file() and all(_stage(Path(out), n, recipe) for n in STAGES)
+
+
+def build_demo(out: Path, recipe: DemoRecipe | None = None, progress: bool = True) -> dict:
+    """Train target + drafts and write ``out/{target,draft,draft-specvlm}`` and ``out/metrics.json``.
+
+    Three stages, each reused when its folder and ``<stage>_metrics.json`` exist,
+    so an interrupted build resumes where it stopped: the target, the EAGLE draft
+    (mode ``eagle``) and the SpecVLM draft (draft + elastic compressor, mode ``specvlm``).
     """
     from ..loading import load_target
 
     recipe = recipe or DemoRecipe()
     out = Path(out)
     tdir = out / "target"
-    if (tdir / "config.json").is_file() and (out / "target_metrics.json").is_file():
+    target_metrics = _stage(out, "target", recipe)
+    if target_metrics is not None:
         model, processor = load_target(tdir)
-        target_metrics = json.loads((out / "target_metrics.json").read_text())
     else:
         torch.manual_seed(recipe.seed)
         processor = build_processor(recipe.image_size, recipe.patch)
@@ -248,21 +284,29 @@ def build_demo(out: Path, recipe: DemoRecipe | None = None, progress: bool = Tru
         target_log = train_target(model, processor, recipe, progress)
         t_target = time.perf_counter() - t0
         quality = evaluate_target(
-            model, processor, examples(recipe.seed + 1000, recipe.eval_samples, recipe.video_frames)
+            model, processor, examples(recipe.seed + 1000, recipe.eval_samples, recipe.video_frames, recipe.image_size)
         )
-        captions = examples(recipe.seed + 2000, recipe.eval_samples, recipe.video_frames, p_video=0, p_qa=0)
+        captions = examples(
+            recipe.seed + 2000, recipe.eval_samples, recipe.video_frames, recipe.image_size, p_video=0, p_qa=0
+        )
         quality["caption_exact_match"] = evaluate_target(model, processor, captions)["exact_match"]
         tdir.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(tdir)
         processor.save_pretrained(tdir)
-        target_metrics = {"target_train_s": t_target, "target": quality, "target_log": target_log}
+        target_metrics = {"recipe": asdict(recipe), "target_train_s": t_target, "target": quality,
+                          "target_log": target_log}  # fmt: skip
         (out / "target_metrics.json").write_text(json.dumps(target_metrics, indent=2))
         if progress:
             print(f"demo target: {json.dumps(quality)} in {t_target:.0f}s", flush=True)
-    t1 = time.perf_counter()
-    draft, draft_log = distill_demo_draft(model, processor, recipe, progress)
-    draft.save_pretrained(out / "draft")
-    metrics = {"recipe": asdict(recipe), **target_metrics, "draft_train_s": time.perf_counter() - t1,
-               "draft_log": draft_log}  # fmt: skip
+    metrics = dict(target_metrics)
+    for name, compressor in (("draft", None), ("draft-specvlm", recipe.compressor())):
+        stage = _stage(out, name, recipe)
+        if stage is None:
+            t1 = time.perf_counter()
+            draft, draft_log = distill_demo_draft(model, processor, recipe, progress, compressor=compressor)
+            draft.save_pretrained(out / name)
+            stage = {"recipe": asdict(recipe), f"{name}_train_s": time.perf_counter() - t1, f"{name}_log": draft_log}
+            (out / f"{name}_metrics.json").write_text(json.dumps(stage, indent=2))
+        metrics.update(stage)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics

@@ -82,7 +82,7 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def build_processor(image_size: int = 64, patch_size: int = 8) -> LlavaProcessor:
+def build_processor(image_size: int = 96, patch_size: int = 12) -> LlavaProcessor:
     """A `LlavaProcessor` for the demo target: CLIP-normalized image_size crops, (image_size/patch)^2 image tokens.
 
     `num_additional_image_tokens=1` with the "default" strategy: LlavaProcessor

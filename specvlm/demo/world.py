@@ -46,6 +46,7 @@ BACKGROUNDS: dict[str, tuple[int, int, int]] = {
 }
 SIZES = ("small", "large")
 RADIUS = {"small": 0.24, "large": 0.40}  # shape radius as a fraction of the cell width
+IMAGE_SIZE = 96  # default render size: the demo model reads 96 px images as an 8 x 8 grid of 12 px patches
 # The nine cells in reading order (cell = 3 * row + col) and how a caption names each.
 PLACES = (
     "at the top left", "at the top", "at the top right",
@@ -280,7 +281,7 @@ def render_video(video: VideoScene, frames: int = 8, image_size: int = 64) -> li
 class ShapesWorld:
     """A seeded source of scenes, videos and questions; same seed -> same sequence of samples."""
 
-    def __init__(self, seed: int, image_size: int = 64) -> None:
+    def __init__(self, seed: int, image_size: int = IMAGE_SIZE) -> None:
         if image_size < 16:
             raise ValueError(f"image_size must be >= 16 for shapes to stay visible, got {image_size}")
         self.seed = seed
