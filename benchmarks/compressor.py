@@ -28,7 +28,7 @@ from benchmarks.report import to_markdown, write_results
 from specvlm import EngineConfig, SpecVLMEngine
 from specvlm.config import CompressorConfig, PrimitiveConfig
 from specvlm.demo import load_demo
-from specvlm.demo.recipe import DemoRecipe, distill_demo_draft, examples
+from specvlm.demo.recipe import DemoRecipe, distill_demo_draft, draft_data, examples
 from specvlm.distill import encode_prompts
 
 TREE = TREES["k3-n12-d6"]
@@ -72,9 +72,10 @@ def primitive_table(demo, steps: int, n: int, max_new_tokens: int, repeats: int)
     configs["elastic (select)"] = CompressorConfig()
     model = demo.target
     methods = {"hf_generate": hf_generate(model, max_new_tokens)}
+    data = draft_data(model, demo.processor, recipe)  # the same pool and target responses for every draft
     for name, comp in configs.items():
         print(f"  distilling {name} ({steps} steps)", flush=True)
-        draft, _ = distill_demo_draft(model, demo.processor, recipe, progress=False, compressor=comp, steps=steps)
+        draft, _ = distill_demo_draft(model, demo.processor, recipe, False, compressor=comp, steps=steps, data=data)
         mode = "eagle" if comp is None else "specvlm"
         methods[name] = SpecVLMEngine(model, draft, EngineConfig(mode=mode, tree=TREE))
     inputs = _inputs(demo, n, 4242, **MIX)

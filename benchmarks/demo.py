@@ -28,6 +28,7 @@ from specvlm import EngineConfig, SpecVLMEngine, TreeConfig
 from specvlm.demo import load_demo
 from specvlm.demo.recipe import DemoRecipe, distill_demo_draft, examples
 from specvlm.distill import encode_prompts, evaluate_accept_length
+from specvlm.engine import pooled_accept_length
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).parent / "results"
@@ -65,7 +66,8 @@ def measure(methods: dict, inputs: list, max_new_tokens: int, repeats: int) -> d
     """Run every method (an engine, or a callable ``enc -> (tokens, stats)``) over the same batch-1 inputs.
 
     Returns ``name -> (seconds, sequences, stats)``, the fastest of ``repeats`` passes
-    (after one warm-up call), so methods are compared side by side in one process.
+    (after one warm-up call each; passes interleaved across methods), so methods are
+    compared side by side in one process.
     """
 
     def call(method, enc):
@@ -74,17 +76,16 @@ def measure(methods: dict, inputs: list, max_new_tokens: int, repeats: int) -> d
         out = method.generate(**enc, max_new_tokens=max_new_tokens)
         return out.sequences[0], out.stats[0]
 
-    results = {}
-    for name, method in methods.items():
+    for method in methods.values():
         call(method, inputs[0])  # warm-up
-        best = None
-        for _ in range(repeats):
+    results = {}
+    for _ in range(repeats):  # passes interleaved across methods, so slow drift in the machine hits all alike
+        for name, method in methods.items():
             t0 = time.perf_counter()
             run = [call(method, enc) for enc in inputs]
             sec = time.perf_counter() - t0
-            if best is None or sec < best[0]:
-                best = (sec, [r[0] for r in run], [r[1] for r in run])
-        results[name] = best
+            if name not in results or sec < results[name][0]:
+                results[name] = (sec, [r[0] for r in run], [r[1] for r in run])
     return results
 
 
@@ -95,8 +96,9 @@ def speed_row(name: str, result, hf_result, **extra) -> dict:
     row = dict(**extra, method=name, tokens=n_tok, tokens_per_s=n_tok / sec, speedup=hf_result[0] / sec,
                identical_to_hf=seqs == hf_result[1])  # fmt: skip
     if stats[0] is not None:
-        keys = ("accept_length", "prefill_ms", "draft_prefill_ms", "draft_ms", "verify_ms", "draft_visual_tokens")
+        keys = ("prefill_ms", "draft_prefill_ms", "draft_ms", "verify_ms", "draft_visual_tokens")
         row.update({k: statistics.mean(s[k] for s in stats) for k in keys})
+        row["accept_length"] = pooled_accept_length(stats)
     return row
 
 

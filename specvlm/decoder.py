@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 FAST_LAYERS = ("LlamaDecoderLayer", "MistralDecoderLayer")
+_SDPA_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)  # enable_gqa: no kv-head copies
 
 
 def causal_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -67,10 +68,14 @@ def _llama_layer(layer, h, cos, sin, mask, cache):
     v = F.linear(x, attn.v_proj.weight, attn.v_proj.bias).view(B, Q, -1, d).transpose(1, 2)  # [B, Hk, Q, d]
     q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
     k, v = cache.update(k, v, attn.layer_idx)  # [B, Hk, V, d]
-    if k.shape[1] != q.shape[1]:  # GQA: repeat kv heads, as HF does whenever a mask is given
-        rep = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # [B, H, V, d]
-    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling)  # [B, H, Q, d]
+    gqa = {}
+    if k.shape[1] != q.shape[1]:  # GQA: SDPA maps query heads to kv heads itself; older torch: repeat kv heads
+        if _SDPA_GQA:
+            gqa = {"enable_gqa": True}
+        else:
+            rep = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # [B, H, V, d]
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling, **gqa)  # [B, H, Q, d]
     o = o.transpose(1, 2).reshape(B, Q, -1)
     h = h + F.linear(o, attn.o_proj.weight, attn.o_proj.bias)
     x = _rms_norm(h, layer.post_attention_layernorm)

@@ -196,12 +196,12 @@ def target_responses(engine, processor, samples: list[dict], max_new_tokens: int
 
 
 def evaluate_accept_length(engine, processor, samples: list[dict], max_new_tokens: int = 48) -> float:
-    """Mean accept length of ``engine`` (``eagle``/``specvlm`` mode) over held-out samples, greedy, batch 1."""
-    total = 0.0
-    for s in samples:
-        enc = encode_prompts(processor, [s])
-        total += engine.generate(**enc, max_new_tokens=max_new_tokens).stats[0]["accept_length"]
-    return total / max(len(samples), 1)
+    """Accept length of ``engine`` (``eagle``/``specvlm`` mode) over held-out samples, greedy, batch 1,
+    pooled over the samples (`engine.pooled_accept_length`)."""
+    from .engine import pooled_accept_length
+
+    stats = [engine.generate(**encode_prompts(processor, [s]), max_new_tokens=max_new_tokens).stats[0] for s in samples]
+    return pooled_accept_length(stats)
 
 
 # ----------------------------------------------------------------------------- training-job helpers

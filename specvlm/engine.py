@@ -70,6 +70,13 @@ class RowStats:
         return {**asdict(self), "accept_length": self.accept_length}
 
 
+def pooled_accept_length(stats: list[dict]) -> float:
+    """Accept length over many requests (`RowStats.to_dict()` each), as vLLM and SGLang report it: tokens
+    from decoding rounds / decoding-round target forwards, summed first (a 2-token answer weighs little)."""
+    rounds = sum(s["target_forwards"] - 1 for s in stats)
+    return sum(s["num_tokens"] - 1 for s in stats) / rounds if rounds > 0 else 1.0
+
+
 @dataclass
 class GenerateOutput:
     sequences: list[list[int]]  # per row: new token ids, EOS included when reached

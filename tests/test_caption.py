@@ -159,17 +159,17 @@ def test_large_images_are_downscaled_and_prompts_take_precedence():
 def test_tar_shards_expand_and_a_broken_shard_keeps_its_samples(tmp_path):
     im, _ = shapes(1)[0]
     png = save(im, "PNG")
-    members = {f"{i:03d}.png": png for i in range(6)} | {"000.json": b"{}", "big.png": b"x" * 2000}
+    members = {f"{i:03d}.png": png for i in range(6)} | {"000.json": b"{}", "big.png": b"x" * 200_000}
     write_shard(tmp_path / "ok.tar", members)
     write_shard(tmp_path / "cut.tar", {f"{i:03d}.png": save(shapes(1, seed=i)[0][0], "BMP") for i in range(4)},
                 truncate=True)  # fmt: skip
     (tmp_path / "junk.tar").write_bytes(b"not a tar at all" * 100)
     shards = cio.listed_table([{"id": n, "uri": str(tmp_path / n)} for n in ("ok.tar", "cut.tar", "junk.tar")])
-    rows = pa.concat_tables(list(cio.expand_shards(shards, max_bytes=1000, chunk_rows=4))).to_pylist()
+    rows = pa.concat_tables(list(cio.expand_shards(shards, max_bytes=100_000, chunk_rows=4))).to_pylist()
     by_id = {r["id"]: r for r in rows}
     assert [f"ok.tar/{i:03d}" for i in range(6)] == [r["id"] for r in rows[:6]]
     assert by_id["ok.tar/000"]["data"] == png and by_id["ok.tar/000"]["uri"].endswith("ok.tar#000.png")
-    assert by_id["ok.tar/big"]["error"].startswith("too_large: 2000 bytes")
+    assert by_id["ok.tar/big"]["error"].startswith("too_large: 200000 bytes")
     cut = [r for r in rows if r["id"].startswith("cut.tar")]
     assert cut[-1]["id"] == "cut.tar" and cut[-1]["error"].startswith("decode: tar shard") and len(cut) >= 2
     assert by_id["junk.tar"]["error"].startswith("decode: tar shard")

@@ -20,6 +20,13 @@ def test_demo_config_is_the_default():
     assert load_config(CONFIGS / "distill-demo.yaml", DistillJobConfig) == DistillJobConfig()
 
 
+def test_specvlm_demo_config_validates():
+    cfg = load_config(CONFIGS / "distill-demo-specvlm.yaml", DistillJobConfig)
+    assert cfg.mode == "specvlm" and cfg.compressor.mode == "select"
+    assert [p.name for p in cfg.compressor.primitives] == [p.name for p in DistillJobConfig().compressor.primitives]
+    assert cfg.model_copy(update={"mode": "eagle", "output": "runs/distill-demo"}).compressor == cfg.compressor
+
+
 def test_llava_config_validates():
     cfg = load_config(CONFIGS / "distill-llava-1.5-7b.yaml", DistillJobConfig)
     assert isinstance(cfg.data, ManifestData) and cfg.use_gpu

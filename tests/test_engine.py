@@ -195,3 +195,11 @@ def test_llava_next_needs_image_sizes():
     inp.pop("image_sizes")
     with pytest.raises(ValueError, match="image_sizes"):
         _engine(model, "ar").generate(**inp, max_new_tokens=2)
+
+
+def test_pooled_accept_length_weighs_requests_by_their_rounds():
+    from specvlm.engine import pooled_accept_length
+
+    caption, answer = {"num_tokens": 11, "target_forwards": 3}, {"num_tokens": 2, "target_forwards": 2}
+    assert pooled_accept_length([caption, answer]) == (10 + 1) / (2 + 1)
+    assert pooled_accept_length([{"num_tokens": 1, "target_forwards": 1}]) == 1.0  # prefill only

@@ -190,33 +190,46 @@ def evaluate_target(model, processor, samples: list[dict], max_new_tokens: int =
     }
 
 
+def draft_data(model, processor, recipe: DemoRecipe) -> tuple[list[dict], list | None]:
+    """The draft's training pool (``recipe.draft_pool`` examples) and, for ``draft_responses: target``,
+    the target's own greedy responses to them (generated once, in batches of 64)."""
+    from ..distill import target_responses
+    from ..engine import EngineConfig, SpecVLMEngine
+
+    world = ShapesWorld(recipe.seed + 2, recipe.image_size)
+    pool = [to_example(world.sample(), recipe.video_frames) for _ in range(recipe.draft_pool)]
+    if recipe.draft_responses != "target":
+        return pool, None
+    ar = SpecVLMEngine(model, None, EngineConfig(mode="ar"))
+    responses = []
+    for i in range(0, len(pool), 64):
+        responses += target_responses(ar, processor, pool[i : i + 64], max_new_tokens=48)
+    return pool, responses
+
+
 def distill_demo_draft(
     model, processor, recipe: DemoRecipe, progress: bool = True, log_every: int = 50, on_step=None,
-    compressor: CompressorConfig | None = None, steps: int | None = None,
+    compressor: CompressorConfig | None = None, steps: int | None = None, data=None, init=None,
 ):  # fmt: skip
     """Distil an `EagleDraft` onto the trained target, on the target's own greedy outputs.
 
     ``compressor``: distil a ``specvlm`` draft (draft + elastic compressor + gate, jointly).
-    ``steps``: override ``recipe.draft_steps``.
+    ``steps``: override ``recipe.draft_steps``. ``data``: `draft_data`'s result, to share it between drafts.
+    ``init``: a trained draft whose ``fc`` and decoder layer start this one (the compressor starts fresh).
     ``on_step(step, draft)`` is called before each step and after the last (step == steps).
     """
-    steps = recipe.draft_steps if steps is None else steps
-    from ..distill import collate, distill_step, make_optimizer, target_responses
+    from ..distill import collate, distill_step, make_optimizer
     from ..draft import EagleDraft
-    from ..engine import EngineConfig, SpecVLMEngine
     from ..target import TargetAdapter
 
+    steps = recipe.draft_steps if steps is None else steps
+    pool, responses = data if data is not None else draft_data(model, processor, recipe)
     draft = EagleDraft.from_target(model, seed=recipe.seed, compressor=compressor)
+    if init is not None:
+        draft.load_state_dict({k: v for k, v in init.state_dict().items() if not k.startswith("compressor.")},
+                              strict=False)  # fmt: skip
     target = TargetAdapter(model)
     opt = make_optimizer(draft, lr=recipe.draft_lr)
-    world = ShapesWorld(recipe.seed + 2, recipe.image_size)
-    pool = [to_example(world.sample(), recipe.video_frames) for _ in range(recipe.draft_pool)]
-    responses: list | None = None
-    if recipe.draft_responses == "target":  # the target's own greedy outputs, generated once in big batches
-        ar = SpecVLMEngine(model, None, EngineConfig(mode="ar"))
-        responses = []
-        for i in range(0, len(pool), 64):
-            responses += target_responses(ar, processor, pool[i : i + 64], max_new_tokens=48)
     order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(recipe.seed))
     label = "demo draft" if compressor is None else "demo specvlm draft"
     log, bar = [], _progress(steps, label) if progress else None
@@ -266,8 +279,11 @@ def build_demo(out: Path, recipe: DemoRecipe | None = None, progress: bool = Tru
 
     Three stages, each reused when its folder and ``<stage>_metrics.json`` exist,
     so an interrupted build resumes where it stopped: the target, the EAGLE draft
-    (mode ``eagle``) and the SpecVLM draft (draft + elastic compressor, mode ``specvlm``).
+    (mode ``eagle``) and the SpecVLM draft (draft + elastic compressor, mode
+    ``specvlm``; its draft layer starts from the EAGLE draft's, then draft,
+    compressor and gate are distilled jointly for ``draft_steps``).
     """
+    from ..draft import EagleDraft
     from ..loading import load_target
 
     recipe = recipe or DemoRecipe()
@@ -298,12 +314,17 @@ def build_demo(out: Path, recipe: DemoRecipe | None = None, progress: bool = Tru
         (out / "target_metrics.json").write_text(json.dumps(target_metrics, indent=2))
         if progress:
             print(f"demo target: {json.dumps(quality)} in {t_target:.0f}s", flush=True)
-    metrics = dict(target_metrics)
+    metrics, data = dict(target_metrics), None
     for name, compressor in (("draft", None), ("draft-specvlm", recipe.compressor())):
         stage = _stage(out, name, recipe)
         if stage is None:
             t1 = time.perf_counter()
-            draft, draft_log = distill_demo_draft(model, processor, recipe, progress, compressor=compressor)
+            data = data or draft_data(model, processor, recipe)  # one pool of target responses for both drafts
+            # the specvlm draft starts from the trained eagle draft's layer; its compressor and gate start fresh
+            init = EagleDraft.from_pretrained(out / "draft") if compressor is not None else None
+            draft, draft_log = distill_demo_draft(
+                model, processor, recipe, progress, compressor=compressor, data=data, init=init
+            )
             draft.save_pretrained(out / name)
             stage = {"recipe": asdict(recipe), f"{name}_train_s": time.perf_counter() - t1, f"{name}_log": draft_log}
             (out / f"{name}_metrics.json").write_text(json.dumps(stage, indent=2))
