@@ -66,6 +66,21 @@ class PrimitiveConfig(_Strict):
     queries: int = Field(2, ge=1, description="resampler: learned queries (output tokens) per image segment")
     learned: bool = Field(True, description="prune: learned scorer (True) or random subset (False)")
 
+    @classmethod
+    def from_name(cls, name: str) -> PrimitiveConfig:
+        """The inverse of `name`: ``pool4`` -> kind pool, ratio 4; ``resampler2`` -> 2 queries; ``text``."""
+        import re
+
+        m = re.fullmatch(r"(random_)?(none|text|prune|pool|conv|resampler)(\d*)", name)
+        if m is None or bool(m[3]) == (m[2] in ("none", "text")) or (m[1] and m[2] != "prune"):
+            raise ValueError(f"not a primitive name: {name!r} (e.g. pool4, conv16, prune4, random_prune4, "
+                             "resampler2, text, none)")  # fmt: skip
+        if m[2] in ("none", "text"):
+            return cls(kind=m[2])
+        if m[2] == "resampler":
+            return cls(kind="resampler", queries=int(m[3]))
+        return cls(kind=m[2], ratio=int(m[3]), learned=not m[1])
+
     @property
     def name(self) -> str:
         """Short label used in stats and tables: ``pool4``, ``resampler2``, ``text``, ``random_prune4``."""

@@ -103,6 +103,11 @@ def test_config_names_and_errors():
     cfg = CompressorConfig()
     assert [p.name for p in cfg.primitives] == ["pool4", "pool16", "conv4", "prune4", "resampler2", "text"]
     assert PrimitiveConfig(kind="prune", learned=False).name == "random_prune4"
+    for name in ("pool4", "conv16", "prune4", "random_prune4", "resampler2", "text", "none"):
+        assert PrimitiveConfig.from_name(name).name == name
+    for bad in ("pool", "text4", "random_pool4", "blur2"):
+        with pytest.raises(ValueError, match="not a primitive name"):
+            PrimitiveConfig.from_name(bad)
     with pytest.raises(ConfigError, match="distinct"):
         parse_config({"primitives": [{"kind": "pool"}, {"kind": "pool"}]}, CompressorConfig)
     with pytest.raises(ConfigError, match="text"):

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..config import CompressorConfig
+from ..config import CompressorConfig, PrimitiveConfig
 from ..media import tile_frames
 from .text import build_processor
 from .world import IMAGE_SIZE, ShapesWorld
@@ -56,12 +56,16 @@ class DemoRecipe:
     draft_responses: str = "target"  # the target's own greedy outputs (what the draft sees at inference) | "dataset"
     draft_pool: int = 3000  # distinct examples the draft trains on (several epochs)
     eval_samples: int = 120
+    # the specvlm draft's elastic set: cheap primitives (the 150-step sweep in benchmarks/results/compressor.md
+    # has resampler2 matching eagle's accept length); the gate picks one per input
+    compressor_primitives: tuple[str, ...] = ("resampler2", "pool16", "text")
     compressor_cost_weight: float = 0.0  # the specvlm draft's gate cost term (CompressorConfig.cost_weight)
     bf16: bool = True  # autocast the target's training forward (2-3x faster matmuls on AVX512-BF16 CPUs)
 
     def compressor(self) -> CompressorConfig:
-        """The specvlm draft's elastic compressor: the default primitives, this recipe's cost weight."""
-        return CompressorConfig(cost_weight=self.compressor_cost_weight)
+        """The specvlm draft's elastic compressor (select mode) over ``compressor_primitives``."""
+        prims = tuple(PrimitiveConfig.from_name(n) for n in self.compressor_primitives)
+        return CompressorConfig(primitives=prims, cost_weight=self.compressor_cost_weight)
 
     def small(self) -> DemoRecipe:
         """A reduced build for tests: same code path, minutes -> seconds."""
@@ -259,13 +263,22 @@ def distill_demo_draft(
 STAGES = ("target", "draft", "draft-specvlm")
 
 
+def _stage_key(recipe: dict, name: str) -> dict:
+    """The recipe fields a stage depends on: the target ignores the drafts' fields, the eagle draft the
+    compressor's; the specvlm draft (started from the eagle draft) depends on everything."""
+    recipe = json.loads(json.dumps(recipe))  # tuples -> lists, as stored
+    skip = {"target": ("draft_", "compressor_"), "draft": ("compressor_",)}.get(name, ())
+    return {k: v for k, v in recipe.items() if not k.startswith(skip)} if skip else recipe
+
+
 def _stage(out: Path, name: str, recipe: DemoRecipe) -> dict | None:
-    """A finished stage's metrics when ``out/<name>`` was built by this very recipe, else None."""
+    """A finished stage's metrics when ``out/<name>`` was built with this recipe's fields for it, else None."""
     done = out / f"{name}_metrics.json"
     if not (out / name / "config.json").is_file() or not done.is_file():
         return None
     metrics = json.loads(done.read_text())
-    return metrics if metrics.get("recipe") == asdict(recipe) else None
+    stored = metrics.get("recipe")
+    return metrics if stored is not None and _stage_key(stored, name) == _stage_key(asdict(recipe), name) else None
 
 
 def is_built(out: Path, recipe: DemoRecipe | None = None) -> bool:
