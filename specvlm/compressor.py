@@ -78,6 +78,11 @@ def window(ratio: int) -> tuple[int, int]:
     return a, ratio // a
 
 
+def _check_span(x: torch.Tensor, layout: Layout) -> None:
+    if x.shape[1] != layout_size(layout):
+        raise ValueError(f"visual span has {x.shape[1]} tokens, its layout {layout} has {layout_size(layout)}")
+
+
 # ----------------------------------------------------------------------------- primitives
 class Primitive(nn.Module):
     """One compressor branch. Subclasses implement `grid`; loose tokens are kept, newlines dropped."""
@@ -102,8 +107,7 @@ class Primitive(nn.Module):
 
     def forward(self, x: torch.Tensor, layout: Layout) -> tuple[torch.Tensor, torch.Tensor]:
         """``[N, P, D]`` one image's span -> ``([N, P', D], [P'] long source index in [0, P))``."""
-        if x.shape[1] != layout_size(layout):
-            raise ValueError(f"visual span has {x.shape[1]} tokens, its layout {layout} has {layout_size(layout)}")
+        _check_span(x, layout)
         outs, srcs, start = [], [], 0
         for s in layout:
             part = x[:, start : start + s.size]
@@ -130,8 +134,7 @@ class Keep(Primitive):
         return layout_size(layout)
 
     def forward(self, x, layout):
-        if x.shape[1] != layout_size(layout):
-            raise ValueError(f"visual span has {x.shape[1]} tokens, its layout {layout} has {layout_size(layout)}")
+        _check_span(x, layout)
         return x, torch.arange(x.shape[1], device=x.device)
 
 

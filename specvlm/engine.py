@@ -224,7 +224,9 @@ class SpecVLMEngine:
         clock = _Clock(dev)
 
         # ---- prefill: target over the prompt, first token
-        embeds, layouts = tgt.embed_inputs(input_ids, pixel_values, return_layouts=True, **mm_kwargs)  # [B, T, D]
+        specvlm = self.config.mode == "specvlm"  # only the compressor needs the images' patch layouts
+        embeds = tgt.embed_inputs(input_ids, pixel_values, return_layouts=specvlm, **mm_kwargs)  # [B, T, D]
+        embeds, layouts = embeds if specvlm else (embeds, None)
         K, depth, k = tree_cfg.total_tokens, tree_cfg.depth, tree_cfg.top_k
         kv = tgt.new_cache(B, T + max_new_tokens + (K if eagle else 1) + 1)
         kv.valid[:, :T] = mask.bool()
@@ -240,14 +242,14 @@ class SpecVLMEngine:
         if eagle:
             next_ids = torch.cat([input_ids[:, 1:], root[:, None]], dim=1)  # [B, T] token after each entry
             h = draft.project(torch.cat([embeds[:, 1:], draft.embed(root[:, None])], dim=1), feats)  # [B, T, D]
-            d_pos, d_valid, d_causal = positions, mask.bool(), causal
+            d_pos, d_valid, d_causal = positions, mask.bool(), causal  # draft prompt = target's unless compressed
             span = next_ids == tgt.image_token_id if tgt.image_token_id is not None else torch.zeros_like(mask.bool())
             visual = span.sum(1).tolist()  # [B] visual tokens per row (the target's)
-            if self.config.mode == "specvlm":
+            if specvlm:
                 comp = draft.compressor.compress(h, positions, mask.bool(), span, layouts, feats, feats[:, -1])
-                h, d_pos, d_valid = comp.embeds, comp.positions, comp.valid  # [B, T', ...]
-                T2 = h.shape[1]
-                d_causal = torch.ones(T2, T2, dtype=torch.bool, device=dev).tril()[None] & d_valid[:, None, :]
+                h, d_pos, d_valid = comp.embeds, comp.positions, comp.valid  # [B, T', D], [B, T'], [B, T']
+                tril = torch.ones(h.shape[1], h.shape[1], dtype=torch.bool, device=dev).tril()
+                d_causal = tril[None] & d_valid[:, None, :]  # [B, T', T']
                 visual = comp.visual_tokens.tolist()
                 for b, choice in enumerate(comp.choice.tolist()):
                     stats[b].compressor = draft.compressor.names[choice]
