@@ -31,7 +31,7 @@ def _demo_model(args: argparse.Namespace) -> None:
     if out.exists() and not args.force and not work.exists():  # an older build: keep the stages this recipe reuses
         print(f"{out} holds a demo built by another recipe or an older version; rebuilding what changed")
         out.rename(work)
-    print(f"building the demo target VLM and draft into {out} (deterministic; ~10 min on 2 CPU cores)")
+    print(f"building the demo target VLM and its eagle + specvlm drafts into {out} (deterministic; ~20 min, 2 cores)")
     metrics = build_demo(work, recipe)
     if out.exists():
         shutil.rmtree(out)
