@@ -65,9 +65,10 @@ def hf_generate(model, max_new_tokens: int):
 def measure(methods: dict, inputs: list, max_new_tokens: int, repeats: int) -> dict:
     """Run every method (an engine, or a callable ``enc -> (tokens, stats)``) over the same batch-1 inputs.
 
-    Returns ``name -> (seconds, sequences, stats)``, the fastest of ``repeats`` passes
-    (after one warm-up call each; passes interleaved across methods), so methods are
-    compared side by side in one process.
+    Returns ``name -> (seconds, sequences, stats)``: for each input every method runs ``repeats``
+    times, interleaved with the others, and keeps its fastest time on that input; ``seconds`` sums
+    those minima (after one warm-up call each). Per-input minima drop the VM's one-off stalls that
+    would otherwise land on whichever method happened to run then.
     """
 
     def call(method, enc):
@@ -78,15 +79,19 @@ def measure(methods: dict, inputs: list, max_new_tokens: int, repeats: int) -> d
 
     for method in methods.values():
         call(method, inputs[0])  # warm-up
-    results = {}
-    for _ in range(repeats):  # passes interleaved across methods, so slow drift in the machine hits all alike
-        for name, method in methods.items():
-            t0 = time.perf_counter()
-            run = [call(method, enc) for enc in inputs]
-            sec = time.perf_counter() - t0
-            if name not in results or sec < results[name][0]:
-                results[name] = (sec, [r[0] for r in run], [r[1] for r in run])
-    return results
+    results = {name: [0.0, [], []] for name in methods}
+    for enc in inputs:
+        best, out = dict.fromkeys(methods, float("inf")), {}
+        for _ in range(repeats):
+            for name, method in methods.items():
+                t0 = time.perf_counter()
+                out[name] = call(method, enc)  # greedy: the same tokens every repeat
+                best[name] = min(best[name], time.perf_counter() - t0)
+        for name, res in results.items():
+            res[0] += best[name]
+            res[1].append(out[name][0])
+            res[2].append(out[name][1])
+    return {name: tuple(r) for name, r in results.items()}
 
 
 def speed_row(name: str, result, hf_result, **extra) -> dict:
@@ -103,7 +108,7 @@ def speed_row(name: str, result, hf_result, **extra) -> dict:
 
 
 def speed(demo, n: int = 16, max_new_tokens: int = 48, repeats: int = 3) -> list[dict]:
-    """Per task kind and method: tokens/s over ``n`` held-out inputs at batch 1 (best of ``repeats`` passes)."""
+    """Per task kind and method: tokens/s over ``n`` held-out inputs at batch 1 (see `measure`)."""
     proc, model = demo.processor, demo.target
     methods = {
         "hf_generate": hf_generate(model, max_new_tokens),
