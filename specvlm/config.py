@@ -7,6 +7,7 @@ typo in a YAML file is reported, not ignored.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal, TypeVar
 
@@ -69,8 +70,6 @@ class PrimitiveConfig(_Strict):
     @classmethod
     def from_name(cls, name: str) -> PrimitiveConfig:
         """The inverse of `name`: ``pool4`` -> kind pool, ratio 4; ``resampler2`` -> 2 queries; ``text``."""
-        import re
-
         m = re.fullmatch(r"(random_)?(none|text|prune|pool|conv|resampler)(\d*)", name)
         if m is None or bool(m[3]) == (m[2] in ("none", "text")) or (m[1] and m[2] != "prune"):
             raise ValueError(f"not a primitive name: {name!r} (e.g. pool4, conv16, prune4, random_prune4, "

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from .decoder import causal_mask
 from .draft import EagleDraft
+from .engine import pooled_accept_length
 from .target import TargetAdapter
 
 
@@ -198,8 +199,6 @@ def target_responses(engine, processor, samples: list[dict], max_new_tokens: int
 def evaluate_accept_length(engine, processor, samples: list[dict], max_new_tokens: int = 48) -> float:
     """Accept length of ``engine`` (``eagle``/``specvlm`` mode) over held-out samples, greedy, batch 1,
     pooled over the samples (`engine.pooled_accept_length`)."""
-    from .engine import pooled_accept_length
-
     stats = [engine.generate(**encode_prompts(processor, [s]), max_new_tokens=max_new_tokens).stats[0] for s in samples]
     return pooled_accept_length(stats)
 

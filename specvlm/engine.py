@@ -248,7 +248,7 @@ class SpecVLMEngine:
             if specvlm:
                 comp = draft.compressor.compress(h, positions, mask.bool(), span, layouts, feats, feats[:, -1])
                 h, d_pos, d_valid = comp.embeds, comp.positions, comp.valid  # [B, T', D], [B, T'], [B, T']
-                tril = torch.ones(h.shape[1], h.shape[1], dtype=torch.bool, device=dev).tril()
+                tril = torch.ones(h.shape[1], h.shape[1], dtype=torch.bool, device=dev).tril()  # [T', T']
                 d_causal = tril[None] & d_valid[:, None, :]  # [B, T', T']
                 visual = comp.visual_tokens.tolist()
                 for b, choice in enumerate(comp.choice.tolist()):
