@@ -25,10 +25,11 @@ consistent"): text after the image keeps the target's positions exactly.
 
 `ElasticCompressor` holds the primitives and a gate over the target's
 features (the visual span's mean and the last prompt token's feature, which
-has read the question): ``select`` picks one primitive per row (hard
-Gumbel-softmax with a straight-through gradient in training, argmax at
-inference), ``weight`` sums the primitives' outputs weighted by the gate,
-``concat`` puts them side by side. `ElasticCompressor.compress` rewrites a
+has read the question): ``select`` picks one primitive per row (argmax at
+inference; in training every row runs under every primitive and the loss is
+their Gumbel-softmax-weighted sum, `ElasticCompressor.select_loss`),
+``weight`` sums the primitives' outputs weighted by the gate, ``concat`` puts
+them side by side. `ElasticCompressor.compress` rewrites a
 whole left-padded draft input sequence and is shared by the engine's prefill
 and by distillation.
 """
@@ -278,9 +279,9 @@ class Compressed:
     positions: torch.Tensor  # [B, T'] rotary positions (the target's, for every kept text entry)
     valid: torch.Tensor  # [B, T'] bool, False on left padding
     source: torch.Tensor  # [B, T'] original entry index of kept text entries, -1 for visual tokens and padding
-    choice: torch.Tensor  # [B] the gate's primitive per row (argmax of its weights)
+    choice: torch.Tensor  # [B] the primitive each row was compressed with (the gate's argmax unless forced)
     visual_tokens: torch.Tensor  # [B] visual tokens the draft reads per row
-    cost: torch.Tensor  # [B] expected fraction of visual tokens kept under the gate's probabilities (has grad)
+    logits: torch.Tensor  # [B, K] the gate's logits (has grad; `ElasticCompressor.select_loss` trains on them)
 
 
 class ElasticCompressor(nn.Module):
@@ -306,17 +307,38 @@ class ElasticCompressor(nn.Module):
         return self.gate(torch.cat([visual_mean, query], -1).to(w.dtype)).float()
 
     def gate_weights(self, logits: torch.Tensor) -> torch.Tensor:
-        """``[B, K]`` logits -> ``[B, K]`` weights: one-hot for ``select`` (straight-through Gumbel in
-        training, argmax at inference), a softmax (Gumbel-perturbed in training) for ``weight``/``concat``."""
+        """``[B, K]`` logits -> ``[B, K]`` weights: the argmax one-hot for ``select`` (training goes
+        through `select_loss`), a softmax (Gumbel-perturbed in training) for ``weight``/``concat``."""
         if logits.shape[1] == 1:
             return torch.ones_like(logits)
         if self.config.mode == "select":
-            if self.training:
-                return F.gumbel_softmax(logits, tau=self.config.tau, hard=True)
             return F.one_hot(logits.argmax(-1), logits.shape[1]).to(logits.dtype)
         if self.training:
             return F.gumbel_softmax(logits, tau=self.config.tau, hard=False)
         return logits.softmax(-1)
+
+    def select_loss(
+        self,
+        logits: torch.Tensor,  # [B, K] gate logits
+        losses: torch.Tensor,  # [B, K] each row's distillation loss with its image under each primitive
+        visual: torch.Tensor,  # [B, K] visual tokens the draft reads under each primitive
+        full: torch.Tensor,  # [B] visual tokens before compression
+    ) -> torch.Tensor:
+        """Training objective of ``select`` mode: the expected loss under Gumbel-softmax gate weights.
+
+        ``p = gumbel_softmax(logits, tau)`` (soft) and the result is
+        ``sum_bk p_bk losses_bk + cost_weight * mean_b sum_k p_bk visual_bk / full_b``.
+        Every primitive trains on every row in proportion to ``p``, and the
+        gate's gradient ``p_k (L_k - E_p[L])`` compares the primitives' real
+        losses on that row, so the argmax it learns is the row's best
+        primitive (the cheapest among equals when ``cost_weight > 0``). A
+        straight-through hard choice would instead see only the chosen
+        primitive's loss; in the demo its gate settled on one primitive for
+        every input.
+        """
+        p = F.gumbel_softmax(logits, tau=self.config.tau, hard=False)  # [B, K]
+        cost = visual.float() / full.float().clamp(min=1)[:, None]  # [B, K] fraction of the visual tokens kept
+        return (p * losses).sum() + self.config.cost_weight * (p * cost).sum(1).mean()
 
     def compress_image(self, x: torch.Tensor, layout: Layout, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One image ``[1, P, D]`` under gate weights ``[K]`` -> ``([P', D], [P'] source index)``."""
@@ -336,12 +358,6 @@ class ElasticCompressor(nn.Module):
         y = torch.cat([wk.to(y.dtype) * y for wk, (y, _) in zip(w, outs)], 1)
         return y[0], torch.cat([s for _, s in outs])
 
-    def out_len(self, layout: Layout, k: int) -> int:
-        if self.config.mode == "select":
-            return self.primitives[k].out_len(layout)
-        lens = [p.out_len(layout) for p in self.primitives]
-        return lens[0] if self.config.mode == "weight" else sum(lens)
-
     def compress(
         self,
         h: torch.Tensor,  # [B, T, D] the draft's input entries (after its fc)
@@ -351,6 +367,7 @@ class ElasticCompressor(nn.Module):
         layouts: list[Layout],  # one per image, in the order the images fill the placeholders (row-major)
         features: torch.Tensor,  # [B, T, D] the target's features at the entries (gate input)
         query: torch.Tensor,  # [B, D] the target's feature at the last prompt token (gate input)
+        choice: torch.Tensor | None = None,  # [B] force these primitives (``select`` training), None = the gate's
     ) -> Compressed:
         """Rewrite the sequence: each image's span -> its compressed tokens, text entries untouched."""
         B, T, D = h.shape
@@ -358,16 +375,17 @@ class ElasticCompressor(nn.Module):
         n_span = span.sum(1)  # [B]
         vis_mean = (features.float() * span[..., None]).sum(1) / n_span.clamp(min=1)[:, None]  # [B, D]
         logits = self.gate_logits(vis_mean.to(features.dtype), query)  # [B, K]
-        weights = self.gate_weights(logits)  # [B, K]
+        if choice is not None and self.config.mode != "select":
+            raise ValueError(f"forcing a primitive needs mode 'select', not {self.config.mode!r}")
+        weights = self.gate_weights(logits) if choice is None else F.one_hot(choice, logits.shape[1]).to(logits.dtype)
         choice = weights.argmax(-1)  # [B]
-        probs = logits.softmax(-1)
-        rows_e, rows_p, rows_s, n_visual, cost = [], [], [], [], []
+        rows_e, rows_p, rows_s, n_visual = [], [], [], []
         img = 0
         for b in range(B):
             idx = span[b].nonzero().squeeze(1).tolist()
             pieces_e, pieces_p, pieces_s = [], [], []
             cursor = int((~valid[b]).sum())  # first real entry (left padding before it)
-            used, vis, full, row_cost = 0, 0, 0, torch.zeros((), device=dev)
+            used, vis = 0, 0
             while used < len(idx):
                 if img >= len(layouts):
                     raise ValueError(f"the prompts hold more visual tokens than the {len(layouts)} image layouts cover")
@@ -385,9 +403,6 @@ class ElasticCompressor(nn.Module):
                 pieces_p.append(positions[b, start + src])
                 pieces_s.append(torch.full((y.shape[0],), -1, dtype=torch.long, device=dev))
                 vis += y.shape[0]
-                full += P
-                lens = torch.tensor([self.out_len(layout, k) for k in range(len(self.primitives))], device=dev)
-                row_cost = row_cost + (probs[b] * lens).sum()
                 cursor, used, img = start + P, used + P, img + 1
             pieces_e.append(h[b, cursor:])
             pieces_p.append(positions[b, cursor:])
@@ -396,7 +411,6 @@ class ElasticCompressor(nn.Module):
             rows_p.append(torch.cat(pieces_p))
             rows_s.append(torch.cat(pieces_s))
             n_visual.append(vis)
-            cost.append(row_cost / max(full, 1))
         if img != len(layouts):
             raise ValueError(f"{len(layouts)} image layouts but the prompts' visual spans cover only {img}")
         T2 = max(e.shape[0] for e in rows_e)
@@ -410,4 +424,4 @@ class ElasticCompressor(nn.Module):
             pos[b, T2 - n :] = p
             source[b, T2 - n :] = s
             ok[b, T2 - n :] = True
-        return Compressed(embeds, pos, ok, source, choice, torch.tensor(n_visual, device=dev), torch.stack(cost))
+        return Compressed(embeds, pos, ok, source, choice, torch.tensor(n_visual, device=dev), logits)

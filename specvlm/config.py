@@ -103,11 +103,14 @@ class CompressorConfig(_Strict):
     """The elastic visual compressor the ``specvlm`` draft reads its visual span through.
 
     mode: ``select`` (the paper's default: a question-conditioned gate picks one
-    primitive per input; Gumbel-softmax in training, argmax at inference),
-    ``weight`` (gate-weighted sum of the primitives' outputs; they must give
-    equal lengths, so no ``text``) or ``concat`` (the weighted outputs side by side).
-    cost_weight: beyond the paper, adds ``cost_weight * E_gate[visual tokens kept / P]``
-    to the training loss so the gate prefers cheaper primitives where they lose nothing.
+    primitive per input; argmax at inference; in training each input runs
+    under every primitive and the losses are weighted by a Gumbel-softmax of
+    the gate, so training costs K draft forwards per row), ``weight``
+    (gate-weighted sum of the primitives' outputs; they must give equal
+    lengths, so no ``text``) or ``concat`` (the weighted outputs side by side).
+    cost_weight: beyond the paper (``select`` only), adds ``cost_weight *
+    E_gate[visual tokens kept / P]`` to the training loss so the gate prefers
+    cheaper primitives where they lose nothing.
     """
 
     mode: Literal["select", "weight", "concat"] = "select"
@@ -123,6 +126,8 @@ class CompressorConfig(_Strict):
             raise ValueError(f"primitives must be distinct, got {names}")
         if self.mode == "weight" and any(p.kind == "text" for p in self.primitives):
             raise ValueError("mode 'weight' sums equal-length outputs; 'text' (no tokens) cannot take part")
+        if self.cost_weight > 0 and self.mode != "select":
+            raise ValueError(f"cost_weight applies to mode 'select' (one primitive per input), not {self.mode!r}")
         return self
 
 

@@ -82,15 +82,20 @@ def distill_loss(
     """The SpecVLM loss for one batch (teacher already computed).
 
     A draft with a compressor (``specvlm``) reads each image's span through it
-    (``image_token_id`` marks the span); its gate's cost term is added when
-    ``compressor.config.cost_weight > 0``.
+    (``image_token_id`` marks the span). In ``select`` mode with K > 1
+    primitives every row runs under every primitive, as one forward over
+    ``K * B`` rows, and `ElasticCompressor.select_loss` weights the K losses
+    by the gate (with its cost term); the logged figures are those of the
+    gate's current argmax per row.
     """
     f_in = teacher.features[:, :-1]  # [B, T-1, D] f_i
     if feature_noise > 0:
         f_in = f_in + (torch.rand_like(f_in) - 0.5) * 2 * feature_noise  # EAGLE: uniform noise
     tok_in = teacher.embeds[:, 1:]  # [B, T-1, D] embed(x_{i+1})
     mask = batch.attention_mask[:, :-1]  # entry i is real iff f_i is
+    B, T1, D = f_in.shape
     compressor = getattr(draft, "compressor", None)
+    K = len(compressor.primitives) if compressor is not None and compressor.config.mode == "select" else 1
     comp = None
     if compressor is None:
         g = draft(tok_in, f_in, teacher.positions[:, :-1], causal_mask(mask, f_in.dtype))  # [B, T-1, D]
@@ -99,29 +104,44 @@ def distill_loss(
             raise ValueError("a draft with a compressor needs image_token_id to find the visual span")
         span = batch.input_ids[:, 1:] == image_token_id  # [B, T-1] entry i reads visual token x_{i+1}
         last_prompt = (batch.loss_mask.argmax(1) - 1).clamp(min=0)  # [B] the prompt's last token
-        query = teacher.features[torch.arange(span.shape[0], device=span.device), last_prompt]  # [B, D]
-        compress = dict(valid=mask.bool(), span=span, layouts=teacher.layouts,
-                        features=teacher.features[:, :-1], query=query)  # fmt: skip
-        g, comp = draft(tok_in, f_in, teacher.positions[:, :-1], None, compress=compress)  # [B, T-1, D]
-    target_f = teacher.features[:, 1:]  # [B, T-1, D] f_{i+1}
+        query = teacher.features[torch.arange(B, device=span.device), last_prompt]  # [B, D]
+
+        def rep(t: torch.Tensor) -> torch.Tensor:  # [B, ...] -> [K * B, ...], row k * B + b = row b
+            return t.repeat(K, *(1,) * (t.dim() - 1))
+
+        forced = torch.arange(K, device=span.device).repeat_interleave(B) if K > 1 else None  # [K * B]
+        compress = dict(valid=rep(mask.bool()), span=rep(span), layouts=list(teacher.layouts) * K,
+                        features=rep(teacher.features[:, :-1]), query=rep(query), choice=forced)  # fmt: skip
+        g, comp = draft(rep(tok_in), rep(f_in), rep(teacher.positions[:, :-1]), None, compress=compress)  # [KB, T-1, D]
+    target_f = teacher.features[:, 1:].float()  # [B, T-1, D] f_{i+1}
     target_logits = teacher.logits[:, 1:].float()  # [B, T-1, V] predicts x_{i+2}
     # response positions: x_{i+2} is a response token
     sel = torch.zeros_like(mask, dtype=torch.bool)
     sel[:, :-1] = batch.loss_mask[:, 2:].bool()
     n = sel.sum().clamp(min=1)
-    logp = draft.log_probs(g)  # [B, T-1, V]
-    soft_ce = -(target_logits.softmax(-1) * logp).sum(-1)  # [B, T-1]
-    feat = F.smooth_l1_loss(g.float(), target_f.float(), reduction="none").mean(-1)  # [B, T-1]
-    loss_logit = (soft_ce * sel).sum() / n
-    loss_feat = (feat * sel).sum() / n
-    top1 = ((logp.argmax(-1) == target_logits.argmax(-1)) & sel).sum() / n
-    loss = logit_weight * loss_logit + feat_weight * loss_feat
-    if comp is None:
-        return StepResult(loss, loss_logit.item(), loss_feat.item(), top1.item())
-    if compressor.config.cost_weight > 0:
-        loss = loss + compressor.config.cost_weight * comp.cost.mean()
-    return StepResult(loss, loss_logit.item(), loss_feat.item(), top1.item(),
-                      comp.visual_tokens.float().mean().item(), comp.choice.tolist())  # fmt: skip
+    logp = draft.log_probs(g).view(K, B, T1, -1)  # [K, B, T-1, V]
+    soft_ce = -(target_logits.softmax(-1) * logp).sum(-1)  # [K, B, T-1]
+    feat = F.smooth_l1_loss(g.float().view(K, B, T1, D), target_f.expand(K, -1, -1, -1), reduction="none").mean(-1)
+    row_logit = (soft_ce * sel).sum(-1) / n  # [K, B] each row's share of the batch's mean
+    row_feat = (feat * sel).sum(-1) / n  # [K, B]
+    row_top1 = ((logp.argmax(-1) == target_logits.argmax(-1)) & sel).sum(-1) / n  # [K, B]
+    row_loss = logit_weight * row_logit + feat_weight * row_feat  # [K, B]
+    if K == 1:
+        loss, pick = row_loss.sum(), torch.zeros(B, dtype=torch.long, device=row_loss.device)
+    else:
+        logits = comp.logits[:B]  # [B, K] (the K copies of a row see the same gate input)
+        full = span.sum(1)  # [B]
+        loss = compressor.select_loss(logits, row_loss.T, comp.visual_tokens.view(K, B).T, full)
+        pick = logits.argmax(-1)  # [B]
+
+    def at_pick(x: torch.Tensor) -> float:  # [K, B] -> the sum over rows of each row's gate-chosen entry
+        return x.T.gather(1, pick[:, None]).sum().item()
+
+    res = StepResult(loss, at_pick(row_logit), at_pick(row_feat), at_pick(row_top1))
+    if comp is not None:
+        res.visual_tokens = comp.visual_tokens.view(K, B).T.gather(1, pick[:, None]).float().mean().item()
+        res.choices = comp.choice.view(K, B).T.gather(1, pick[:, None])[:, 0].tolist()
+    return res
 
 
 def distill_step(
