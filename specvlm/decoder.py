@@ -8,10 +8,14 @@ the layer's own math directly from its weights (`_llama_layer`): the same
 RMSNorm, rotary, scaled-dot-product attention and SwiGLU formulas in the same
 order, without the per-module and per-call wrapper work of the HF forward.
 At batch 1 on small models that wrapper work is a large share of a decode
-step; the lossless tests compare every path with HF `generate`.
+step; the lossless tests compare every path with HF `generate`. Small layers
+(where per-op overhead dominates) also run their q/k/v and gate/up
+projections as one matmul each over a cached concatenated weight (`_fused`).
 """
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -57,16 +61,56 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
+FUSE_MAX_BYTES = 64 << 20  # fuse projections of layers up to this size: there dispatch, not bandwidth, dominates
+_FUSED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> (weight versions, fused tensors)
+
+
+def _fused(layer):
+    """``(qkv_w, qkv_b, gate_up_w, gate_up_b)`` for a small Llama layer, or None for a large one.
+
+    ``qkv_w`` is ``[(H + 2 Hk) d, D]`` = cat(q, k, v) and ``gate_up_w`` is
+    ``[2 I, D]`` = cat(gate, up) (biases likewise, or None). Copies are cached
+    per layer and rebuilt when any source weight changes (an optimizer step
+    or ``load_state_dict`` bumps the tensor's version), so a draft evaluated
+    between training steps never reads stale weights.
+    """
+    attn, mlp = layer.self_attn, layer.mlp
+    mods = (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj)
+    params = [t for m in mods for t in (m.weight, m.bias) if t is not None]
+    if sum(t.numel() * t.element_size() for t in params) > FUSE_MAX_BYTES:
+        return None
+    key = tuple((t.data_ptr(), t._version) for t in params)
+    hit = _FUSED.get(layer)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+
+    def cat(ms):
+        bias = None if ms[0].bias is None else torch.cat([m.bias for m in ms])
+        return torch.cat([m.weight for m in ms]), bias
+
+    with torch.no_grad():
+        fused = (*cat(mods[:3]), *cat(mods[3:]))
+    _FUSED[layer] = (key, fused)
+    return fused
+
+
 def _llama_layer(layer, h, cos, sin, mask, cache):
     """One Llama-family decoder layer. h ``[B, Q, D]`` -> ``[B, Q, D]``."""
     attn, mlp = layer.self_attn, layer.mlp
     B, Q, _ = h.shape
     d = attn.head_dim
     x = _rms_norm(h, layer.input_layernorm)
-    q = F.linear(x, attn.q_proj.weight, attn.q_proj.bias).view(B, Q, -1, d).transpose(1, 2)  # [B, H, Q, d]
-    k = F.linear(x, attn.k_proj.weight, attn.k_proj.bias).view(B, Q, -1, d).transpose(1, 2)  # [B, Hk, Q, d]
-    v = F.linear(x, attn.v_proj.weight, attn.v_proj.bias).view(B, Q, -1, d).transpose(1, 2)  # [B, Hk, Q, d]
-    q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+    fused = _fused(layer)
+    if fused is not None:
+        nq, nk = attn.q_proj.out_features // d, attn.k_proj.out_features // d
+        qkv = F.linear(x, fused[0], fused[1]).view(B, Q, -1, d).transpose(1, 2)  # [B, H + 2 Hk, Q, d]
+        q, k = _rotate(qkv[:, : nq + nk], cos, sin).split([nq, nk], dim=1)  # [B, H, Q, d], [B, Hk, Q, d]
+        v = qkv[:, nq + nk :]  # [B, Hk, Q, d]
+    else:
+        q = F.linear(x, attn.q_proj.weight, attn.q_proj.bias).view(B, Q, -1, d).transpose(1, 2)  # [B, H, Q, d]
+        k = F.linear(x, attn.k_proj.weight, attn.k_proj.bias).view(B, Q, -1, d).transpose(1, 2)  # [B, Hk, Q, d]
+        v = F.linear(x, attn.v_proj.weight, attn.v_proj.bias).view(B, Q, -1, d).transpose(1, 2)  # [B, Hk, Q, d]
+        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
     k, v = cache.update(k, v, attn.layer_idx)  # [B, Hk, V, d]
     gqa = {}
     if k.shape[1] != q.shape[1]:  # GQA: SDPA maps query heads to kv heads itself; older torch: repeat kv heads
@@ -79,8 +123,11 @@ def _llama_layer(layer, h, cos, sin, mask, cache):
     o = o.transpose(1, 2).reshape(B, Q, -1)
     h = h + F.linear(o, attn.o_proj.weight, attn.o_proj.bias)
     x = _rms_norm(h, layer.post_attention_layernorm)
-    up = F.linear(x, mlp.up_proj.weight, mlp.up_proj.bias)
-    gate = F.linear(x, mlp.gate_proj.weight, mlp.gate_proj.bias)
+    if fused is not None:
+        gate, up = F.linear(x, fused[2], fused[3]).chunk(2, dim=-1)  # [B, Q, I] each
+    else:
+        up = F.linear(x, mlp.up_proj.weight, mlp.up_proj.bias)
+        gate = F.linear(x, mlp.gate_proj.weight, mlp.gate_proj.bias)
     return h + F.linear(F.silu(gate) * up, mlp.down_proj.weight, mlp.down_proj.bias)
 
 

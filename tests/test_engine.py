@@ -203,3 +203,39 @@ def test_pooled_accept_length_weighs_requests_by_their_rounds():
     caption, answer = {"num_tokens": 11, "target_forwards": 3}, {"num_tokens": 2, "target_forwards": 2}
     assert pooled_accept_length([caption, answer]) == (10 + 1) / (2 + 1)
     assert pooled_accept_length([{"num_tokens": 1, "target_forwards": 1}]) == 1.0  # prefill only
+
+
+def test_fused_projections_match_and_follow_weight_updates(monkeypatch):
+    """Small layers run q/k/v and gate/up as one matmul over cached concatenated weights; an in-place
+    weight update (an optimizer step on a draft evaluated mid-training) rebuilds the cache."""
+    from specvlm import decoder
+    from specvlm.target import TargetAdapter
+
+    model = tiny_llava(kv_heads=2).float()
+    tgt = TargetAdapter(model)
+    inp = tiny_inputs(model, [5, 9])
+    embeds = tgt.embed_inputs(inp["input_ids"], inp["pixel_values"])  # [B, T, D]
+    mask = inp["attention_mask"].bool()
+    B, T = mask.shape
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    causal = torch.ones(T, T, dtype=torch.bool).tril()[None] & mask[:, None, :]
+
+    def features():  # [B, T, D] over a fresh cache
+        kv = tgt.new_cache(B, T)
+        kv.valid[:, :T] = mask
+        with torch.no_grad():
+            return tgt.forward(embeds, positions, kv.begin(T, causal), kv)
+
+    assert all(tgt.fast)
+    fused = features()
+    assert len(decoder._FUSED) > 0
+    monkeypatch.setattr(decoder, "FUSE_MAX_BYTES", 0)  # every layer counts as large: separate projections
+    plain = features()
+    torch.testing.assert_close(fused[mask], plain[mask], rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        tgt.layers[0].self_attn.k_proj.weight.mul_(1.5)
+        tgt.layers[1].mlp.up_proj.weight.add_(0.01)
+    plain2 = features()
+    monkeypatch.setattr(decoder, "FUSE_MAX_BYTES", 64 << 20)
+    torch.testing.assert_close(features()[mask], plain2[mask], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(plain2[mask], plain[mask])
