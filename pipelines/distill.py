@@ -94,6 +94,9 @@ class DistillJobConfig(_Strict):
     target: str = Field("demo", description="target HF folder (local or s3://) holding model + processor, or 'demo'")
     dtype: Literal["float32", "bfloat16", "float16"] | None = Field(None, description="target dtype; None = as saved")
     draft_init: str | None = Field(None, description="draft folder to start from; None = EagleDraft.from_target(seed)")
+    draft_intermediate_size: int | None = Field(
+        None, ge=1, description="a fresh draft layer's MLP width; None = the target's (ignored with draft_init)"
+    )
     mode: Literal["eagle", "specvlm"] = Field(
         "eagle", description="eagle: the draft alone; specvlm: the draft + elastic visual compressor, trained jointly"
     )
@@ -171,8 +174,15 @@ def load_job_target(target: str, dtype: str | None = None, device=None):
     return model.eval(), processor
 
 
-def init_draft(model, draft_init: str | None, seed: int, compressor: CompressorConfig | None = None):
-    """An `EagleDraft` bound to ``model``: from ``draft_init`` when given, else ``from_target(model, seed)``.
+def init_draft(
+    model,
+    draft_init: str | None,
+    seed: int,
+    compressor: CompressorConfig | None = None,
+    intermediate_size: int | None = None,
+):
+    """An `EagleDraft` bound to ``model``: from ``draft_init`` when given, else
+    ``from_target(model, seed, intermediate_size=intermediate_size)``.
 
     ``compressor`` (mode specvlm): the draft gets a fresh `ElasticCompressor` with this config,
     unless ``draft_init`` already carries one (which is kept).
@@ -183,7 +193,7 @@ def init_draft(model, draft_init: str | None, seed: int, compressor: CompressorC
     from specvlm.target import TargetAdapter
 
     if draft_init is None:
-        return EagleDraft.from_target(model, seed=seed, compressor=compressor)
+        return EagleDraft.from_target(model, seed=seed, compressor=compressor, intermediate_size=intermediate_size)
     target = TargetAdapter(model)
     draft = load_draft(draft_init)
     if compressor is not None and draft.compressor is None:  # start specvlm from a trained eagle draft
@@ -335,7 +345,8 @@ def train_loop_per_worker(config: dict) -> None:
     for p in model.parameters():
         p.requires_grad_(False)
     target = TargetAdapter(model)
-    draft = init_draft(model, cfg.draft_init, cfg.seed, cfg.compressor if cfg.mode == "specvlm" else None)
+    draft = init_draft(model, cfg.draft_init, cfg.seed, cfg.compressor if cfg.mode == "specvlm" else None,
+                       cfg.draft_intermediate_size)  # fmt: skip
     optimizer = make_optimizer(draft, lr=cfg.lr, weight_decay=cfg.weight_decay)
     state = {"step": 0, "skipped_rows": 0}
     checkpoint = ray.train.get_checkpoint()

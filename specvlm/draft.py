@@ -64,10 +64,17 @@ class EagleDraft(nn.Module):
     module's parameters.
     """
 
-    def __init__(self, text_config: PretrainedConfig, compressor: CompressorConfig | None = None):
+    def __init__(
+        self,
+        text_config: PretrainedConfig,
+        compressor: CompressorConfig | None = None,
+        intermediate_size: int | None = None,
+    ):
         super().__init__()
         cfg = text_config.__class__.from_dict(text_config.to_dict())
         cfg.num_hidden_layers = 1
+        if intermediate_size is not None:
+            cfg.intermediate_size = intermediate_size  # saved in config.json, so from_pretrained rebuilds it
         cfg._attn_implementation = text_config._attn_implementation or "sdpa"
         self.config = cfg
         layer_cls, rope_cls = _family_classes(cfg)
@@ -80,15 +87,25 @@ class EagleDraft(nn.Module):
 
     # ----------------------------------------------------------------- build
     @classmethod
-    def from_target(cls, model: nn.Module, seed: int = 0, compressor: CompressorConfig | None = None) -> EagleDraft:
+    def from_target(
+        cls,
+        model: nn.Module,
+        seed: int = 0,
+        compressor: CompressorConfig | None = None,
+        intermediate_size: int | None = None,
+    ) -> EagleDraft:
         """An untrained draft for ``model`` (any supported HF VLM), seeded, in its dtype/device;
-        with an `ElasticCompressor` when ``compressor`` is given (``specvlm`` mode)."""
+        with an `ElasticCompressor` when ``compressor`` is given (``specvlm`` mode).
+
+        ``intermediate_size``: the draft layer's MLP width (default: the target's). EAGLE's one layer
+        is ~1/32 of a 7B target; against a shallow target a narrower MLP keeps the draft cheap.
+        """
         from .target import TargetAdapter
 
         target = TargetAdapter(model)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            draft = cls(target.text_config, compressor)
+            draft = cls(target.text_config, compressor, intermediate_size)
         param = next(model.parameters())
         draft.to(device=param.device, dtype=param.dtype)
         draft.bind(target.embed_tokens, target.lm_head)

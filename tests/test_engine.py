@@ -239,3 +239,16 @@ def test_fused_projections_match_and_follow_weight_updates(monkeypatch):
     monkeypatch.setattr(decoder, "FUSE_MAX_BYTES", 64 << 20)
     torch.testing.assert_close(features()[mask], plain2[mask], rtol=1e-5, atol=1e-5)
     assert not torch.allclose(plain2[mask], plain[mask])
+
+
+def test_narrow_draft_round_trips_and_stays_lossless(tmp_path):
+    """``intermediate_size`` narrows the draft layer's MLP; config.json keeps it; outputs stay the target's."""
+    model = tiny_llava(dtype=torch.float64, kv_heads=2)
+    draft = EagleDraft.from_target(model, seed=0, intermediate_size=16)
+    assert draft.layer.mlp.gate_proj.out_features == 16 != model.config.text_config.intermediate_size
+    draft.save_pretrained(tmp_path)
+    again = EagleDraft.from_pretrained(tmp_path)
+    assert again.layer.mlp.down_proj.in_features == 16
+    inputs = tiny_inputs(model, [5, 11, 2], seed=7)
+    out = _engine(model, "eagle", draft=again.double()).generate(**inputs, max_new_tokens=20)
+    assert out.sequences == greedy_reference(model, inputs, 20)
