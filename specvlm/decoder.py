@@ -62,7 +62,7 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 
 FUSE_MAX_BYTES = 64 << 20  # fuse projections of layers up to this size: there dispatch, not bandwidth, dominates
-_FUSED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> (weight versions, fused tensors)
+_FUSED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> (key, fused tensors or None)
 
 
 def _fused(layer):
@@ -77,19 +77,19 @@ def _fused(layer):
     attn, mlp = layer.self_attn, layer.mlp
     mods = (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj)
     params = [t for m in mods for t in (m.weight, m.bias) if t is not None]
-    if sum(t.numel() * t.element_size() for t in params) > FUSE_MAX_BYTES:
-        return None
-    key = tuple((t.data_ptr(), t._version) for t in params)
+    key = (FUSE_MAX_BYTES, *((t.data_ptr(), t._version) for t in params))
     hit = _FUSED.get(layer)
-    if hit is not None and hit[0] == key:
+    if hit is not None and hit[0] == key:  # the decode loop's case: sizes were checked when the entry was made
         return hit[1]
 
     def cat(ms):
         bias = None if ms[0].bias is None else torch.cat([m.bias for m in ms])
         return torch.cat([m.weight for m in ms]), bias
 
-    with torch.no_grad():
-        fused = (*cat(mods[:3]), *cat(mods[3:]))
+    fused = None
+    if sum(t.numel() * t.element_size() for t in params) <= FUSE_MAX_BYTES:
+        with torch.no_grad():
+            fused = (*cat(mods[:3]), *cat(mods[3:]))
     _FUSED[layer] = (key, fused)
     return fused
 

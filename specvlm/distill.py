@@ -134,13 +134,14 @@ def distill_loss(
         loss = compressor.select_loss(logits, row_loss.T, comp.visual_tokens.view(K, B).T, full)
         pick = logits.argmax(-1)  # [B]
 
-    def at_pick(x: torch.Tensor) -> float:  # [K, B] -> the sum over rows of each row's gate-chosen entry
-        return x.T.gather(1, pick[:, None]).sum().item()
+    def at_pick(x: torch.Tensor) -> torch.Tensor:  # [K * B] or [K, B] -> [B] each row's gate-chosen entry
+        return x.view(K, B).T.gather(1, pick[:, None])[:, 0]
 
-    res = StepResult(loss, at_pick(row_logit), at_pick(row_feat), at_pick(row_top1))
+    res = StepResult(loss, at_pick(row_logit).sum().item(), at_pick(row_feat).sum().item(),
+                     at_pick(row_top1).sum().item())  # fmt: skip
     if comp is not None:
-        res.visual_tokens = comp.visual_tokens.view(K, B).T.gather(1, pick[:, None]).float().mean().item()
-        res.choices = comp.choice.view(K, B).T.gather(1, pick[:, None])[:, 0].tolist()
+        res.visual_tokens = at_pick(comp.visual_tokens).float().mean().item()
+        res.choices = at_pick(comp.choice).tolist()
     return res
 
 
