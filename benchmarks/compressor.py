@@ -108,7 +108,7 @@ def demo_drafts(demo, n: int, max_new_tokens: int, repeats: int) -> tuple[list[d
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="specvlm bench compressor", description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=150, help="distillation steps of each per-primitive draft")
-    ap.add_argument("--num", type=int, default=16, help="held-out inputs per measurement")
+    ap.add_argument("--num", type=int, default=32, help="held-out inputs per measurement (per task kind)")
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (the demo model is fastest on 1)")
