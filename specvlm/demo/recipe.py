@@ -249,24 +249,26 @@ def distill_demo_draft(
     target = TargetAdapter(model)
     opt = make_optimizer(draft, lr=recipe.draft_lr)
     order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(recipe.seed))
-    torch.manual_seed(recipe.seed)  # the gate's Gumbel draws: the same whether or not earlier stages ran here
     label = "demo draft" if compressor is None else "demo specvlm draft"
     log, bar = [], _progress(steps, label) if progress else None
-    for step in range(steps):
-        if on_step is not None:
-            on_step(step, draft)
-        idx = [int(order[(step * recipe.draft_batch + j) % len(pool)]) for j in range(recipe.draft_batch)]
-        batch = collate(processor, [pool[i] for i in idx], None if responses is None else [responses[i] for i in idx])
-        res = distill_step(target, draft, batch, opt, feature_noise=0.0)
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{res.loss.item():.3f}", top1=f"{res.draft_top1:.2f}")
-        if step % log_every == 0 or step == steps - 1:
-            entry = {"step": step, "loss": res.loss.item(), "loss_logit": res.loss_logit,
-                     "loss_feat": res.loss_feat, "draft_top1": res.draft_top1}  # fmt: skip
-            if compressor is not None:
-                entry["draft_visual_tokens"] = res.visual_tokens
-            log.append(entry)
+    with torch.random.fork_rng(devices=[]):  # the caller's global RNG is left as it was
+        torch.manual_seed(recipe.seed)  # the gate's Gumbel draws, whatever ran before in this process
+        for step in range(steps):
+            if on_step is not None:
+                on_step(step, draft)
+            idx = [int(order[(step * recipe.draft_batch + j) % len(pool)]) for j in range(recipe.draft_batch)]
+            resp = None if responses is None else [responses[i] for i in idx]
+            batch = collate(processor, [pool[i] for i in idx], resp)
+            res = distill_step(target, draft, batch, opt, feature_noise=0.0)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{res.loss.item():.3f}", top1=f"{res.draft_top1:.2f}")
+            if step % log_every == 0 or step == steps - 1:
+                entry = {"step": step, "loss": res.loss.item(), "loss_logit": res.loss_logit,
+                         "loss_feat": res.loss_feat, "draft_top1": res.draft_top1}  # fmt: skip
+                if compressor is not None:
+                    entry["draft_visual_tokens"] = res.visual_tokens
+                log.append(entry)
     if bar is not None:
         bar.close()
     draft.eval()
