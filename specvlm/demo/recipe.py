@@ -52,9 +52,9 @@ class DemoRecipe:
     warmup: int = 60
     draft_steps: int = 900
     # the draft layer's MLP width (None = the target's, 640). At 256 the eagle draft accepts as many tokens as a
-    # full-width one and runs 5-10% faster on CPU (its MLP is most of a draft step's weight traffic), and the
-    # compressed specvlm draft started from it keeps its accept length. At 128 the compressed draft lost 11-14%
-    # accept length against the uncompressed narrow one (README, "A narrower draft")
+    # full-width one and runs 1-9% faster on CPU (median 6% over 14 side-by-side runs; its MLP is most of a draft
+    # step's weight traffic), and the compressed specvlm draft started from it keeps its accept length. At 128
+    # the compressed draft lost 11-14% accept length against the uncompressed narrow one (README, "Why 256 wide")
     draft_intermediate: int | None = 256
     draft_batch: int = 16
     draft_lr: float = 1e-3
