@@ -25,12 +25,25 @@ class TreeConfig(_Strict):
     """EAGLE-2 dynamic tree. Defaults are the SpecVLM paper's (top-k 10, 60 tokens, depth 7).
 
     On CPU the target's cost grows with the tree, so smaller trees win there
-    (e.g. top_k=4, total_tokens=16, depth=4); on a GPU the paper's sizes do.
+    (e.g. top_k=2, total_tokens=14, depth=8 for the demo at batch 1), and the
+    confidence bounds (``depth_min_prob``, ``node_min_prob``; `tree.py`) cut
+    the draft forwards and verified nodes of rounds the draft is unsure about;
+    on a GPU the paper's sizes do.
     """
 
     top_k: int = Field(10, ge=1, description="children kept per expanded node")
     total_tokens: int = Field(60, ge=2, description="tree nodes verified per round, root included")
     depth: int = Field(7, ge=1, description="tree levels below the root (draft forwards per round)")
+    depth_min_prob: float = Field(
+        0.0, ge=0, lt=1,
+        description="stop growing the tree early once no frontier node's draft path probability reaches this "
+        "(0: always grow `depth` levels)",
+    )  # fmt: skip
+    node_min_prob: float = Field(
+        0.0, ge=0, lt=1,
+        description="verify only tree nodes whose draft path probability reaches this, up to `total_tokens` "
+        "(0: always `total_tokens`)",
+    )  # fmt: skip
 
     @model_validator(mode="after")
     def _enough_candidates(self):

@@ -35,7 +35,7 @@ from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
 
 from .compressor import ElasticCompressor
 from .config import CompressorConfig, parse_config
-from .decoder import causal_mask, fast_path_ok, run_layer
+from .decoder import causal_mask, fast_path_ok, linear, run_layer
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -161,7 +161,7 @@ class EagleDraft(nn.Module):
         suppress: token ids ``[S]`` never to propose, or an additive ``[V]`` float bias (0 / -inf).
         """
         assert self._shared is not None, "draft is not bound to a target: call bind()"
-        logits = self._shared[1](hidden).float()
+        logits = linear(hidden, self._shared[1]).float()
         if suppress is not None and suppress.numel():
             if suppress.is_floating_point():
                 logits = logits + suppress
@@ -206,7 +206,7 @@ class EagleDraft(nn.Module):
 
     def project(self, token_embeds: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         """The draft's input entries ``h = fc(cat(embed, feature))``: ``[B, Q, D]`` x 2 -> ``[B, Q, D]``."""
-        return self.fc(torch.cat([token_embeds, features.to(token_embeds.dtype)], dim=-1))
+        return linear(torch.cat([token_embeds, features.to(token_embeds.dtype)], dim=-1), self.fc)
 
     def decode(
         self,

@@ -302,9 +302,12 @@ class SpecVLMEngine:
                 continue
 
             # ---- speculative round
-            tree = propose_tree(draft, dkv, root, root_hidden, pos, k, depth, K, suppress, draft_rope)
+            tree = propose_tree(
+                draft, dkv, root, root_hidden, pos, k, depth, K, suppress, draft_rope,
+                tree_cfg.depth_min_prob, tree_cfg.node_min_prob,
+            )  # fmt: skip
             draft_ms = clock.lap()
-            mask4 = kv.begin(K, tree.ancestors)
+            mask4 = kv.begin(tree.num_nodes, tree.ancestors)
             tf = tgt.forward(tgt.embed_tokens(tree.tokens), pos[:, None] + tree.depth, mask4, kv, rope)  # [B, K, D]
             logits = tgt.logits(tf)  # [B, K, V]
             if sampling["temperature"] == 0:
@@ -331,7 +334,7 @@ class SpecVLMEngine:
             for r in rows:
                 st = stats[r]
                 st.target_forwards += 1
-                st.draft_forwards += depth
+                st.draft_forwards += tree.levels  # tree steps + the catch-up
                 st.draft_ms += draft_ms
                 st.verify_ms += verify_ms
             done |= self._emit(seqs, stats, rows, emitted, max_new_tokens, on_tokens)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .decoder import RotaryTable, fast_path_ok, run_layer
+from .decoder import RotaryTable, fast_path_ok, linear, run_layer
 from .kv import SlotKVCache
 
 SUPPORTED = ("llava", "llava_next")
@@ -182,4 +182,4 @@ class TargetAdapter:
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:
         """``[..., D]`` features -> ``[..., V]`` logits."""
-        return self.lm_head(features)
+        return linear(features, self.lm_head)

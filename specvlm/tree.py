@@ -19,10 +19,23 @@ A child's score never exceeds its parent's (log-probs are <= 0); ties are
 broken towards the shallower node, so a kept node's parent is always kept.
 The draft therefore runs ``depth`` times per round counting the catch-up
 forward that produced the root's hidden state (see engine.py).
+
+Confidence bounds (both off at 0, the paper's fixed tree). A node's draft
+path probability ``exp(score)`` estimates how likely the target accepts it,
+so a node far below a bound is mostly wasted verify work, and a draft step
+whose best frontier node is below one mostly wasted draft work:
+
+* ``depth_min_prob``: stop growing once no frontier node of any row reaches
+  it (fewer draft forwards on rounds the draft is unsure about);
+* ``node_min_prob``: verify only nodes that reach it (at least the root; in
+  a batch, as many nodes as the row with the most such nodes needs).
+
+Either way the target still verifies what is proposed: outputs are unchanged.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +49,7 @@ class Tree:
     parents: torch.Tensor  # [B, K] parent node index (the root is its own parent)
     depth: torch.Tensor  # [B, K] 0 for the root
     ancestors: torch.Tensor  # [B, K, K] bool: ancestors[b, i, j] iff j is i or an ancestor of i
+    levels: int = 0  # depth levels the draft proposed (`propose_tree`): levels - 1 draft forwards
 
     @property
     def num_nodes(self) -> int:
@@ -65,11 +79,13 @@ def select_tree(
     cand_parents: torch.Tensor,  # [B, C] candidate index of the parent, -1 for the root
     cand_depth: torch.Tensor,  # [B, C] >= 1
     total_tokens: int,
+    node_min_prob: float = 0.0,
 ) -> Tree:
-    """Keep the best ``total_tokens - 1`` candidates and build the tree tensors."""
+    """Keep the best ``total_tokens - 1`` candidates (fewer under ``node_min_prob``) and build the tree tensors."""
     B, C = cand_tokens.shape
-    n = total_tokens - 1
-    assert n <= C, (n, C)
+    n = min(total_tokens - 1, C)
+    if node_min_prob > 0:  # as many as the row with the most candidates at or above the bound, at least one
+        n = max(1, min(n, int((cand_scores >= math.log(node_min_prob)).sum(1).max())))
     # float64 key with a depth tie-break: a parent always outranks its children.
     key = cand_scores.double() - cand_depth.double() * 1e-9  # [B, C]
     keep = key.topk(n, dim=1).indices.sort(dim=1).values  # [B, n] generation order
@@ -96,8 +112,13 @@ def propose_tree(
     total_tokens: int,
     suppress: torch.Tensor | None = None,  # [S] token ids never proposed, or a [V] additive bias
     rope=None,  # the draft's decoder.RotaryTable
+    depth_min_prob: float = 0.0,
+    node_min_prob: float = 0.0,
 ) -> Tree:
-    """Grow the EAGLE-2 tree with ``draft`` over its `SlotKVCache` (nothing committed)."""
+    """Grow the EAGLE-2 tree with ``draft`` over its `SlotKVCache` (nothing committed).
+
+    Runs at most ``depth - 1`` draft forwards; fewer under ``depth_min_prob`` (module docstring).
+    """
     B, D = root_hidden.shape
     k = top_k
     dev = root.device
@@ -111,7 +132,10 @@ def propose_tree(
     anc = eye  # [B, k, s*k] which written entries each frontier node sees
     entry_pos = (root_pos - 1)[:, None]  # [B, 1] the root's own draft entry position
     n_cand = k
+    stop = math.log(depth_min_prob) if depth_min_prob > 0 else None
     for s in range(1, depth):
+        if stop is not None and float(front_score.max()) < stop:
+            break  # no row's best frontier node is likely enough to grow from
         mask = cache.begin(k, anc, offset=(s - 1) * k)  # [B, 1, k, V']
         pos = (entry_pos + s).expand(B, k)  # [B, k] entry of a depth-s node
         g = draft(draft.embed(front_tok), front_hidden, pos, mask, cache, rope)  # [B, k, D]
@@ -129,13 +153,17 @@ def propose_tree(
         seen = anc.gather(1, slot[..., None].expand(B, k, anc.shape[2]))  # [B, k, s*k]
         anc = torch.cat([seen, eye], dim=2)  # [B, k, (s+1)*k]
         n_cand += k * k
-    per_depth = torch.tensor([k] + [k * k] * (depth - 1), device=dev)
-    cand_depth = torch.arange(1, depth + 1, device=dev).repeat_interleave(per_depth).expand(B, n_cand)  # [B, C]
-    return select_tree(
+    grown = len(cand_tok)  # depth levels proposed
+    per_depth = torch.tensor([k] + [k * k] * (grown - 1), device=dev)
+    cand_depth = torch.arange(1, grown + 1, device=dev).repeat_interleave(per_depth).expand(B, n_cand)  # [B, C]
+    tree = select_tree(
         root,
         torch.cat(cand_tok, 1),
         torch.cat(cand_score, 1),
         torch.cat(cand_parent, 1),
         cand_depth,
         total_tokens,
+        node_min_prob,
     )
+    tree.levels = grown
+    return tree

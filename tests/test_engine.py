@@ -57,8 +57,9 @@ def trained64(trained_pair):
         TreeConfig(),
         TreeConfig(top_k=1, total_tokens=2, depth=1),
         TreeConfig(top_k=2, total_tokens=6, depth=5),
+        TreeConfig(top_k=2, total_tokens=10, depth=6, depth_min_prob=0.3, node_min_prob=0.05),
     ],
-    ids=["small", "paper", "chain1", "deep"],
+    ids=["small", "paper", "chain1", "deep", "bounded"],
 )
 def test_trained_draft_accepts_many_tokens_losslessly(trained64, tree):
     model, draft = trained64
@@ -70,7 +71,26 @@ def test_trained_draft_accepts_many_tokens_losslessly(trained64, tree):
     if tree.depth > 1:
         assert mean_accept > 1.5, out.stats  # multi-token paths were committed
     for st in out.stats:
-        assert st["draft_forwards"] == 1 + tree.depth * (st["target_forwards"] - 1)
+        rounds = st["target_forwards"] - 1
+        if tree.depth_min_prob == 0:
+            assert st["draft_forwards"] == 1 + tree.depth * rounds
+        else:  # the confidence bound may stop growing early: between 1 and `depth` forwards per round
+            assert 1 + rounds <= st["draft_forwards"] <= 1 + tree.depth * rounds
+
+
+def test_confidence_bounds_shrink_the_tree_not_the_output(trained64):
+    """Bounds near 1 leave the draft few forwards and the target few nodes; the tokens stay the target's."""
+    model, draft = trained64
+    inputs = tiny_inputs(model, [3, 7, 5, 4], seed=100)
+    ref = greedy_reference(model, inputs, 24)
+    full, bounded = (
+        _engine(model, "eagle", TreeConfig(top_k=2, total_tokens=10, depth=6, **kw), draft).generate(
+            **inputs, max_new_tokens=24
+        )
+        for kw in ({}, {"depth_min_prob": 0.95, "node_min_prob": 0.95})
+    )
+    assert full.sequences == bounded.sequences == ref
+    assert sum(s["draft_forwards"] for s in bounded.stats) < sum(s["draft_forwards"] for s in full.stats)
 
 
 def test_max_new_tokens_and_eos(trained64):
@@ -205,9 +225,9 @@ def test_pooled_accept_length_weighs_requests_by_their_rounds():
     assert pooled_accept_length([{"num_tokens": 1, "target_forwards": 1}]) == 1.0  # prefill only
 
 
-def test_fused_projections_match_and_follow_weight_updates(monkeypatch):
-    """Small layers run q/k/v and gate/up as one matmul over cached concatenated weights; an in-place
-    weight update (an optimizer step on a draft evaluated mid-training) rebuilds the cache."""
+def test_packed_projections_match_and_follow_weight_updates(monkeypatch):
+    """Small layers run q/k/v and gate/up as one matmul over cached packed weights (``[in, out]`` on CPU);
+    an in-place weight update (an optimizer step on a draft evaluated mid-training) rebuilds the cache."""
     from specvlm import decoder
     from specvlm.target import TargetAdapter
 
@@ -228,7 +248,7 @@ def test_fused_projections_match_and_follow_weight_updates(monkeypatch):
 
     assert all(tgt.fast)
     fused = features()
-    assert len(decoder._FUSED) > 0
+    assert len(decoder._PACKED) > 0
     monkeypatch.setattr(decoder, "FUSE_MAX_BYTES", 0)  # every layer counts as large: separate projections
     plain = features()
     torch.testing.assert_close(fused[mask], plain[mask], rtol=1e-5, atol=1e-5)
@@ -239,6 +259,14 @@ def test_fused_projections_match_and_follow_weight_updates(monkeypatch):
     monkeypatch.setattr(decoder, "FUSE_MAX_BYTES", 64 << 20)
     torch.testing.assert_close(features()[mask], plain2[mask], rtol=1e-5, atol=1e-5)
     assert not torch.allclose(plain2[mask], plain[mask])
+    x = plain2[mask]  # [N, D]: the LM head through `decoder.linear`, before and after an update
+    with torch.no_grad():
+        torch.testing.assert_close(tgt.logits(x), tgt.lm_head(x), rtol=1e-5, atol=1e-5)
+        tgt.lm_head.weight.mul_(0.5)
+        torch.testing.assert_close(tgt.logits(x), tgt.lm_head(x), rtol=1e-5, atol=1e-5)
+    y = decoder.linear(x.clone().requires_grad_(), tgt.lm_head)  # autograd on: the module itself, gradients flow
+    y.sum().backward()
+    assert tgt.lm_head.weight.grad is not None
 
 
 def test_narrow_draft_round_trips_and_stays_lossless(tmp_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from scipy.stats import chisquare
@@ -32,6 +34,26 @@ def test_select_tree_keeps_best_and_orders_parents_first():
     assert torch.equal(tree.depth, torch.tensor([[0, 1, 2, 2]]))
     expected = torch.tensor([[T, F, F, F], [T, T, F, F], [T, T, T, F], [T, T, F, T]])
     assert torch.equal(tree.ancestors[0], expected)
+
+
+def test_select_tree_node_min_prob_keeps_only_likely_nodes():
+    kw = dict(
+        root=torch.tensor([7, 8]),
+        cand_tokens=torch.tensor([[10, 11, 20, 21, 22, 23], [12, 13, 24, 25, 26, 27]]),
+        cand_parents=torch.tensor([[-1, -1, 0, 0, 1, 1]] * 2),
+        cand_depth=torch.tensor([[1, 1, 2, 2, 2, 2]] * 2),
+        total_tokens=5,
+    )
+    unsure = torch.tensor([[-2.0, -3.0, -2.5, -4.0, -3.5, -5.0]])  # no candidate reaches p = 0.5
+    sure = torch.tensor([[-0.1, -1.0, -0.3, -0.5, -1.2, -2.0]])  # 2 reach exp(-0.4)
+    tree = select_tree(cand_scores=torch.cat([sure, sure]), node_min_prob=math.exp(-0.4), **kw)
+    assert torch.equal(tree.tokens, torch.tensor([[7, 10, 20], [8, 12, 24]]))
+    tree = select_tree(cand_scores=torch.cat([unsure, sure]), node_min_prob=math.exp(-0.4), **kw)
+    assert tree.num_nodes == 3  # the batch keeps what its most confident row needs
+    assert torch.equal(tree.tokens[0], torch.tensor([7, 10, 20]))  # the unsure row's best two, parents first
+    tree = select_tree(cand_scores=torch.cat([unsure, unsure]), node_min_prob=0.5, **kw)
+    assert torch.equal(tree.tokens, torch.tensor([[7, 10], [8, 12]]))  # never fewer than one drafted node
+    assert select_tree(cand_scores=torch.cat([sure, sure]), node_min_prob=0.0, **kw).num_nodes == 5
 
 
 def test_select_tree_tie_keeps_the_parent():
