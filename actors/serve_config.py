@@ -125,7 +125,9 @@ class ServeAppConfig(_Strict):
     """The OpenAI-compatible endpoint. Defaults serve the demo model on CPU (``configs/serve.yaml``)."""
 
     model: ModelConfig = ModelConfig()
-    engine: EngineConfig = EngineConfig(tree=TreeConfig(top_k=4, total_tokens=16, depth=4))  # CPU-sized tree
+    engine: EngineConfig = EngineConfig(
+        tree=TreeConfig(top_k=4, total_tokens=16, depth=4, depth_min_prob=0.2, node_min_prob=0.05)
+    )  # CPU-sized tree with confidence bounds (configs/serve.yaml)
     served_model_name: str | None = Field(
         None, description="the `model` requests must name; None = 'specvlm-demo' for the demo, else the target's"
     )

@@ -69,7 +69,9 @@ class CaptionJobConfig(_Strict):
     input: str | None = Field(None, description="folder, s3:// prefix, .tar shard, manifest (.parquet/.jsonl) or file")
     output: str | None = Field(None, description="output folder or s3:// prefix (parquet parts + _summary.json)")
     model: ModelConfig = ModelConfig()
-    engine: EngineConfig = EngineConfig(mode="eagle", tree=TreeConfig(top_k=4, total_tokens=16, depth=5))
+    engine: EngineConfig = EngineConfig(
+        mode="eagle", tree=TreeConfig(top_k=4, total_tokens=16, depth=5, depth_min_prob=0.2, node_min_prob=0.05)
+    )  # CPU-sized tree with confidence bounds (configs/caption-demo.yaml)
     sampling: SamplingConfig = SamplingConfig(max_new_tokens=64)
     prompt: str | None = Field(None, description="prompt for rows without their own; None = image/video_prompt")
     image_prompt: str = Field("describe the image.", min_length=1)

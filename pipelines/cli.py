@@ -56,7 +56,10 @@ def _demo(args: argparse.Namespace) -> None:
     except DemoNotBuiltError as e:
         raise SystemExit(str(e)) from None
     torch.manual_seed(0)
-    tree = TreeConfig(top_k=args.top_k, total_tokens=args.total_tokens, depth=args.depth)
+    tree = TreeConfig(
+        top_k=args.top_k, total_tokens=args.total_tokens, depth=args.depth,
+        depth_min_prob=args.depth_min_prob, node_min_prob=args.node_min_prob,
+    )  # fmt: skip
     engines = {
         "ar": SpecVLMEngine(demo.target, None, EngineConfig(mode="ar")),
         "eagle": SpecVLMEngine(demo.target, demo.draft, EngineConfig(mode="eagle", tree=tree)),
@@ -98,6 +101,8 @@ def main(argv: list[str] | None = None) -> None:
     demo.add_argument("--top-k", type=int, default=4)
     demo.add_argument("--total-tokens", type=int, default=16)
     demo.add_argument("--depth", type=int, default=5)
+    demo.add_argument("--depth-min-prob", type=float, default=0.2, help="TreeConfig.depth_min_prob (0 = off)")
+    demo.add_argument("--node-min-prob", type=float, default=0.05, help="TreeConfig.node_min_prob (0 = off)")
     demo.set_defaults(func=_demo)
     dm = sub.add_parser("demo-model", help="train the demo target VLM and its draft into $SPECVLM_HOME/demo")
     dm.add_argument("--force", action="store_true", help="rebuild even if present")
