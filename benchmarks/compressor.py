@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.demo import CPU_TREE, KINDS, RESULTS, TREES, hf_generate, measure, speed_row
+from benchmarks.demo import FIXED_TREE, KINDS, RESULTS, TREES, hf_generate, measure, speed_row
 from benchmarks.report import to_markdown, write_results
 from specvlm import EngineConfig, SpecVLMEngine
 from specvlm.config import CompressorConfig, PrimitiveConfig
@@ -31,7 +31,7 @@ from specvlm.demo import load_demo
 from specvlm.demo.recipe import DemoRecipe, distill_demo_draft, draft_data, examples
 from specvlm.distill import encode_prompts
 
-TREE = TREES[CPU_TREE]
+TREE = TREES[FIXED_TREE]  # a fixed tree: both drafts verify the same number of nodes per round
 PRIMITIVES = [
     PrimitiveConfig(kind="pool", ratio=4), PrimitiveConfig(kind="pool", ratio=16),
     PrimitiveConfig(kind="conv", ratio=4), PrimitiveConfig(kind="conv", ratio=16),
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     demo = load_demo()
-    head = (f"greedy, batch 1, CPU ({torch.get_num_threads()} thread(s)), tree {CPU_TREE}, max {args.max_new_tokens} "
+    head = (f"greedy, batch 1, CPU ({torch.get_num_threads()} thread(s)), tree {FIXED_TREE}, max {args.max_new_tokens} "
             "new tokens; speedup = HF generate time / method time; vs_eagle = eagle time / method time")  # fmt: skip
     report, result = "", {}
     print(f"## Demo drafts: eagle vs specvlm (elastic), {args.num} held-out inputs per task; {head}", flush=True)

@@ -33,14 +33,17 @@ from specvlm.engine import pooled_accept_length
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).parent / "results"
 TREES = {
-    "k3-n12-d6": TreeConfig(top_k=3, total_tokens=12, depth=6),
     "k2-n14-d8": TreeConfig(top_k=2, total_tokens=14, depth=8),
+    "k2-n14-d8 bounded": TreeConfig(top_k=2, total_tokens=14, depth=8, depth_min_prob=0.2, node_min_prob=0.05),
     "paper k10-n60-d7": TreeConfig(),
 }
-# the CPU-best tree for the demo's 256-wide drafts (a side-by-side sweep of 15 shapes): a draft step costs ~0.2
-# of a target forward, so a deep, narrow tree wins; the paper's wide tree is for GPUs, where verify is ~free
-CPU_TREE = "k2-n14-d8"
-SPECVLM_TREES = (CPU_TREE,)  # specvlm (elastic compressor draft) runs on the CPU-best tree
+# the CPU-best fixed tree for the demo's 256-wide drafts (a side-by-side sweep of 15 shapes): a draft step costs
+# ~0.2 of a target forward, so a deep, narrow tree wins; the paper's wide tree is for GPUs, where verify is ~free
+FIXED_TREE = "k2-n14-d8"
+# ... with confidence bounds (TreeConfig.depth_min_prob / node_min_prob, from a side-by-side sweep): rounds
+# where the draft is unsure stop growing early and verify fewer nodes. The CPU default
+CPU_TREE = "k2-n14-d8 bounded"
+SPECVLM_TREES = (CPU_TREE,)  # specvlm (elastic compressor draft) runs on the CPU default
 COLS = ["task", "method", "tokens", "tokens_per_s", "speedup", "accept_length", "draft_visual_tokens", "prefill_ms",
         "draft_prefill_ms", "draft_ms", "verify_ms", "identical_to_hf"]  # fmt: skip
 
@@ -110,7 +113,7 @@ def speed_row(name: str, result, hf_result, **extra) -> dict:
     return row
 
 
-def speed(demo, n: int = 16, max_new_tokens: int = 48, repeats: int = 3) -> list[dict]:
+def speed(demo, n: int = 16, max_new_tokens: int = 48, repeats: int = 3, device: str = "cpu") -> list[dict]:
     """Per task kind and method: tokens/s over ``n`` held-out inputs at batch 1 (see `measure`)."""
     proc, model = demo.processor, demo.target
     methods = {
@@ -125,7 +128,7 @@ def speed(demo, n: int = 16, max_new_tokens: int = 48, repeats: int = 3) -> list
         )
     rows = []
     for kind, mix in KINDS.items():
-        inputs = [encode_prompts(proc, [s]) for s in examples(seed=777, n=n, **mix)]
+        inputs = [encode_prompts(proc, [s]).to(device) for s in examples(seed=777, n=n, **mix)]
         results = measure(methods, inputs, max_new_tokens, repeats)
         for name, result in results.items():
             rows.append(speed_row(name, result, results["hf_generate"], task=kind))
@@ -182,17 +185,24 @@ def main(argv: list[str] | None = None) -> None:
         default=1,
         help="torch intra-op threads for every method (a model this small runs fastest on 1)",
     )
+    ap.add_argument("--device", default="cpu", help="torch device for every method (e.g. cuda)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     demo = load_demo()
+    where = f"CPU ({torch.get_num_threads()} thread(s))"
+    if args.device != "cpu":
+        for model in (demo.target, demo.draft, demo.specvlm_draft):
+            model.to(args.device)
+        where = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else args.device
+        args.curve_steps = 0  # the training curve is a CPU figure
     header = (
-        f"## Demo model: greedy, batch 1, CPU ({torch.get_num_threads()} thread(s)), {args.num} held-out inputs "
+        f"## Demo model: greedy, batch 1, {where}, {args.num} held-out inputs "
         f"per task, max {args.max_new_tokens} new tokens; speedup = HF generate time / method time"
     )
     print(header, flush=True)
     print("| " + " | ".join(COLS) + " |", flush=True)
-    rows = speed(demo, args.num, args.max_new_tokens, args.repeats)
+    rows = speed(demo, args.num, args.max_new_tokens, args.repeats, args.device)
     table = to_markdown(rows, COLS)
     report = header + "\n\n" + table + "\n"
     result = {"speed": rows}
@@ -204,7 +214,8 @@ def main(argv: list[str] | None = None) -> None:
         report += "\n## Accept length vs distillation steps\n\n" + to_markdown(curve, ["step", "accept_length"]) + "\n"
         result["accept_vs_steps"] = curve
         print(f"wrote {ROOT / 'docs' / 'accept_vs_steps.png'}")
-    write_results(args.out, "demo", report, result)
+    name = "demo" if args.device == "cpu" else f"demo-{torch.device(args.device).type}"  # CPU results stay
+    write_results(args.out, name, report, result)
 
 
 if __name__ == "__main__":
