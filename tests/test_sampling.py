@@ -36,23 +36,27 @@ def _exact_joint(model, inputs, n_tokens: int) -> dict[tuple[int, ...], float]:
     return joint
 
 
-@pytest.mark.parametrize("mode", ["eagle", "ar"])
+@pytest.mark.parametrize("mode", ["eagle", "eagle-bounded", "ar"])
 def test_first_tokens_follow_target_distribution(trained_pair, mode):
     model, draft = trained_pair
     inputs = tiny_inputs(model, [5], seed=100)
     n_tokens, rows, calls = 3, 250, 8
     exact = _exact_joint(model, inputs, n_tokens)
-    tree = TreeConfig(top_k=4, total_tokens=12, depth=3)
+    # bounded: confidence bounds high enough to cut the tree on most rounds; the trees stay draft-only functions
+    bounds = {"depth_min_prob": 0.9, "node_min_prob": 0.9} if mode == "eagle-bounded" else {}
+    mode = mode.removesuffix("-bounded")
+    tree = TreeConfig(top_k=4, total_tokens=12, depth=3, **bounds)
     engine = SpecVLMEngine(model, draft if mode == "eagle" else None, EngineConfig(mode=mode, tree=tree))
     batch = {k: v.repeat(rows, *([1] * (v.dim() - 1))) for k, v in inputs.items()}
     counts: dict[tuple[int, ...], int] = {}
-    accepted = []
+    accepted, cuts = [], 0
     for c in range(calls):
         out = engine.generate(**batch, max_new_tokens=n_tokens, temperature=TEMP, top_k=TOP_K, seed=c)
         for seq, st in zip(out.sequences, out.stats):
             key = tuple(seq[:n_tokens])
             counts[key] = counts.get(key, 0) + 1
             accepted.append(st["target_forwards"])
+            cuts += st["draft_forwards"] < 1 + tree.depth * (st["target_forwards"] - 1)  # a round stopped early
     total = rows * calls
     assert set(counts) <= set(exact), "sampled a sequence the target gives probability 0"
     # pool cells with small expected counts so the chi-square approximation holds
@@ -67,3 +71,4 @@ def test_first_tokens_follow_target_distribution(trained_pair, mode):
     assert stat.pvalue > 1e-3, (stat, list(itertools.islice(zip(obs, exp), 10)))
     if mode == "eagle":  # the speculative round really did accept draft tokens sometimes
         assert min(accepted) == 2 and any(f == 2 for f in accepted)
+        assert (cuts > 0) == bool(bounds)  # the bounds really stopped some trees early
