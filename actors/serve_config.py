@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from specvlm.config import ConfigError, EngineConfig, ModelConfig, TreeConfig, parse_config, read_yaml
+from specvlm.config import CPU_TREE_BOUNDS, ConfigError, EngineConfig, ModelConfig, TreeConfig, parse_config, read_yaml
 
 
 class _Strict(BaseModel):
@@ -126,7 +126,7 @@ class ServeAppConfig(_Strict):
 
     model: ModelConfig = ModelConfig()
     engine: EngineConfig = EngineConfig(
-        tree=TreeConfig(top_k=4, total_tokens=16, depth=4, depth_min_prob=0.2, node_min_prob=0.05)
+        tree=TreeConfig(top_k=4, total_tokens=16, depth=4, **CPU_TREE_BOUNDS)
     )  # CPU-sized tree with confidence bounds (configs/serve.yaml)
     served_model_name: str | None = Field(
         None, description="the `model` requests must name; None = 'specvlm-demo' for the demo, else the target's"

@@ -25,6 +25,7 @@ import torch
 
 from benchmarks.report import to_markdown, write_results
 from specvlm import EngineConfig, SpecVLMEngine, TreeConfig
+from specvlm.config import CPU_TREE_BOUNDS
 from specvlm.demo import load_demo
 from specvlm.demo.recipe import DemoRecipe, distill_demo_draft, examples
 from specvlm.distill import encode_prompts, evaluate_accept_length
@@ -34,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).parent / "results"
 TREES = {
     "k2-n14-d8": TreeConfig(top_k=2, total_tokens=14, depth=8),
-    "k2-n14-d8 bounded": TreeConfig(top_k=2, total_tokens=14, depth=8, depth_min_prob=0.2, node_min_prob=0.05),
+    "k2-n14-d8 bounded": TreeConfig(top_k=2, total_tokens=14, depth=8, **CPU_TREE_BOUNDS),
     "paper k10-n60-d7": TreeConfig(),
 }
 # the CPU-best fixed tree for the demo's 256-wide drafts (a side-by-side sweep of 15 shapes): a draft step costs

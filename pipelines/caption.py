@@ -38,7 +38,16 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from specvlm.config import ConfigError, EngineConfig, ModelConfig, SamplingConfig, TreeConfig, load_config, parse_config
+from specvlm.config import (
+    CPU_TREE_BOUNDS,
+    ConfigError,
+    EngineConfig,
+    ModelConfig,
+    SamplingConfig,
+    TreeConfig,
+    load_config,
+    parse_config,
+)
 from specvlm.media import MediaLimits
 
 from . import caption_io as cio
@@ -70,7 +79,7 @@ class CaptionJobConfig(_Strict):
     output: str | None = Field(None, description="output folder or s3:// prefix (parquet parts + _summary.json)")
     model: ModelConfig = ModelConfig()
     engine: EngineConfig = EngineConfig(
-        mode="eagle", tree=TreeConfig(top_k=4, total_tokens=16, depth=5, depth_min_prob=0.2, node_min_prob=0.05)
+        mode="eagle", tree=TreeConfig(top_k=4, total_tokens=16, depth=5, **CPU_TREE_BOUNDS)
     )  # CPU-sized tree with confidence bounds (configs/caption-demo.yaml)
     sampling: SamplingConfig = SamplingConfig(max_new_tokens=64)
     prompt: str | None = Field(None, description="prompt for rows without their own; None = image/video_prompt")

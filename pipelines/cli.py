@@ -47,6 +47,7 @@ def _demo(args: argparse.Namespace) -> None:
     import torch
 
     from specvlm import EngineConfig, SpecVLMEngine, TreeConfig
+    from specvlm.config import CPU_TREE_BOUNDS
     from specvlm.demo import DemoNotBuiltError, load_demo
     from specvlm.demo.recipe import examples
     from specvlm.distill import encode_prompts
@@ -56,10 +57,8 @@ def _demo(args: argparse.Namespace) -> None:
     except DemoNotBuiltError as e:
         raise SystemExit(str(e)) from None
     torch.manual_seed(0)
-    tree = TreeConfig(
-        top_k=args.top_k, total_tokens=args.total_tokens, depth=args.depth,
-        depth_min_prob=args.depth_min_prob, node_min_prob=args.node_min_prob,
-    )  # fmt: skip
+    bounds = {k: v if getattr(args, k) is None else getattr(args, k) for k, v in CPU_TREE_BOUNDS.items()}
+    tree = TreeConfig(top_k=args.top_k, total_tokens=args.total_tokens, depth=args.depth, **bounds)
     engines = {
         "ar": SpecVLMEngine(demo.target, None, EngineConfig(mode="ar")),
         "eagle": SpecVLMEngine(demo.target, demo.draft, EngineConfig(mode="eagle", tree=tree)),
@@ -101,8 +100,10 @@ def main(argv: list[str] | None = None) -> None:
     demo.add_argument("--top-k", type=int, default=4)
     demo.add_argument("--total-tokens", type=int, default=16)
     demo.add_argument("--depth", type=int, default=5)
-    demo.add_argument("--depth-min-prob", type=float, default=0.2, help="TreeConfig.depth_min_prob (0 = off)")
-    demo.add_argument("--node-min-prob", type=float, default=0.05, help="TreeConfig.node_min_prob (0 = off)")
+    for name in ("depth_min_prob", "node_min_prob"):  # default None: specvlm.config.CPU_TREE_BOUNDS (imported lazily)
+        demo.add_argument(
+            f"--{name.replace('_', '-')}", type=float, help=f"TreeConfig.{name} (0 = off; default: CPU's)"
+        )
     demo.set_defaults(func=_demo)
     dm = sub.add_parser("demo-model", help="train the demo target VLM and its draft into $SPECVLM_HOME/demo")
     dm.add_argument("--force", action="store_true", help="rebuild even if present")

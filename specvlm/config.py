@@ -21,6 +21,11 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+# The confidence bounds the CPU configs use (`TreeConfig.depth_min_prob` / `node_min_prob`), from a side-by-side
+# sweep on the demo model at batch 1 (README, Benchmarks); a GPU verifies a whole tree for about one token's cost
+CPU_TREE_BOUNDS = {"depth_min_prob": 0.2, "node_min_prob": 0.05}
+
+
 class TreeConfig(_Strict):
     """EAGLE-2 dynamic tree. Defaults are the SpecVLM paper's (top-k 10, 60 tokens, depth 7).
 
