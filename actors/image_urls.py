@@ -14,7 +14,8 @@ http(s) URLs (SSRF rules, in order; every refusal is a 400 naming the rule):
 3. the host resolves, and every address it resolves to is globally routable:
    not private, loopback, link-local (169.254.169.254 included), CGNAT,
    multicast, reserved, unspecified, nor a metadata address, also when
-   embedded in IPv6 (IPv4-mapped, NAT64, 6to4, Teredo);
+   embedded in IPv6 (IPv4-mapped, SIIT, IPv4-compatible, NAT64, 6to4,
+   Teredo); the local-use NAT64 prefix 64:ff9b:1::/48 is never public;
 4. the connection goes to the checked address (``Host`` header and TLS SNI
    keep the name), so a second DNS answer cannot point it elsewhere;
 5. no redirects, no proxies from the environment, ``timeout_s`` for the
@@ -43,7 +44,12 @@ METADATA_HOSTS = frozenset({"metadata", "metadata.google.internal", "metadata.go
 METADATA_IPS = frozenset(ipaddress.ip_address(a) for a in (
     "169.254.169.254", "169.254.170.2", "fd00:ec2::254", "100.100.100.200", "168.63.129.16",
 ))  # fmt: skip
-_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+# IPv6 forms that carry an IPv4 address (a relay or translator turns them into IPv4 traffic)
+_MAPPED = ipaddress.ip_network("::ffff:0:0/96")  # ::ffff:a.b.c.d, IPv4-mapped
+_TRANSLATED = ipaddress.ip_network("::ffff:0:0:0/96")  # ::ffff:0:a.b.c.d, SIIT IPv4-translated (RFC 2765)
+_COMPATIBLE = ipaddress.ip_network("::/96")  # ::a.b.c.d, IPv4-compatible (deprecated, still routed by some stacks)
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")  # well-known NAT64 prefix: the last 32 bits (RFC 6052)
+_NAT64_SPACE = ipaddress.ip_network("64:ff9b::/32")  # the rest: local-use 64:ff9b:1::/48 (RFC 8215), unassigned
 _DATA_URL = re.compile(r"data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^,;]*)*?);base64,", re.IGNORECASE)
 _WHITESPACE = re.compile(rb"[\t\n\r\f\v ]+")
 
@@ -73,15 +79,28 @@ def decode_data_url(url: str, max_bytes: int, param: str = "image_url") -> bytes
     return data
 
 
+def embedded_ipv4(ip: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """Every IPv4 address ``ip`` carries: IPv4-mapped, SIIT-translated, IPv4-compatible, well-known NAT64
+    (last 32 bits), 6to4 (2002::/16) and Teredo (2001::/32: server, and the client un-XORed)."""
+    low32 = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    out = [low32] if any(ip in net for net in (_MAPPED, _TRANSLATED, _COMPATIBLE, _NAT64)) else []
+    if ip.sixtofour is not None:
+        out.append(ip.sixtofour)
+    if ip.teredo is not None:
+        out.extend(ip.teredo)
+    return out
+
+
 def is_public(ip: IP) -> bool:
-    """Globally routable unicast and not a metadata address, also for IPv4 embedded in IPv6."""
+    """Globally routable unicast and not a metadata address; an IPv6 address that embeds an IPv4 one is public
+    only if every IPv4 in it is. NAT64 prefixes other than the well-known /96 (the local-use 64:ff9b:1::/48
+    translates into the operator's own network) are never public."""
     if not ip.is_global or ip.is_multicast or ip in METADATA_IPS:
         return False
     if isinstance(ip, ipaddress.IPv6Address):
-        embedded = [ip.ipv4_mapped, ip.sixtofour, *(ip.teredo or ())]
-        if ip in _NAT64:
-            embedded.append(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
-        return all(is_public(e) for e in embedded if e is not None)
+        if ip in _NAT64_SPACE and ip not in _NAT64:
+            return False
+        return all(is_public(e) for e in embedded_ipv4(ip))
     return True
 
 

@@ -145,6 +145,40 @@ def test_is_public(addr, public):
     assert is_public(ipaddress.ip_address(addr)) is public
 
 
+# every IPv6 form that carries an IPv4 address, with a loopback/metadata/private IPv4 in it
+EMBEDDED = {
+    "mapped ::ffff:0:0/96": ("::ffff:127.0.0.1", "127.0.0.1"),
+    "SIIT ::ffff:0:0:0/96": ("::ffff:0:7f00:1", "127.0.0.1"),
+    "compatible ::/96": ("::127.0.0.1", "127.0.0.1"),
+    "compatible metadata": ("::a9fe:a9fe", "169.254.169.254"),
+    "NAT64 64:ff9b::/96": ("64:ff9b::a9fe:a9fe", "169.254.169.254"),
+    "6to4 2002::/16": ("2002:a00:1::1", "10.0.0.1"),
+    "Teredo 2001::/32 (client XOR'd)": ("2001:0:5db8:d822::80ff:fffe", "127.0.0.1"),
+}
+
+
+@pytest.mark.parametrize("form", list(EMBEDDED))
+def test_ipv6_embedding_a_private_ipv4_is_refused(form):
+    from actors.image_urls import embedded_ipv4
+
+    addr, v4 = EMBEDDED[form]
+    ip = ipaddress.ip_address(addr)
+    assert ipaddress.ip_address(v4) in embedded_ipv4(ip)
+    assert not is_public(ip)
+    with pytest.raises(OpenAIError, match="non-public address"):
+        _fetch("http://images.example.com/a.png", lambda r: httpx.Response(200, content=png()), addr)
+
+
+@pytest.mark.parametrize("addr", ["64:ff9b:1::a9fe:a9fe", "64:ff9b:1::5db8:d822", "64:ff9b:1:ff::1", "64:ff9b:2::1"])
+def test_nat64_local_use_prefix_is_never_public(addr):
+    assert not is_public(ipaddress.ip_address(addr))  # RFC 8215: it translates into the operator's own network
+
+
+@pytest.mark.parametrize("addr", ["::ffff:93.184.216.34", "64:ff9b::5db8:d822", "2002:5db8:d822::1"])
+def test_ipv6_embedding_a_public_ipv4_is_public(addr):
+    assert is_public(ipaddress.ip_address(addr))
+
+
 @pytest.mark.parametrize(
     "url, text",
     [
