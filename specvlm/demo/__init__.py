@@ -3,7 +3,8 @@
 `ShapesWorld(seed)` draws images, videos, captions and questions; `build_processor()`
 gives the matching `LlavaProcessor`; `prompt` / `format_example` give the chat
 format. `load_demo()` loads the demo target VLM and its two distilled drafts
-built by ``make demo-model`` (`specvlm.demo.recipe.build_demo`): ``draft``
+(`specvlm.demo.recipe.build_demo`; the build ships with the package, and
+``make demo-model`` rebuilds it into the cache): ``draft``
 (EAGLE, mode ``eagle``) and ``specvlm_draft`` (with the elastic visual
 compressor, mode ``specvlm``).
 """
@@ -23,21 +24,35 @@ __all__ = [
     "build_processor",
     "build_tokenizer",
     "demo_dir",
+    "demo_path",
     "format_example",
     "load_demo",
     "prompt",
 ]
 
 
+PARTS = ("target", "draft", "draft-specvlm")
+SHIPPED_DIR = Path(__file__).parent / "model"  # the build `DemoRecipe()` made, shipped with the package (fp16)
+
+
 class DemoNotBuiltError(FileNotFoundError):
-    """The demo model is not in the cache."""
+    """No demo model at the given path."""
 
 
 def demo_dir() -> Path:
-    """Where ``make demo-model`` puts the demo: ``$SPECVLM_HOME/demo`` (default ``~/.cache/specvlm/demo``)."""
+    """Where ``make demo-model`` puts a rebuild: ``$SPECVLM_HOME/demo`` (default ``~/.cache/specvlm/demo``)."""
     from ..loading import specvlm_home
 
     return specvlm_home() / "demo"
+
+
+def _complete(root: Path) -> bool:
+    return all((root / p / "config.json").is_file() for p in PARTS)
+
+
+def demo_path() -> Path:
+    """The demo model in use: a rebuild in `demo_dir()` when there is one, else the shipped `SHIPPED_DIR`."""
+    return demo_dir() if _complete(demo_dir()) else SHIPPED_DIR
 
 
 @dataclass
@@ -60,15 +75,19 @@ class DemoBundle:
 
 
 def load_demo(path: str | Path | None = None) -> DemoBundle:
-    """Load the demo built by ``make demo-model``; raises `DemoNotBuiltError` if it is missing."""
+    """Load a demo build in float32: ``path``, else `demo_path()` (a rebuild in the cache, else the shipped one).
+
+    Raises `DemoNotBuiltError` when ``path`` holds no complete build.
+    """
+    import torch
+
     from ..draft import EagleDraft
     from ..loading import load_target
 
-    root = Path(path) if path else demo_dir()
-    parts = ("target", "draft", "draft-specvlm")
-    if not all((root / p / "config.json").is_file() for p in parts):
-        hint = "run `make demo-model` (or `specvlm demo-model`)"
-        raise DemoNotBuiltError(f"the demo model is not built in {root}: {hint}")
-    model, processor = load_target(root / "target")
-    drafts = [EagleDraft.from_pretrained(root / p) for p in parts[1:]]
+    root = Path(path) if path else demo_path()
+    if not _complete(root):
+        hint = "run `make demo-model` (or `specvlm demo-model --output DIR`)"
+        raise DemoNotBuiltError(f"no demo model in {root}: {hint}")
+    model, processor = load_target(root / "target", torch.float32)
+    drafts = [EagleDraft.from_pretrained(root / p).float() for p in PARTS[1:]]
     return DemoBundle(model, processor, drafts[0], root, drafts[1])

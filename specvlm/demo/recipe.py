@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import CompressorConfig, PrimitiveConfig
+from ..loading import cpu_has_native_bf16, load_target
 from ..media import tile_frames
 from .text import build_processor
 from .world import IMAGE_SIZE, ShapesWorld
@@ -68,7 +69,13 @@ class DemoRecipe:
     # (benchmarks/results/compressor.md). On the 256-wide draft the gate picks prune4 every time
     compressor_primitives: tuple[str, ...] = ("prune4", "prune16")
     compressor_cost_weight: float = 0.0  # the specvlm draft's gate cost term (CompressorConfig.cost_weight)
-    bf16: bool = True  # autocast the target's training forward (2-3x faster matmuls on AVX512-BF16 CPUs)
+    # autocast the target's training forward to bfloat16. None: only where the CPU has native bf16
+    # (`specvlm.loading.cpu_has_native_bf16`); elsewhere bf16 is emulated and far slower than float32
+    bf16: bool | None = None
+
+    def target_bf16(self) -> bool:
+        """Whether the target trains under bf16 autocast on this machine (``bf16``, or native support if None)."""
+        return cpu_has_native_bf16() if self.bf16 is None else self.bf16
 
     def compressor(self) -> CompressorConfig:
         """The specvlm draft's elastic compressor (select mode) over ``compressor_primitives``."""
@@ -149,11 +156,14 @@ def train_target(model, processor, recipe: DemoRecipe, progress: bool = True) ->
     attn = model.config._attn_implementation
     model.set_attn_implementation("eager")
     model.train()
+    bf16 = recipe.target_bf16()
+    if progress:
+        print(f"demo target: training in {'bfloat16 autocast (native on this CPU)' if bf16 else 'float32'}", flush=True)
     log, bar = [], _progress(total, "demo target") if progress else None
     for step in range(total):
         samples = [to_example(world.sample(), recipe.video_frames) for _ in range(recipe.target_batch)]
         batch = collate(processor, samples)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=recipe.bf16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, pixel_values=batch.pixel_values)
         logits = out.logits[:, :-1].float()  # [B, T-1, V] predicts token t+1
         labels = batch.input_ids[:, 1:].masked_fill(~batch.loss_mask[:, 1:].bool(), -100)  # [B, T-1]
@@ -279,6 +289,7 @@ def distill_demo_draft(
 
 
 STAGES = ("target", "draft", "draft-specvlm")
+SAVE_DTYPE = torch.float16  # weights on disk: half the bytes of float32; loaded back as float32 (`load_demo`)
 
 
 def _stage_key(recipe: dict, name: str) -> dict:
@@ -315,21 +326,23 @@ def build_demo(out: Path, recipe: DemoRecipe | None = None, progress: bool = Tru
     compressor and gate are distilled jointly for ``draft_steps``).
     """
     from ..draft import EagleDraft
-    from ..loading import load_target
 
     recipe = recipe or DemoRecipe()
     out = Path(out)
     tdir = out / "target"
     target_metrics = _stage(out, "target", recipe)
-    if target_metrics is not None:
-        model, processor = load_target(tdir)
-    else:
+    if target_metrics is None:
         torch.manual_seed(recipe.seed)
         processor = build_processor(recipe.image_size, recipe.patch)
         t0 = time.perf_counter()
         model = build_target(recipe, vocab_size=len(processor.tokenizer))
         target_log = train_target(model, processor, recipe, progress)
         t_target = time.perf_counter() - t0
+        tdir.mkdir(parents=True, exist_ok=True)
+        model.to(SAVE_DTYPE).save_pretrained(tdir)
+        processor.save_pretrained(tdir)
+        # evaluated (and the drafts distilled) on the weights as stored, so the metrics describe what ships
+        model, processor = load_target(tdir, torch.float32)
         quality = evaluate_target(
             model, processor, examples(recipe.seed + 1000, recipe.eval_samples, recipe.video_frames, recipe.image_size)
         )
@@ -337,14 +350,13 @@ def build_demo(out: Path, recipe: DemoRecipe | None = None, progress: bool = Tru
             recipe.seed + 2000, recipe.eval_samples, recipe.video_frames, recipe.image_size, p_video=0, p_qa=0
         )
         quality["caption_exact_match"] = evaluate_target(model, processor, captions)["exact_match"]
-        tdir.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(tdir)
-        processor.save_pretrained(tdir)
         target_metrics = {"recipe": asdict(recipe), "target_train_s": t_target, "target": quality,
-                          "target_log": target_log}  # fmt: skip
+                          "target_bf16": recipe.target_bf16(), "target_log": target_log}  # fmt: skip
         (out / "target_metrics.json").write_text(json.dumps(target_metrics, indent=2))
         if progress:
             print(f"demo target: {json.dumps(quality)} in {t_target:.0f}s", flush=True)
+    else:
+        model, processor = load_target(tdir, torch.float32)
     metrics, data = dict(target_metrics), None
     for name, compressor in (("draft", None), ("draft-specvlm", recipe.compressor())):
         stage = _stage(out, name, recipe)
@@ -352,11 +364,11 @@ def build_demo(out: Path, recipe: DemoRecipe | None = None, progress: bool = Tru
             t1 = time.perf_counter()
             data = data or draft_data(model, processor, recipe)  # one pool of target responses for both drafts
             # the specvlm draft starts from the trained eagle draft's layer; its compressor and gate start fresh
-            init = EagleDraft.from_pretrained(out / "draft") if compressor is not None else None
+            init = EagleDraft.from_pretrained(out / "draft").float() if compressor is not None else None
             draft, draft_log = distill_demo_draft(
                 model, processor, recipe, progress, compressor=compressor, data=data, init=init
             )
-            draft.save_pretrained(out / name)
+            draft.to(SAVE_DTYPE).save_pretrained(out / name)
             stage = {"recipe": asdict(recipe), f"{name}_train_s": time.perf_counter() - t1, f"{name}_log": draft_log}
             (out / f"{name}_metrics.json").write_text(json.dumps(stage, indent=2))
         metrics.update(stage)
