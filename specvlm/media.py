@@ -14,7 +14,9 @@ Choices a reader should know about:
 - Transparent images (RGBA, LA, palette with transparency) are composited on
   white, so transparent areas do not turn black.
 - 16-bit and 32-bit grayscale ("I;16", "I", "F") are scaled into 0..255, not
-  clipped (Pillow's plain ``convert("RGB")`` turns most 16-bit pixels white).
+  clipped (Pillow's plain ``convert("RGB")`` turns most 16-bit pixels white);
+  float images ("F") whose values lie in 0..1 are scaled by 255, not truncated
+  to black.
 - EXIF orientation is applied, so phone photos come out upright.
 - Animated images (GIF, WebP, APNG) and multi-page TIFFs give their first frame.
 - Only the formats below are opened: Pillow's other plugins (EPS runs
@@ -70,6 +72,12 @@ class MediaLimits(BaseModel):
     max_pixels: int = Field(
         40_000_000, gt=0, description="width*height of an image or video frame, checked from the header before decoding"
     )
+    max_aspect_ratio: float = Field(
+        20.0,
+        ge=1.0,
+        description="longer side / shorter side of an image or video frame, checked from the header before decoding: "
+        "processors scale the shorter side up, so a 40000x1 image would cost as much as a 40000x336 one",
+    )
     max_frames: int = Field(8, ge=1, description="frames sampled from one video (the most a caller may ask for)")
     max_video_seconds: float = Field(
         600.0, gt=0, description="video duration, checked from container metadata when it has any"
@@ -104,22 +112,52 @@ def _check_size(data: bytes, limits: MediaLimits) -> None:
         raise MediaError("too_large", f"{len(data)} bytes > max_bytes={limits.max_bytes}")
 
 
-def _check_pixels(width: int, height: int, limits: MediaLimits) -> None:
+def check_dimensions(width: int, height: int, limits: MediaLimits) -> None:
+    """The one size check for images and video frames (batch job and Serve alike): pixel count and aspect
+    ratio, from header values, so a bomb is refused before any pixel is decoded; raises `MediaError`."""
+    if width <= 0 or height <= 0:
+        raise MediaError("decode", f"{width}x{height} pixels: empty frame")
     if width * height > limits.max_pixels:
         raise MediaError("too_large", f"{width}x{height} pixels > max_pixels={limits.max_pixels}")
+    if max(width, height) / min(width, height) > limits.max_aspect_ratio:
+        raise MediaError("too_large", f"aspect ratio {width}x{height} > max_aspect_ratio={limits.max_aspect_ratio:g}")
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:
     """Any Pillow mode -> RGB: alpha composited on white, high bit depth scaled to 8 bits."""
     if im.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N", "F"):
         hi = im.getextrema()[1]
-        scale = 1.0 if hi <= 255 else 255 / 65535 if hi <= 65535 else 255 / hi
+        if im.mode == "F" and hi <= 1.0:  # float images usually hold 0..1 (scientific and HDR TIFFs)
+            scale = 255.0
+        else:
+            scale = 1.0 if hi <= 255 else 255 / 65535 if hi <= 65535 else 255 / hi
         im = im.convert("F" if im.mode == "F" else "I").point(lambda v: v * scale).convert("L")
     if im.has_transparency_data:
         rgba = im.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
     return im.convert("RGB")
+
+
+_TIFF_SAMPLE_FORMATS = {1: "uint", 2: "int", 3: "float", 4: "void", 5: "complex int", 6: "complex float"}
+
+
+def _tiff_layout(data: bytes) -> str | None:
+    """A TIFF's pixel layout from its first IFD (e.g. ``"1 x 64-bit float, photometric 1"``); None if not a TIFF."""
+    from PIL import TiffImagePlugin
+
+    if data[:4] not in (b"II*\x00", b"MM\x00*"):
+        return None
+    try:
+        ifd = TiffImagePlugin.ImageFileDirectory_v2(data[:8])
+        fp = io.BytesIO(data)
+        fp.seek(ifd.next)
+        ifd.load(fp)
+        bits = ifd.get(258, (1,))
+        fmt = _TIFF_SAMPLE_FORMATS.get(ifd.get(339, (1,))[0], "unknown")
+        return f"{ifd.get(277, len(bits))} x {bits[0]}-bit {fmt}, photometric {ifd.get(262, '?')}"
+    except Exception:  # a header too broken to read: the caller reports it as undecodable
+        return None
 
 
 def decode_image(data: bytes, limits: MediaLimits = DEFAULT_LIMITS) -> Image.Image:
@@ -136,7 +174,7 @@ def decode_image(data: bytes, limits: MediaLimits = DEFAULT_LIMITS) -> Image.Ima
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data), formats=_PIL_FORMATS) as im:
                 fmt = im.format or fmt
-                _check_pixels(im.width, im.height, limits)
+                check_dimensions(im.width, im.height, limits)
                 im.load()
                 ImageOps.exif_transpose(im, in_place=True)
                 return _to_rgb(im)
@@ -145,6 +183,8 @@ def decode_image(data: bytes, limits: MediaLimits = DEFAULT_LIMITS) -> Image.Ima
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise MediaError("too_large", f"decompression bomb: {e}") from e
     except Image.UnidentifiedImageError as e:
+        if layout := _tiff_layout(data):  # a TIFF whose pixel layout Pillow has no mode for
+            raise MediaError("unsupported", f"TIFF pixel layout {layout} has no Pillow mode") from e
         raise MediaError("decode", f"cannot identify image file (not one of {', '.join(_PIL_FORMATS)})") from e
     except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError, EOFError, zlib.error, ...
         raise MediaError("decode", f"{fmt}: {e or type(e).__name__}") from e
@@ -166,7 +206,9 @@ def _open_video(data: bytes, limits: MediaLimits) -> tuple[av.container.InputCon
         if not container.streams.video:
             raise MediaError("decode", f"no video stream in {container.format.name} container")
         stream = container.streams.video[0]
-        _check_pixels(stream.codec_context.width, stream.codec_context.height, limits)
+        w, h = stream.codec_context.width, stream.codec_context.height
+        if w and h:  # 0 when the container does not say; every decoded frame is checked again below
+            check_dimensions(w, h, limits)
         seconds = container.duration / av.time_base if container.duration else 0.0
         if seconds > limits.max_video_seconds:
             raise MediaError("too_large", f"{seconds:.1f} s > max_video_seconds={limits.max_video_seconds}")
@@ -185,7 +227,7 @@ def _decode_indices(data: bytes, wanted: list[int], limits: MediaLimits) -> tupl
     container, stream = _open_video(data, limits)
     with container:
         for frame in container.decode(stream):
-            _check_pixels(frame.width, frame.height, limits)
+            check_dimensions(frame.width, frame.height, limits)
             if seen in keep:
                 frames.append(frame.to_image())  # rgb24
             seen += 1
@@ -250,15 +292,19 @@ def decode_media(data: bytes, name: str, limits: MediaLimits = DEFAULT_LIMITS) -
 def tile_frames(frames: list[Image.Image], cols: int = 2, size: int | None = None) -> Image.Image:
     """Tile video frames row-major into one image (for image-only VLMs such as LLaVA-1.5).
 
-    ``len(frames)`` frames go on a ``cols``-wide grid; the result is ``size`` px
-    square (default: the first frame's width), each frame scaled into its cell.
+    ``len(frames)`` frames go on a grid ``min(cols, len(frames))`` wide; every cell keeps the first
+    frame's aspect ratio, so the grid's aspect is ``cols * width : rows * height``. ``size`` is the
+    result's longer side (default: the first frame's longer side); a cell is at least 1x1 pixel.
     """
     if not frames:
         raise ValueError("tile_frames needs at least one frame")
+    cols = max(1, min(cols, len(frames)))
     rows = -(-len(frames) // cols)
-    size = size or frames[0].width
-    cw, ch = size // cols, size // rows
-    canvas = Image.new("RGB", (size, size))
+    w, h = frames[0].size
+    size = size or max(w, h)
+    longer = max(cols * w, rows * h)  # the grid's longer side at the frames' own size
+    cw, ch = max(1, w * size // longer), max(1, h * size // longer)
+    canvas = Image.new("RGB", (cols * cw, rows * ch))
     for i, f in enumerate(frames):
         r, c = divmod(i, cols)
         canvas.paste(f.convert("RGB").resize((cw, ch), Image.BILINEAR), (c * cw, r * ch))

@@ -156,6 +156,39 @@ def test_16bit_grayscale_png_is_scaled_not_clipped():
     assert [out.getpixel((x, 0))[0] for x in range(3)] == [255, 127, 0]
 
 
+def test_float_tiff_in_0_1_is_scaled_not_black():
+    data = _save(Image.fromarray(np.array([[0.0, 0.5, 1.0]], np.float32), mode="F"), "TIFF")
+    out = decode_image(data)
+    assert [out.getpixel((x, 0))[0] for x in range(3)] == [0, 127, 255]
+    wide = _save(Image.fromarray(np.array([[0.0, 65535.0]], np.float32), mode="F"), "TIFF")  # 16-bit range: as before
+    assert [decode_image(wide).getpixel((x, 0))[0] for x in range(2)] == [0, 255]
+
+
+def test_tiff_without_a_pillow_mode_names_its_layout():
+    from caption_inputs import tiff_without_mode
+
+    with pytest.raises(MediaError) as e:
+        decode_image(tiff_without_mode())
+    assert str(e.value) == "unsupported: TIFF pixel layout 1 x 64-bit float, photometric 1 has no Pillow mode"
+
+
+def test_aspect_ratio_is_checked_from_the_header():
+    with pytest.raises(MediaError) as e:
+        decode_image(_png_claiming(40_000, 1))  # the aspect-ratio bomb: 40000x1 within max_pixels
+    assert str(e.value) == "too_large: aspect ratio 40000x1 > max_aspect_ratio=20"
+    assert decode_image(_save(Image.new("RGB", (40, 1)), "PNG"), MediaLimits(max_aspect_ratio=40)).size == (40, 1)
+
+
+def test_tile_frames_keeps_the_frame_aspect():
+    wide = [Image.new("RGB", (64, 16), (50 * i, 0, 0)) for i in range(4)]
+    assert media.tile_frames(wide).size == (64, 16)  # 2x2 cells of 32x8
+    assert media.tile_frames(wide, cols=4, size=128).size == (128, 8)  # one row of 32x8 cells
+    assert media.tile_frames(wide[:1], cols=2).size == (64, 16)  # one frame: one column, not half a grid
+    square = [Image.new("RGB", (48, 48))] * 4
+    assert media.tile_frames(square).size == (48, 48)  # the demo recipe's square grid, unchanged
+    assert media.tile_frames([Image.new("RGB", (1, 16))] * 4).size == (2, 16)  # 1-pixel-wide frames: 1x8 cells
+
+
 def test_rgba_png_composites_on_white():
     out = decode_image(_save(Image.new("RGBA", (2, 2), (255, 0, 0, 128)), "PNG"))
     r, g, b = out.getpixel((0, 0))
@@ -359,6 +392,20 @@ def test_video_frame_over_max_pixels(mp4_20):
     with pytest.raises(MediaError) as e:
         decode_video(mp4_20, MediaLimits(max_pixels=32 * 32 - 1))
     assert str(e.value).startswith("too_large: 32x32 pixels")
+
+
+def test_video_frame_over_max_aspect_ratio():
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="mp4") as out:
+        stream = out.add_stream("mpeg4", rate=10)
+        stream.width, stream.height = 64, 2
+        for i in range(3):
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(np.full((2, 64, 3), STEP * i, np.uint8), "rgb24")))
+        out.mux(stream.encode())
+    with pytest.raises(MediaError) as e:
+        decode_video(buf.getvalue())
+    assert str(e.value) == "too_large: aspect ratio 64x2 > max_aspect_ratio=20"
+    assert len(decode_video(buf.getvalue(), MediaLimits(max_aspect_ratio=32), num_frames=2)) == 2
 
 
 def test_video_over_duration_and_frame_limits(mp4_20):  # 20 frames at 10 fps = 2 s
