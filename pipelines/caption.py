@@ -7,19 +7,23 @@ What runs where::
 
     driver        validate CaptionJobConfig, list the input (folder/prefix, shards, manifest), read the ids
                   already in the output (resume), build the dataset, print and write the summary
-    CPU tasks     [expand .tar shards] -> drop ids already written -> read bytes (local / S3) and decode
-                  (`specvlm.media`: limits, uniform video frames tiled into one image) -> raw RGB rows
+    CPU tasks     [expand .tar shards / JSON-lines manifest] -> drop ids already written -> read bytes (local / S3)
+                  and decode (`specvlm.media`: limits, uniform video frames tiled into one image) -> raw RGB rows,
+                  regrouped into blocks of exactly batch_size rows (so every model call but the last is full)
     actor pool    `actors.captioner.Captioner` (ActorPoolStrategy(min, max), num_gpus per actor): one engine
                   per actor, one batched generate per batch; rows with an error pass through
     write tasks   parquet part files named ``<run id>_<write uuid>_<task>-<i>.parquet`` under the output
 
 Every input id ends up in the output exactly once:
 
-- bad inputs (unreadable, corrupt, too large) are rows with ``error`` set, never dropped;
+- bad inputs (unreadable, corrupt, too large, a bad manifest line, an exception in a decoder) are rows
+  with ``error`` set, never dropped; folder entries that are no input are counted by reason (``ignored``);
 - resume: ids already in the output are filtered out before reading; a part file a crash left
   half-written does not read, so it is moved aside as ``_partial-<name>`` and its ids are redone;
-- a dead actor is restarted by Ray and its batch retried (``max_task_retries``); a retried write
-  task rewrites the same file name (deterministic per write uuid and task), so it adds no rows;
+- a dead actor (killed process, lost node) is restarted by Ray (``max_actor_restarts``) and its batch
+  retried (``max_task_retries``, by default until done: each attempt made while the actor is still
+  restarting counts as one); a retried write task rewrites the same file name (deterministic per write
+  uuid and task), so it adds no rows;
 - after the write, `caption_io.dedupe_output` removes any row whose id an earlier file already holds
   (e.g. duplicate ids in a manifest), so the final output never has two rows for one id.
 """
@@ -88,15 +92,23 @@ class CaptionJobConfig(_Strict):
     video_frames: int = Field(4, ge=1, description="frames sampled uniformly per video, tiled into one image")
     video_tile_cols: int = Field(2, ge=1, description="columns of the tile grid")
     max_side: int | None = Field(1344, ge=16, description="downscale larger images before they travel to actors")
-    max_aspect_ratio: float = Field(20.0, ge=1.0, description="longer/shorter side; beyond it a row is too_large")
+    max_aspect_ratio: float | None = Field(
+        None, ge=1.0, description="shorthand for limits.max_aspect_ratio (longer/shorter side; beyond it too_large)"
+    )
     limits: MediaLimits = MediaLimits()
     actors: ActorPool = ActorPool()
+    actor_resources: dict[str, float] = Field(
+        {}, description="custom Ray resources per actor (e.g. {accelerator_node: 1} to pin actors to labelled nodes)"
+    )
     batch_size: int = Field(8, ge=1, description="rows per actor call (one batched generate)")
     gpus_per_actor: float | None = Field(None, ge=0, description="None = 1 if the cluster has GPUs, else 0")
     cpus_per_actor: float = Field(1.0, gt=0)
     decode_batch_size: int = Field(16, ge=1, description="rows per CPU decode call")
     cpus_per_decode_task: float = Field(1.0, gt=0)
-    max_task_retries: int = Field(3, ge=-1, description="retries of a batch whose actor died (-1 = unlimited)")
+    max_actor_restarts: int = Field(-1, ge=-1, description="restarts of a dead actor, e.g. a lost node's (-1 = always)")
+    max_task_retries: int = Field(
+        -1, ge=-1, description="retries of a batch whose actor died or is restarting (-1 = until it is done)"
+    )
     rows_per_file: int = Field(256, ge=1, description="rows buffered per parquet part (a crash redoes at most these)")
 
     @field_validator("input", "output")
@@ -105,6 +117,20 @@ class CaptionJobConfig(_Strict):
         if v is not None and "://" in v and not v.startswith("s3://"):
             raise ValueError(f"{v!r}: use a local path or an s3:// URI")
         return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _aspect_into_limits(cls, data):
+        """``max_aspect_ratio`` flows into ``limits`` (one check for images and video frames: check_dimensions)."""
+        if isinstance(data, dict) and data.get("max_aspect_ratio") is not None:
+            limits = data.get("limits") or {}
+            limits = limits.model_dump() if isinstance(limits, MediaLimits) else dict(limits)
+            given = limits.get("max_aspect_ratio")
+            if given is not None and given != data["max_aspect_ratio"]:
+                raise ValueError(f"max_aspect_ratio={data['max_aspect_ratio']} and limits.max_aspect_ratio={given} "
+                                 "differ: set one of them")  # fmt: skip
+            data = {**data, "limits": {**limits, "max_aspect_ratio": data["max_aspect_ratio"]}}
+        return data
 
     @model_validator(mode="after")
     def _checks(self):
@@ -116,7 +142,6 @@ class CaptionJobConfig(_Strict):
         return cio.DecodeOptions(
             limits=self.limits, prompt=self.prompt, image_prompt=self.image_prompt, video_prompt=self.video_prompt,
             video_frames=self.video_frames, video_tile_cols=self.video_tile_cols, max_side=self.max_side,
-            max_aspect_ratio=self.max_aspect_ratio,
         )  # fmt: skip
 
 
@@ -136,12 +161,40 @@ def _check_model(cfg: CaptionJobConfig) -> None:
             raise FileNotFoundError(f"model path {p} does not exist (a local HF folder, an s3:// prefix, or 'demo')")
 
 
-def build_dataset(cfg: CaptionJobConfig, inputs: cio.Inputs, done):
-    """The lazy Ray Dataset of output rows (not executed). ``done``: ids to skip (a pyarrow string array)."""
+def resource_warning(cfg: CaptionJobConfig, gpus: float, nodes: list[dict]) -> str | None:
+    """A warning when the cluster (``ray.nodes()``-style entries with ``Alive`` and ``Resources``) cannot hold
+    ``actors.min`` actors plus one decode task: the job would then wait without progress. None when it fits."""
+    need = {"CPU": cfg.cpus_per_actor, "GPU": gpus, **cfg.actor_resources}
+    need = {k: v for k, v in need.items() if v}
+    left = [dict(n.get("Resources") or {}) for n in nodes if n.get("Alive", True)]
+    placed = 0
+    for res in left:  # first fit: as many actors on each node as its resources allow
+        while placed < cfg.actors.min and all(res.get(k, 0) >= v for k, v in need.items()):
+            for k, v in need.items():
+                res[k] -= v
+            placed += 1
+    want = ", ".join(f"{k}={v:g}" for k, v in need.items())
+    if placed < cfg.actors.min:
+        return (
+            f"the cluster can hold {placed} of actors.min={cfg.actors.min} captioner actors ({want} each); "
+            "the job waits until nodes join (lower --actors, cpus_per_actor, gpus_per_actor or actor_resources)"
+        )
+    if not any(res.get("CPU", 0) >= cfg.cpus_per_decode_task for res in left):
+        return (
+            f"no node has CPU={cfg.cpus_per_decode_task:g} left for a decode task next to {placed} captioner "
+            "actors; the job makes no progress until one joins (lower cpus_per_actor or cpus_per_decode_task)"
+        )
+    return None
+
+
+def build_dataset(cfg: CaptionJobConfig, inputs: cio.Inputs, done, captioner=None):
+    """The lazy Ray Dataset of output rows (not executed). ``done``: ids to skip (a pyarrow string array);
+    ``captioner``: the actor class (default `actors.captioner.Captioner`; tests pass a stand-in)."""
     import ray
     import ray.data
 
-    from actors.captioner import Captioner
+    if captioner is None:
+        from actors.captioner import Captioner as captioner
 
     done_set = set(done.to_pylist())
     parts = []
@@ -156,16 +209,19 @@ def build_dataset(cfg: CaptionJobConfig, inputs: cio.Inputs, done):
         parts.append(ds.map_batches(cio.drop_done, batch_format="pyarrow", fn_kwargs={"done": done}))
     if inputs.manifest:
         fs, path = cio.filesystem(inputs.manifest)
-        missing = {"id", "uri"} - set(cio.manifest_columns(inputs.manifest))
-        if missing:
-            raise ValueError(f"manifest {inputs.manifest} lacks column(s) {', '.join(sorted(missing))}; "
-                             f"it needs id, uri and optionally prompt")  # fmt: skip
         if path.lower().endswith(".parquet"):
+            missing = {"id", "uri"} - set(cio.manifest_columns(inputs.manifest))
+            if missing:
+                raise ValueError(f"manifest {inputs.manifest} lacks column(s) {', '.join(sorted(missing))}; "
+                                 f"it needs id, uri and optionally prompt")  # fmt: skip
             ds = ray.data.read_parquet(path, filesystem=fs)
-        else:
-            ds = ray.data.read_json(path, filesystem=fs)  # pyarrow reads newline-delimited JSON
-        base = inputs.manifest.rsplit("/", 1)[0]
-        ds = ds.map_batches(cio.normalize_manifest, batch_format="pyarrow", fn_kwargs={"base": base})
+            base = cio.manifest_base(inputs.manifest)
+            ds = ds.map_batches(cio.normalize_manifest, batch_format="pyarrow", fn_kwargs={"base": base})
+        else:  # JSON lines, parsed line by line so that one bad line is one error row
+            if fs.get_file_info(path).type != cio.pafs.FileType.File:
+                raise FileNotFoundError(f"manifest {inputs.manifest} does not exist")
+            ds = ray.data.from_arrow(cio.listed_table([{"id": "manifest", "uri": inputs.manifest}]))
+            ds = ds.map_batches(cio.expand_manifest, batch_size=1, batch_format="pyarrow")
         parts.append(ds.map_batches(cio.drop_done, batch_format="pyarrow", fn_kwargs={"done": done}))
     if not parts:
         return None
@@ -174,26 +230,37 @@ def build_dataset(cfg: CaptionJobConfig, inputs: cio.Inputs, done):
         cio.decode_rows, batch_size=cfg.decode_batch_size, batch_format="pyarrow", num_cpus=cfg.cpus_per_decode_task,
         fn_kwargs={"opts": cfg.decode_options()},
     )  # fmt: skip
+    # Blocks of exactly batch_size rows: an actor call gets a bundle of whole blocks and cuts it into batches,
+    # so blocks of other sizes (shards, filtered manifests, decode remainders) would leave short batches, i.e.
+    # extra model calls (5-row blocks: 30 calls instead of 25 per 200 rows)
+    ds = ds.repartition(target_num_rows_per_block=cfg.batch_size, strict=True)
     gpus = cfg.gpus_per_actor
     if gpus is None:
         gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
-    with warnings.catch_warnings():  # Ray 2.60 has no named parameter for max_task_retries; the kwarg still works
+    if warning := resource_warning(cfg, gpus, ray.nodes()):
+        print(f"[caption] WARNING: {warning}", file=sys.stderr, flush=True)
+    remote_args = {"max_restarts": cfg.max_actor_restarts, "max_task_retries": cfg.max_task_retries}
+    if cfg.actor_resources:
+        remote_args["resources"] = dict(cfg.actor_resources)
+    with warnings.catch_warnings():  # Ray 2.60 names neither max_restarts nor max_task_retries; the kwargs still work
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
         return ds.map_batches(
-            Captioner,
+            captioner,
             fn_constructor_kwargs={
                 "model": cfg.model.model_dump(), "engine": cfg.engine.model_dump(),
                 "sampling": cfg.sampling.model_dump(),
             },
             compute=ray.data.ActorPoolStrategy(min_size=cfg.actors.min, max_size=cfg.actors.max),
             batch_size=cfg.batch_size, batch_format="pyarrow", num_gpus=gpus, num_cpus=cfg.cpus_per_actor,
-            max_task_retries=cfg.max_task_retries,
+            **remote_args,
         )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- run
-def summarize(cfg: CaptionJobConfig, run_id: str, wall_s: float, existing: int, partial: list[str], removed: int):
-    """The run's summary from the rows it wrote (and the output's total)."""
+def summarize(cfg: CaptionJobConfig, run_id: str, wall_s: float, existing: int, partial: list[str], removed: int,
+              ignored: dict[str, int] | None = None):  # fmt: skip
+    """The run's summary from the rows it wrote (and the output's total); ``ignored``: input entries that are
+    no input, by reason (`caption_io.IGNORE_REASONS`)."""
     rows = cio.read_output(cfg.output, prefix=run_id).to_pylist()
     ok = [r for r in rows if r["error"] is None]
     errors = Counter(r["error"].split(":", 1)[0] for r in rows if r["error"] is not None)
@@ -209,6 +276,7 @@ def summarize(cfg: CaptionJobConfig, run_id: str, wall_s: float, existing: int, 
         "ok": len(ok),
         "errors": dict(sorted(errors.items())),
         "existing_ids": existing,  # ids already in the output before this run (not redone)
+        "ignored": dict(sorted((ignored or {}).items())),  # input entries that are no input, by reason
         "total_rows": cio.read_output(cfg.output, columns=["id"]).num_rows,
         "partial_files_moved": partial,
         "duplicates_removed": removed,
@@ -230,12 +298,16 @@ def run(cfg: CaptionJobConfig) -> dict:
         raise ValueError("both input and output are needed (--input / --output, or input:/output: in the config)")
     _check_model(cfg)
     t0 = time.perf_counter()
-    inputs = cio.list_inputs(cfg.input)
+    inputs = cio.list_inputs(cfg.input, skip=cfg.output)
     state = cio.scan_output(cfg.output)
     extra = ", manifest" if inputs.manifest else ""
-    extra += f", {inputs.ignored} other files ignored" if inputs.ignored else ""
+    if inputs.ignored:
+        extra += "; ignored: " + ", ".join(f"{n} {k}" for k, n in sorted(inputs.ignored.items()))
     print(f"[caption] input {cfg.input}: {len(inputs.files)} media files, {len(inputs.shards)} tar shards{extra}; "
           f"output {cfg.output}: {len(state.done)} ids already written", flush=True)  # fmt: skip
+    for reason, paths in sorted(inputs.examples.items()):
+        print(f"[caption] ignored ({reason}: {cio.IGNORE_REASONS[reason]}): {', '.join(paths)}"
+              + (" ..." if inputs.ignored[reason] > len(paths) else ""), flush=True)  # fmt: skip
     for p in state.partial:
         print(f"[caption] moved aside an unreadable (partially written) part file: {p}", flush=True)
     run_id = time.strftime("run-%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
@@ -246,7 +318,7 @@ def run(cfg: CaptionJobConfig) -> dict:
                          min_rows_per_file=cfg.rows_per_file)  # fmt: skip
     removed = cio.dedupe_output(cfg.output)
     wall = time.perf_counter() - t0
-    summary = summarize(cfg, run_id, wall, len(state.done), state.partial, removed)
+    summary = summarize(cfg, run_id, wall, len(state.done), state.partial, removed, inputs.ignored)
     where = cio.write_text(cfg.output, "_summary.json", json.dumps(summary, indent=2) + "\n")
     print_summary(summary, where, cio.read_output(cfg.output, ["id", "caption", "error"], prefix=run_id).slice(0, 5))
     return summary
@@ -256,10 +328,11 @@ def print_summary(s: dict, where: str, samples=None) -> None:
     for r in samples.to_pylist() if samples is not None else []:
         print(f"[caption] {r['id']}: {r['caption'] if r['error'] is None else 'ERROR ' + r['error']}", flush=True)
     errors = ", ".join(f"{k} {v}" for k, v in s["errors"].items()) or "none"
+    ignored = ", ".join(f"{k} {v}" for k, v in s["ignored"].items()) or "none"
     acc = f"{s['mean_accept_length']:.2f}" if s["mean_accept_length"] is not None else "-"
     print(
         f"[caption] {s['rows']} rows ({s['ok']} captioned, errors: {errors}); {s['existing_ids']} ids were already "
-        f"written (skipped); {s['total_rows']} rows in the output\n"
+        f"written (skipped); {s['total_rows']} rows in the output; input entries ignored: {ignored}\n"
         f"[caption] {s['images_per_s']} images/s, {s['tokens_per_s']} tokens/s, mean accept length {acc}, "
         f"compressors {s['compressors'] or '-'} ({s['mode']}, {s['wall_s']:.1f} s)\n"
         f"[caption] parquet: {s['output']}  summary: {where}",

@@ -24,14 +24,15 @@ the standard AWS environment (credentials, ``AWS_REGION``/``AWS_DEFAULT_REGION``
 
 from __future__ import annotations
 
-import io
+import json
 import os
 import posixpath
 import tarfile
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import quote, unquote_to_bytes, urlsplit
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -68,8 +69,6 @@ def job_env() -> dict[str, str]:
     Under ``ray job submit`` the variables the submission's runtime_env already sets are left
     out (Ray refuses to merge the same key twice).
     """
-    import json
-
     env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
     submitted = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
     if submitted:
@@ -107,18 +106,33 @@ class ReadError(Exception):
 
 
 def read_bytes(uri: str, max_bytes: int) -> bytes:
-    """All bytes of ``uri``; raises `ReadError` (missing, forbidden, not a file) or `MediaError` (too large)."""
+    """All bytes of ``uri``; raises `ReadError` (missing, forbidden, not a file) or `MediaError` (too large).
+
+    ``uri`` is a local path, ``s3://bucket/key``, or a ``file://`` URI (`local_uri`: a percent-encoded
+    name that is not UTF-8, read through Python's own file API since pyarrow takes UTF-8 paths only).
+    """
     try:
-        fs, path = filesystem(uri)
-        info = fs.get_file_info(path)
-        if info.type == pafs.FileType.NotFound:
-            raise ReadError(f"not found: {uri}")
-        if info.type != pafs.FileType.File:
-            raise ReadError(f"not a file: {uri}")
-        if info.size is not None and info.size > max_bytes:
-            raise MediaError("too_large", f"{info.size} bytes > max_bytes={max_bytes}")
-        with fs.open_input_stream(path) as f:
-            data = f.read(max_bytes + 1)
+        if uri.startswith("file://"):
+            path = os.fsdecode(unquote_to_bytes(uri[len("file://") :]))
+            if not os.path.exists(path):
+                raise ReadError(f"not found: {uri}")
+            if not os.path.isfile(path):
+                raise ReadError(f"not a file: {uri}")
+            if os.path.getsize(path) > max_bytes:
+                raise MediaError("too_large", f"{os.path.getsize(path)} bytes > max_bytes={max_bytes}")
+            with open(path, "rb") as f:
+                data = f.read(max_bytes + 1)
+        else:
+            fs, path = filesystem(uri)
+            info = fs.get_file_info(path)
+            if info.type == pafs.FileType.NotFound:
+                raise ReadError(f"not found: {uri}")
+            if info.type != pafs.FileType.File:
+                raise ReadError(f"not a file: {uri}")
+            if info.size is not None and info.size > max_bytes:
+                raise MediaError("too_large", f"{info.size} bytes > max_bytes={max_bytes}")
+            with fs.open_input_stream(path) as f:
+                data = f.read(max_bytes + 1)
     except (ReadError, MediaError):
         raise
     except Exception as e:  # pyarrow raises OSError subclasses with the store's message (e.g. ACCESS_DENIED)
@@ -132,50 +146,126 @@ def read_bytes(uri: str, max_bytes: int) -> bytes:
 
 
 # ----------------------------------------------------------------------------- inputs
+def escape_name(name: str) -> str:
+    """A listed name as it goes into ``id``/``uri``: unchanged when it is valid UTF-8, else percent-encoded.
+
+    Python lists undecodable bytes as surrogates (``surrogateescape``), which parquet cannot store. Such a
+    name becomes ``urllib.parse.quote`` of its bytes (``/`` kept, ``%`` itself escaped), so
+    ``urllib.parse.unquote_to_bytes(id)`` gives the bytes on disk back.
+    """
+    try:
+        name.encode("utf-8")
+        return name
+    except UnicodeEncodeError:
+        return quote(name.encode("utf-8", "surrogateescape"), safe="/")
+
+
+def local_uri(path: str) -> str:
+    """A local absolute path as a ``uri``: the path itself, or a percent-encoded ``file://`` URI when it is not
+    valid UTF-8 (`read_bytes` reads both)."""
+    escaped = escape_name(path)
+    return path if escaped == path else "file://" + escaped
+
+
 @dataclass
 class Inputs:
     """What an ``--input`` holds, listed on the driver."""
 
     files: list[dict] = field(default_factory=list)  # {"id", "uri"}: images and videos
     shards: list[dict] = field(default_factory=list)  # {"id", "uri"}: webdataset .tar shards
-    manifest: str | None = None  # a .parquet / .jsonl manifest URI
-    ignored: int = 0  # files with other extensions in the folder
+    manifest: str | None = None  # a .parquet / .jsonl manifest URI (absolute)
+    ignored: Counter = field(default_factory=Counter)  # entries that are no input, by reason (IGNORE_REASONS)
+    examples: dict[str, list[str]] = field(default_factory=dict)  # reason -> the first few ignored paths
+
+    def ignore(self, reason: str, path: str) -> None:
+        assert reason in IGNORE_REASONS, reason
+        self.ignored[reason] += 1
+        if len(self.examples.setdefault(reason, [])) < 3:
+            self.examples[reason].append(escape_name(path))
 
 
-def _is_hidden(rel: str) -> bool:
-    return any(part.startswith((".", "_")) for part in rel.split("/"))
+IGNORE_REASONS = {
+    "not_media": "a file whose extension is no image, video or .tar",
+    "hidden": "a name starting with '.' (a hidden folder counts once; it is not listed)",
+    "broken_symlink": "a symbolic link to nothing",
+    "not_a_file": "a FIFO, socket or device",
+    "unreadable_folder": "a folder that cannot be listed (permission denied)",
+    "symlink_loop": "a folder already listed through another path (a symlink cycle)",
+}
 
 
-def list_inputs(uri: str) -> Inputs:
+def _add(out: Inputs, rid: str, uri: str, path: str) -> None:
+    """File ``rid`` at ``uri`` as a shard, a media file, or an ignored entry."""
+    if rid.lower().endswith(SHARD_SUFFIX):
+        out.shards.append({"id": rid, "uri": uri})
+    elif media_kind(rid) is not None:
+        out.files.append({"id": rid, "uri": uri})
+    else:
+        out.ignore("not_media", path)
+
+
+def _walk_local(root: str, skip: str | None, out: Inputs) -> None:
+    """List a local folder recursively (following symlinks, once per folder) into ``out``."""
+    stack, seen = [(root, "")], set()
+    while stack:
+        folder, prefix = stack.pop()
+        try:
+            st = os.stat(folder)
+            if (st.st_dev, st.st_ino) in seen:
+                out.ignore("symlink_loop", folder)
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            with os.scandir(folder) as it:
+                entries = list(it)
+        except OSError:
+            out.ignore("unreadable_folder", folder)
+            continue
+        for e in entries:
+            if skip is not None and (e.path == skip or e.path.startswith(skip + "/")):
+                continue  # the job's own output (parts, _summary.json, _partial-*) inside the input
+            if e.name.startswith("."):
+                out.ignore("hidden", e.path)
+            elif e.is_dir():
+                stack.append((e.path, prefix + e.name + "/"))
+            elif e.is_file():
+                _add(out, escape_name(prefix + e.name), local_uri(e.path), e.path)
+            elif e.is_symlink() and not os.path.exists(e.path):
+                out.ignore("broken_symlink", e.path)
+            else:
+                out.ignore("not_a_file", e.path)
+
+
+def list_inputs(uri: str, skip: str | None = None) -> Inputs:
     """List a folder/prefix (recursively), or take one manifest, shard or media file.
 
-    Ids of listed files are their paths relative to the folder; hidden files
-    (a path part starting with ``.`` or ``_``) and other extensions are ignored.
+    Ids of listed files are their paths relative to the folder (`escape_name` for names that are not
+    UTF-8). Every entry is an input or counted in ``Inputs.ignored`` by reason; only ``skip`` (the job's
+    output folder, when it lies inside the input) is left out silently.
     """
-    if uri.lower().endswith(MANIFEST_SUFFIXES):
-        return Inputs(manifest=uri)
     fs, root = filesystem(uri)
+    if uri.lower().endswith(MANIFEST_SUFFIXES):
+        return Inputs(manifest=to_uri(uri, root))
+    skip = filesystem(skip)[1] if skip else None
     info = fs.get_file_info(root)
     if info.type == pafs.FileType.NotFound:
         raise FileNotFoundError(f"input {uri} does not exist (a folder, an s3:// prefix, a manifest or a file)")
-    if info.type == pafs.FileType.File:
-        entries, root = [info], posixpath.dirname(root)
-    else:
-        entries = fs.get_file_info(pafs.FileSelector(root, recursive=True))
     out = Inputs()
-    for e in sorted(entries, key=lambda e: e.path):
-        if e.type != pafs.FileType.File:
-            continue
-        rel = e.path[len(root) :].lstrip("/")
-        if _is_hidden(rel):
-            continue
-        row = {"id": rel, "uri": to_uri(uri, e.path)}
-        if rel.lower().endswith(SHARD_SUFFIX):
-            out.shards.append(row)
-        elif media_kind(rel) is not None:
-            out.files.append(row)
-        else:
-            out.ignored += 1
+    if info.type == pafs.FileType.File:
+        _add(out, escape_name(posixpath.basename(root)), to_uri(uri, root) if uri.startswith("s3://") else
+             local_uri(root), root)  # fmt: skip
+    elif not uri.startswith("s3://"):
+        _walk_local(root, skip, out)
+    else:  # S3 keys are UTF-8 and have no links or special files
+        for e in fs.get_file_info(pafs.FileSelector(root, recursive=True)):
+            rel = e.path[len(root) :].lstrip("/")
+            if e.type != pafs.FileType.File or (skip is not None and (e.path + "/").startswith(skip + "/")):
+                continue
+            if any(part.startswith(".") for part in rel.split("/")):
+                out.ignore("hidden", to_uri(uri, e.path))
+            else:
+                _add(out, rel, to_uri(uri, e.path), to_uri(uri, e.path))
+    out.files.sort(key=lambda r: r["id"])
+    out.shards.sort(key=lambda r: r["id"])
     return out
 
 
@@ -197,25 +287,27 @@ def expand_shards(batch: pa.Table, max_bytes: int, chunk_rows: int = 32) -> Iter
 
     A sample is the members sharing a key (the member path up to the first dot
     of its basename); its first image/video member is captioned, other members
-    are ignored. Sample ids are ``"<shard id>/<key>"``. A shard that cannot be
+    are ignored. Sample ids are ``"<shard id>/<key>"`` (`escape_name` applied). A shard that cannot be
     read, or breaks off mid-way, gives one error row with the shard's id (the
-    samples before the break are kept). Members over ``max_bytes`` become
-    ``too_large`` rows without being read.
+    samples before the break are kept); so does a shard without any image or video member
+    (``empty: ...``). Members over ``max_bytes`` become ``too_large`` rows without being read.
     """
     for shard in batch.select(["id", "uri"]).to_pylist():
-        rows, seen = [], set()
+        rows, seen, members = [], set(), 0
         try:
             fs, path = filesystem(shard["uri"])
             with fs.open_input_stream(path) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
                 for member in tar:
+                    members += 1
                     if not member.isfile() or media_kind(member.name) is None:
                         continue
                     base = posixpath.basename(member.name)
-                    key = posixpath.join(posixpath.dirname(member.name), base.split(".", 1)[0])
+                    key = escape_name(posixpath.join(posixpath.dirname(member.name), base.split(".", 1)[0]))
                     if key in seen:
                         continue
                     seen.add(key)
-                    row = {"id": f"{shard['id']}/{key}", "uri": f"{shard['uri']}#{member.name}", "name": member.name}
+                    name = escape_name(member.name)
+                    row = {"id": f"{shard['id']}/{key}", "uri": f"{shard['uri']}#{name}", "name": name}
                     if member.size > max_bytes:
                         row["error"] = str(MediaError("too_large", f"{member.size} bytes > max_bytes={max_bytes}"))
                     else:
@@ -224,6 +316,9 @@ def expand_shards(batch: pa.Table, max_bytes: int, chunk_rows: int = 32) -> Iter
                     if len(rows) >= chunk_rows:
                         yield listed_table(rows)
                         rows = []
+            if not seen:
+                msg = f"tar shard {shard['uri']} holds no image or video member ({members} other members)"
+                rows.append({"id": shard["id"], "uri": shard["uri"], "error": f"empty: {msg}"})
         except Exception as e:  # tarfile.ReadError, OSError from the store, EOF mid-member
             kind = "read" if isinstance(e, OSError) and not isinstance(e, tarfile.TarError) else "decode"
             msg = f"tar shard {shard['uri']} after {len(seen)} samples: {type(e).__name__}: {e}"
@@ -232,42 +327,97 @@ def expand_shards(batch: pa.Table, max_bytes: int, chunk_rows: int = 32) -> Iter
             yield listed_table(rows)
 
 
-def manifest_columns(uri: str) -> list[str]:
-    """Column names of a manifest, read on the driver (parquet footer, or the first JSON line)."""
-    import json
+# ----------------------------------------------------------------------------- manifests
+def manifest_base(uri: str) -> str:
+    """The folder relative manifest uris are resolved against: the manifest's own (absolute on the driver)."""
+    fs, path = filesystem(uri)
+    return to_uri(uri, posixpath.dirname(path))
 
+
+def manifest_columns(uri: str) -> list[str]:
+    """Column names of a parquet manifest (its footer), read on the driver; raises FileNotFoundError."""
     fs, path = filesystem(uri)
     if fs.get_file_info(path).type != pafs.FileType.File:
         raise FileNotFoundError(f"manifest {uri} does not exist")
-    if path.lower().endswith(".parquet"):
-        return pq.read_schema(path, filesystem=fs).names
-    with fs.open_input_stream(path) as f:
-        for line in io.TextIOWrapper(f, encoding="utf-8"):
-            if line.strip():
-                return list(json.loads(line))
-    return []
+    return pq.read_schema(path, filesystem=fs).names
+
+
+def manifest_id(value) -> str | None:
+    """A manifest id as the output's string id: strings as they are, other JSON values as JSON text
+    (``1`` -> ``"1"``, ``1.5`` -> ``"1.5"``, ``true`` -> ``"true"``); None or ``""`` -> None (the uri is the id)."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, str):
+        return value
+    if hasattr(value, "item"):  # numpy scalars from a parquet column
+        value = value.item()
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def manifest_row(r: dict, base: str, where: str) -> dict:
+    """One manifest record (``id``, ``uri``, optional ``prompt``) as a listed row; ``where`` names it in errors."""
+    uri = r.get("uri")
+    uri = str(uri).strip() if uri is not None else ""
+    if uri and "://" not in uri and not posixpath.isabs(uri):
+        uri = posixpath.join(base, uri)
+    prompt = r.get("prompt")
+    row = {"id": manifest_id(r.get("id")) or uri or where, "uri": uri,
+           "prompt": str(prompt) if prompt not in (None, "") else None}  # fmt: skip
+    if not uri:
+        row["error"] = f"manifest: {where} has no uri"
+    return row
 
 
 def normalize_manifest(batch: pa.Table, base: str) -> pa.Table:
-    """Manifest rows (``id``, ``uri``, optional ``prompt``) -> `LISTED_SCHEMA`; relative uris resolved against ``base``.
-
-    A row without an id takes its uri as id; a row without a uri is a ``read`` error.
-    """
+    """Parquet manifest rows (``id``, ``uri``, optional ``prompt``) -> `LISTED_SCHEMA`; relative uris resolved
+    against ``base`` (`manifest_base`). A row without an id takes its uri as id; a row without a uri is a
+    ``manifest`` error."""
     names = batch.column_names
-    rows = []
-    for r in batch.select([c for c in ("id", "uri", "prompt") if c in names]).to_pylist():
-        uri = r.get("uri")
-        uri = str(uri).strip() if uri is not None else ""
-        if uri and "://" not in uri and not posixpath.isabs(uri):
-            uri = posixpath.join(base, uri)
-        rid = r.get("id")
-        rid = str(rid) if rid is not None and str(rid) != "" else uri
-        prompt = r.get("prompt")
-        row = {"id": rid, "uri": uri, "prompt": str(prompt) if prompt not in (None, "") else None}
-        if not uri:
-            row["error"] = "read: manifest row has no uri"
-        rows.append(row)
-    return listed_table(rows)
+    rows = batch.select([c for c in ("id", "uri", "prompt") if c in names]).to_pylist()
+    return listed_table([manifest_row(r, base, "a manifest row") for r in rows])
+
+
+def _lines(stream, chunk: int = 1 << 20) -> Iterator[bytes]:
+    """The lines of a pyarrow input stream, without their line ends."""
+    rest = b""
+    while data := stream.read(chunk):
+        parts = (rest + data).split(b"\n")
+        rest = parts.pop()
+        yield from (p.rstrip(b"\r") for p in parts)
+    if rest:
+        yield rest.rstrip(b"\r")
+
+
+def expand_manifest(batch: pa.Table, chunk_rows: int = 1024) -> Iterator[pa.Table]:
+    """JSON-lines manifests ``{"uri"}`` (absolute) -> listed rows, one per non-blank line.
+
+    Each line is one JSON object with ``uri`` and optional ``id``/``prompt``. A line that is not UTF-8,
+    not JSON, or not an object is one ``manifest`` error row with id ``"<manifest file>#L<line>"``, so a
+    bad line costs one row, not the job; ids of any JSON type become strings (`manifest_id`).
+    """
+    for m in batch.select(["uri"]).to_pylist():
+        fs, path = filesystem(m["uri"])
+        base, name = manifest_base(m["uri"]), posixpath.basename(path)
+        rows = []
+        with fs.open_input_stream(path) as stream:
+            for n, line in enumerate(_lines(stream), 1):
+                if not line.strip():
+                    continue
+                where = f"{name} line {n}"
+                try:
+                    record = json.loads(line.decode("utf-8"))
+                    if not isinstance(record, dict):
+                        raise ValueError(f"a JSON {type(record).__name__}, not an object")
+                    rows.append(manifest_row(record, base, where))
+                except ValueError as e:  # UnicodeDecodeError and json.JSONDecodeError are ValueErrors
+                    text = line[:80].decode("utf-8", "replace")
+                    error = f"manifest: {where} is not a JSON object with a uri ({e}): {text!r}"
+                    rows.append({"id": f"{name}#L{n}", "uri": m["uri"], "error": error})
+                if len(rows) >= chunk_rows:
+                    yield listed_table(rows)
+                    rows = []
+        if rows:
+            yield listed_table(rows)
 
 
 def drop_done(batch: pa.Table, done: pa.Array) -> pa.Table:
@@ -282,14 +432,13 @@ def drop_done(batch: pa.Table, done: pa.Array) -> pa.Table:
 class DecodeOptions:
     """How `decode_rows` turns bytes into one RGB image per row."""
 
-    limits: MediaLimits = MediaLimits()
+    limits: MediaLimits = MediaLimits()  # includes max_aspect_ratio, checked per image and per video frame
     prompt: str | None = None  # for every row without its own prompt; None = per media kind:
     image_prompt: str = "describe the image."
     video_prompt: str = "describe the video."
     video_frames: int = 4  # sampled uniformly, tiled on a grid into one image
     video_tile_cols: int = 2
     max_side: int | None = 1344  # larger images are downscaled (aspect kept) before they travel to the actors
-    max_aspect_ratio: float = 20.0  # longer side / shorter side; beyond it processors blow up, so it is an error
 
 
 def _prompt(row: dict, opts: DecodeOptions) -> str:
@@ -301,24 +450,27 @@ def _prompt(row: dict, opts: DecodeOptions) -> str:
 
 
 def decode_one(data: bytes, name: str, opts: DecodeOptions):
-    """Bytes -> one RGB PIL image (a video's frames tiled); raises `MediaError`."""
+    """Bytes -> one RGB PIL image (a video's frames tiled, keeping the frame's aspect); raises `MediaError`.
+
+    Sizes go through `specvlm.media.check_dimensions` (pixels and aspect ratio, from the header, per image
+    and per video frame), and once more for the tiled grid of a video.
+    """
     from PIL import Image
 
-    from specvlm.media import decode_image, decode_video, tile_frames
+    from specvlm.media import check_dimensions, decode_image, decode_video, tile_frames
 
     kind = media_kind(name)
     if kind == "image":
         image = decode_image(data, opts.limits)
     elif kind == "video":
         frames = decode_video(data, opts.limits, num_frames=min(opts.video_frames, opts.limits.max_frames))
-        size = min(frames[0].width, opts.max_side) if opts.max_side else None
-        image = tile_frames(frames, cols=opts.video_tile_cols, size=size)
+        longer = max(frames[0].size)
+        image = tile_frames(frames, cols=opts.video_tile_cols, size=min(longer, opts.max_side or longer))
+        check_dimensions(*image.size, opts.limits)
     else:
         known = ", ".join(sorted(IMAGE_EXTENSIONS | VIDEO_EXTENSIONS))
         raise MediaError("unsupported", f"unknown file type for {name!r} (expected one of: {known})")
     w, h = image.size
-    if max(w, h) / min(w, h) > opts.max_aspect_ratio:
-        raise MediaError("too_large", f"aspect ratio {w}x{h} > max_aspect_ratio={opts.max_aspect_ratio:g}")
     if opts.max_side and max(w, h) > opts.max_side:
         scale = opts.max_side / max(w, h)
         image = image.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BICUBIC)
@@ -326,7 +478,11 @@ def decode_one(data: bytes, name: str, opts: DecodeOptions):
 
 
 def decode_rows(batch: pa.Table, opts: DecodeOptions) -> pa.Table:
-    """`LISTED_SCHEMA` rows -> `DECODED_SCHEMA` rows: read (when needed) and decode; bad rows get ``error``."""
+    """`LISTED_SCHEMA` rows -> `DECODED_SCHEMA` rows: read (when needed) and decode; bad rows get ``error``.
+
+    Whatever one input raises becomes that row's error (``read: ...``, a `MediaError`'s kind, or
+    ``decode: <exception type>: ...`` for anything else, e.g. a codec or Pillow bug), never the batch's.
+    """
     out = {name: [] for name in DECODED_SCHEMA.names}
     for r in batch.to_pylist():
         pixels = width = height = None
@@ -340,6 +496,8 @@ def decode_rows(batch: pa.Table, opts: DecodeOptions) -> pa.Table:
                 error = f"read: {e}"
             except MediaError as e:
                 error = str(e)
+            except Exception as e:  # one input must not fail the batch (and with it the job)
+                error = f"decode: {type(e).__name__}: {e}"
         for k, v in (("id", r["id"]), ("uri", r["uri"]), ("prompt", _prompt(r, opts)), ("pixels", pixels),
                      ("width", width), ("height", height), ("error", error)):  # fmt: skip
             out[k].append(v)

@@ -1,9 +1,11 @@
 """Inputs for the caption-job tests, made here: ShapesWorld images, PyAV-encoded videos, a webdataset
-shard, odd-but-valid images and a corpus of bad files (imported by test_caption*.py)."""
+shard, odd-but-valid images and names, a corpus of bad files, and folder entries that are no input
+(imported by test_caption*.py)."""
 
 from __future__ import annotations
 
 import io
+import os
 import struct
 import tarfile
 import zlib
@@ -49,6 +51,29 @@ def encode_video(frames: list[Image.Image], fmt: str = "mp4", codec: str = "libx
     return path.read_bytes() if path else target.getvalue()
 
 
+def thin_video(width: int = 1, height: int = 64, frames: int = 6) -> bytes:
+    """An MPEG-4 video whose frames are ``width`` pixels wide (1 by default)."""
+    return encode_video([Image.new("RGB", (width, height), (30 * i, 0, 0)) for i in range(frames)], codec="mpeg4")
+
+
+def tiff_without_mode() -> bytes:
+    """A valid TIFF whose pixel layout (one 64-bit float sample) Pillow has no mode for."""
+    from PIL import TiffImagePlugin
+
+    ifd = TiffImagePlugin.ImageFileDirectory_v2()
+    ifd[256], ifd[257], ifd[258], ifd[259], ifd[262], ifd[277], ifd[278] = 4, 4, (64,), 1, 1, 1, 4
+    ifd[339], ifd[273], ifd[279] = (3,), (512,), (4 * 4 * 8,)
+    buf = io.BytesIO()
+    buf.write(b"II*\x00" + struct.pack("<I", 8))
+    ifd.save(buf)
+    return buf.getvalue().ljust(512 + 128, b"\x00")
+
+
+def float_tiff() -> bytes:
+    """A float ("F") TIFF with values in 0..1, as scientific and HDR tools write them."""
+    return save(Image.fromarray(np.linspace(0, 1, 256, dtype=np.float32).reshape(16, 16), mode="F"), "TIFF")
+
+
 def shapes(n: int, seed: int = 0) -> list[tuple[Image.Image, str]]:
     world = ShapesWorld(seed)
     return [world.image_scene() for _ in range(n)]
@@ -75,6 +100,10 @@ def odd_images() -> dict[str, bytes]:
         "image.bmp": save(Image.new("RGB", (8, 8), (0, 255, 0)), "BMP"),
         "image.tiff": save(Image.new("RGB", (8, 8), (0, 255, 0)), "TIFF"),
         "image.webp": save(Image.new("RGB", (8, 8), (0, 255, 0)), "WEBP"),
+        "float01.tiff": float_tiff(),
+        "_DSC0001.JPG": save(noise((32, 24)), "JPEG"),  # cameras name Adobe-RGB photos with a leading "_"
+        "thin.mp4": thin_video(1, 16),  # 1 pixel wide, within max_aspect_ratio: tiled keeping its aspect
+        os.fsdecode(b"caf\xe9-latin1.png"): save(noise((16, 16)), "PNG"),  # a name that is not UTF-8
     }
 
 
@@ -93,7 +122,20 @@ def bad_inputs(tmp: Path) -> dict[str, tuple[bytes, str]]:
         "corrupt.mp4": (bytes(np.random.default_rng(1).integers(0, 256, 4000, dtype=np.uint8)), "decode"),
         "truncated.mp4": (mp4[: len(mp4) // 2], "decode"),
         "zero-frames.mp4": (faststart[: faststart.find(b"mdat") - 4], "decode"),
+        "one-pixel-wide.mp4": (thin_video(1, 64), "too_large"),  # aspect ratio 64 per frame
+        "float64.tiff": (tiff_without_mode(), "unsupported"),
     }
+
+
+# folder entries the corpus holds that are no input: counted in Inputs.ignored / the summary by reason
+CORPUS_IGNORED = {"not_media": 1, "hidden": 1, "broken_symlink": 1, "not_a_file": 1}
+
+
+def corpus_id(name: str) -> str:
+    """The id a corpus file name gets (`pipelines.caption_io.escape_name`: non-UTF-8 names percent-encoded)."""
+    from pipelines.caption_io import escape_name
+
+    return escape_name(name)
 
 
 def write_shard(path: Path, samples: dict[str, bytes], truncate: bool = False) -> None:
@@ -120,7 +162,7 @@ def corpus(root: Path, n_good: int = 3) -> dict[str, str | None]:
     for name, data in odd_images().items():
         (root / "odd").mkdir(exist_ok=True)
         (root / "odd" / name).write_bytes(data)
-        expected[f"odd/{name}"] = None
+        expected[corpus_id(f"odd/{name}")] = None
     frames, _ = shapes_video()
     (root / "clip.mp4").write_bytes(encode_video(frames))
     (root / "clip.mkv").write_bytes(encode_video(frames, fmt="matroska", codec="mpeg4"))
@@ -130,8 +172,15 @@ def corpus(root: Path, n_good: int = 3) -> dict[str, str | None]:
         (root / "bad" / name).write_bytes(data)
         expected[f"bad/{name}"] = kind
     im, _ = shapes(1, seed=5)[0]
-    write_shard(root / "shard.tar", {"a.png": save(im, "PNG"), "a.txt": b"caption", "b.jpg": save(im, "JPEG")})
-    expected.update({"shard.tar/a": None, "shard.tar/b": None})
-    (root / "README.txt").write_text("not an input")  # other extensions are ignored
-    (root / ".hidden.png").write_bytes(b"")  # hidden files too
+    write_shard(root / "shard.tar", {"a.png": save(im, "PNG"), "a.txt": b"caption", "b.jpg": save(im, "JPEG"),
+                                     "thin.mp4": thin_video(1, 16), "wide.mp4": thin_video(1, 64),
+                                     os.fsdecode(b"\xff.png"): save(im, "PNG")})  # fmt: skip
+    expected.update({"shard.tar/a": None, "shard.tar/b": None, "shard.tar/thin": None, "shard.tar/wide": "too_large",
+                     "shard.tar/%FF": None})  # fmt: skip
+    write_shard(root / "no-media.tar", {"0.json": b"{}", "0.txt": b"a caption without its image"})
+    expected["no-media.tar"] = "empty"
+    (root / "README.txt").write_text("not an input")  # not_media
+    (root / ".hidden.png").write_bytes(b"")  # hidden
+    (root / "bad" / "gone.jpg").symlink_to(root / "nowhere.jpg")  # broken_symlink
+    os.mkfifo(root / "bad" / "pipe.png")  # not_a_file: never opened (reading it would block)
     return expected

@@ -12,18 +12,20 @@ import sys
 import threading
 import time
 from pathlib import Path
+from urllib.parse import unquote_to_bytes
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from caption_inputs import corpus, encode_video, save, shapes, shapes_video, write_shard
+from caption_inputs import CORPUS_IGNORED, corpus, encode_video, save, shapes, shapes_video, write_shard
 from PIL import Image
 
 from pipelines import caption_io as cio
-from pipelines.caption import CaptionJobConfig, parse_args, run
+from pipelines.caption import CaptionJobConfig, parse_args, resource_warning, run
 from specvlm.config import ConfigError, load_config, parse_config
 from specvlm.demo.world import IMAGE_SIZE
+from specvlm.media import MediaError
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs"
@@ -120,7 +122,7 @@ def test_actor_module_does_not_import_torch():
 def test_corpus_rows_decode_or_fail_with_their_kind(tmp_path):
     expected = corpus(tmp_path / "in")
     inputs = cio.list_inputs(str(tmp_path / "in"))
-    assert inputs.ignored == 1 and [s["id"] for s in inputs.shards] == ["shard.tar"]
+    assert inputs.ignored == CORPUS_IGNORED and [s["id"] for s in inputs.shards] == ["no-media.tar", "shard.tar"]
     shard_rows = cio.expand_shards(cio.listed_table(inputs.shards), 10**6)
     listed = pa.concat_tables([cio.listed_table(inputs.files), *shard_rows])
     rows = {r["id"]: r for r in cio.decode_rows(listed, OPTS).to_pylist()}
@@ -134,6 +136,61 @@ def test_corpus_rows_decode_or_fail_with_their_kind(tmp_path):
             assert r["error"].split(":")[0] == kind and r["pixels"] is None, (rid, r["error"])
     assert rows["clip.mp4"]["prompt"] == "describe the video."
     assert rows["odd/cmyk.jpg"]["prompt"] == "describe the image."
+    latin1 = rows["odd/caf%E9-latin1.png"]  # a name that is not UTF-8: id and uri percent-encoded, reversibly
+    assert latin1["uri"].startswith("file://") and latin1["uri"].endswith("/odd/caf%E9-latin1.png")
+    assert os.path.isfile(os.fsdecode(unquote_to_bytes(latin1["uri"][len("file://") :])))
+    assert unquote_to_bytes(latin1["id"]) == b"odd/caf\xe9-latin1.png"
+    assert rows["shard.tar/%FF"]["error"] is None and rows["odd/_DSC0001.JPG"]["error"] is None
+    assert rows["odd/thin.mp4"]["width"] * 8 == rows["odd/thin.mp4"]["height"]  # 2x2 tiles of 1x16 frames
+    assert rows["bad/float64.tiff"]["error"].startswith("unsupported: TIFF pixel layout 1 x 64-bit float")
+    assert (
+        rows["no-media.tar"]["error"].startswith("empty: tar shard")
+        and "2 other members" in rows["no-media.tar"]["error"]
+    )
+
+
+def test_listing_counts_what_it_ignores_and_skips_only_the_jobs_output(tmp_path):
+    src = tmp_path / "in"
+    (src / "sub" / ".git").mkdir(parents=True)
+    (src / "sub" / ".git" / "x.png").write_bytes(b"")  # inside a hidden folder: not listed, the folder counts once
+    (src / "_DSC0001.JPG").write_bytes(b"")
+    (src / "sub" / "loop").symlink_to(src)  # a cycle: listed once
+    out = src / "out"
+    out.mkdir()
+    for name in ("run-1_a_000000-0.parquet", "_summary.json", "_partial-run-0.parquet"):
+        (out / name).write_bytes(b"")
+    inputs = cio.list_inputs(str(src), skip=str(out))
+    assert [r["id"] for r in inputs.files] == ["_DSC0001.JPG"]
+    assert inputs.ignored == {"hidden": 1, "symlink_loop": 1}
+    assert cio.list_inputs(str(src)).ignored == {"hidden": 1, "symlink_loop": 1, "not_media": 3}
+    assert [r["id"] for r in cio.list_inputs(str(src / "_DSC0001.JPG")).files] == ["_DSC0001.JPG"]
+
+
+def test_any_exception_while_decoding_one_input_is_that_rows_error(monkeypatch):
+    real = cio.decode_one
+
+    def flaky(data, name, opts):
+        if name == "b.png":
+            raise ValueError("tile_frames: cells of 0 pixels")  # what a 1-pixel-wide video used to raise
+        return real(data, name, opts)
+
+    monkeypatch.setattr(cio, "decode_one", flaky)
+    png = save(Image.new("RGB", (8, 8)), "PNG")
+    rows = cio.decode_rows(cio.listed_table([{"id": n, "uri": n, "data": png} for n in ("a.png", "b.png")]), OPTS)
+    assert rows["error"].to_pylist() == [None, "decode: ValueError: tile_frames: cells of 0 pixels"]
+
+
+def test_video_tiles_keep_the_frame_aspect_and_max_aspect_ratio_applies_per_frame():
+    video = encode_video([Image.new("RGB", (96, 16), (20 * i, 0, 0)) for i in range(6)])
+    assert cio.decode_one(video, "wide.mp4", OPTS).size == (96, 16)  # 2x2 tiles of 48x8: the frames' 6:1 kept
+    with pytest.raises(MediaError, match="aspect ratio 96x4 > max_aspect_ratio=20"):  # 4 tiles in a row: 24:1
+        cio.decode_one(video, "wide.mp4", cio.DecodeOptions(video_tile_cols=4))
+    strict = CaptionJobConfig(max_aspect_ratio=4).decode_options()  # the job's flag flows into limits
+    assert strict.limits.max_aspect_ratio == 4
+    row = cio.decode_rows(cio.listed_table([{"id": "w", "uri": "wide.mp4", "data": video}]), strict).to_pylist()[0]
+    assert row["error"] == "too_large: aspect ratio 96x16 > max_aspect_ratio=4"
+    with pytest.raises(ConfigError, match="differ"):
+        parse_config({"max_aspect_ratio": 4, "limits": {"max_aspect_ratio": 5}}, CaptionJobConfig)
 
 
 def test_video_frames_are_tiled_like_the_demo_recipe():
@@ -181,8 +238,47 @@ def test_manifest_rows_resolve_relative_uris():
     rows = cio.normalize_manifest(batch, "s3://bucket/dir").to_pylist()
     assert [(r["id"], r["uri"], r["prompt"]) for r in rows] == [
         ("1", "s3://bucket/dir/a.png", "q?"), ("s3://b/k.png", "s3://b/k.png", None), ("3", "", None)]  # fmt: skip
-    assert rows[2]["error"] == "read: manifest row has no uri"
+    assert rows[2]["error"] == "manifest: a manifest row has no uri"
     assert cio.drop_done(cio.normalize_manifest(batch, "/m"), pa.array(["1"])).num_rows == 2
+
+
+def test_jsonl_manifest_one_bad_line_is_one_error_row_and_ids_become_strings(tmp_path):
+    lines = [b'{"id": 1, "uri": "a.png"}', b'{"id": "two", "uri": "b.png", "prompt": "q?"}', b"",
+             b'{"id": 3, "uri": ', b"[1, 2]", b"\xff\xfe not utf-8", b'{"id": true, "uri": "s3://b/c.png"}',
+             b'{"uri": "/abs/d.png"}', b'{"id": 2.5, "uri": "e.png"}\r', b'{"id": "x"}']  # fmt: skip
+    (tmp_path / "m.jsonl").write_bytes(b"\n".join(lines))
+    rows = pa.concat_tables(cio.expand_manifest(cio.listed_table([{"id": "m", "uri": str(tmp_path / "m.jsonl")}]),
+                                                chunk_rows=3)).to_pylist()  # fmt: skip
+    by_id = {r["id"]: r for r in rows}
+    assert [r["id"] for r in rows] == ["1", "two", "m.jsonl#L4", "m.jsonl#L5", "m.jsonl#L6", "true", "/abs/d.png",
+                                       "2.5", "x"]  # fmt: skip
+    assert by_id["1"]["uri"] == f"{tmp_path}/a.png" and by_id["two"]["prompt"] == "q?"
+    assert by_id["m.jsonl#L4"]["error"].startswith("manifest: m.jsonl line 4 is not a JSON object with a uri")
+    assert "not an object" in by_id["m.jsonl#L5"]["error"] and "utf-8" in by_id["m.jsonl#L6"]["error"]
+    assert by_id["x"]["error"] == "manifest: m.jsonl line 10 has no uri"
+    assert [by_id[i]["error"] for i in ("1", "two", "true", "/abs/d.png", "2.5")] == [None] * 5
+
+
+def test_manifest_given_by_bare_name_resolves_against_its_folder(tmp_path, monkeypatch):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "m.jsonl").write_text('{"id": "a", "uri": "a.png"}\n')
+    monkeypatch.chdir(tmp_path / "data")
+    inputs = cio.list_inputs("m.jsonl")
+    assert inputs.manifest == str(tmp_path / "data" / "m.jsonl")  # absolute on the driver
+    assert cio.manifest_base("m.jsonl") == str(tmp_path / "data")
+    monkeypatch.chdir(tmp_path)  # a worker's working directory does not matter
+    [row] = next(cio.expand_manifest(cio.listed_table([{"id": "m", "uri": inputs.manifest}]))).to_pylist()
+    assert row["uri"] == str(tmp_path / "data" / "a.png")
+
+
+def test_resource_warning_when_the_pool_and_a_decode_task_do_not_fit():
+    cfg = CaptionJobConfig(actors={"min": 1, "max": 2}, cpus_per_actor=1, cpus_per_decode_task=1)
+    assert cio is not None and resource_warning(cfg, 0, [{"Alive": True, "Resources": {"CPU": 2}}]) is None
+    assert "no node has CPU=1 left for a decode task" in resource_warning(cfg, 0, [{"Resources": {"CPU": 1}}])
+    assert "can hold 0 of actors.min=1" in resource_warning(cfg, 1, [{"Resources": {"CPU": 4}}])  # no GPU
+    pinned = cfg.model_copy(update={"actor_resources": {"gpu_node": 1}})
+    nodes = [{"Resources": {"CPU": 1, "gpu_node": 1}}, {"Alive": False, "Resources": {"CPU": 8}}]
+    assert "no node has CPU=1 left" in resource_warning(pinned, 0, nodes)
 
 
 def test_s3_reads_fail_their_row_when_missing_or_forbidden(moto_s3, monkeypatch):
@@ -285,6 +381,7 @@ def test_job_captions_every_input_once_and_resumes(ray_local, demo_paths, tmp_pa
     assert summary["rows"] == len(expected) and summary["ok"] == len(expected) - n_bad
     assert sum(summary["errors"].values()) == n_bad and summary["compressors"] == {"none": len(expected) - n_bad}
     assert summary["tokens_per_s"] > 0 and summary["mean_accept_length"] >= 1
+    assert summary["ignored"] == CORPUS_IGNORED  # entries that are no input are counted, by reason
     assert json.loads((out / "_summary.json").read_text())["run_id"] == summary["run_id"]
 
     # rerun: nothing to do
