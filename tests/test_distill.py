@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from specvlm import EagleDraft
 from specvlm.distill import (
     BadSample,
     DistillBatch,
+    Teacher,
     WrappedDraft,
     distill_loss,
     distill_step,
@@ -22,6 +24,50 @@ from specvlm.distill import (
 )
 from specvlm.target import TargetAdapter
 from specvlm.tiny import tiny_inputs, tiny_llava
+
+
+class _FixedDraft:
+    """Stands in for the draft's forward only: fixed features ``g`` and logits ``g @ W.T`` (a 3-word LM head)."""
+
+    compressor = None
+
+    def __init__(self, g: torch.Tensor, lm_head: torch.Tensor):
+        self.g, self.lm_head = g, lm_head
+
+    def __call__(self, tokens, features, positions, mask):
+        return self.g
+
+    def log_probs(self, hidden):
+        return (hidden @ self.lm_head.T).log_softmax(-1)
+
+
+def test_distill_loss_matches_a_hand_computed_value():
+    """0.1 * softCE + SmoothL1 on two response tokens over a 3-word vocabulary, worked out by hand.
+
+    Tokens x0..x3, the response is x2 x3, so draft entries 0 and 1 (reading f0, f1) are scored against the
+    target's logits at 1, 2 and its features f1, f2. Draft logits are ``[g_0, g_1, 0]``.
+    entry 0: g = (0, 0): draft probs uniform, softCE = ln 3 whatever the target says; f1 = (0.5, 0):
+             SmoothL1 = mean(0.5 * 0.5^2, 0) = 0.0625.
+    entry 1: g = (ln 2, 0): draft probs (1/2, 1/4, 1/4); target logits (0, 0, ln 2): probs (1/4, 1/4, 1/2);
+             softCE = -(1/4 ln 1/2 + 1/4 ln 1/4 + 1/2 ln 1/4) = 1.75 ln 2; f2 = (ln 2, 3): SmoothL1 =
+             mean(0, 3 - 0.5) = 1.25.
+    loss = 0.1 * (ln 3 + 1.75 ln 2) / 2 + (0.0625 + 1.25) / 2.
+    """
+    ln2, ln3 = math.log(2), math.log(3)
+    g = torch.tensor([[[0.0, 0.0], [ln2, 0.0], [7.0, -7.0]]], dtype=torch.float64)  # [B=1, T-1=3, D=2]
+    features = torch.tensor([[[9.0, 9.0], [0.5, 0.0], [ln2, 3.0], [9.0, 9.0]]], dtype=torch.float64)  # [1, 4, 2]
+    logits = torch.tensor([[[5.0, 0, 0], [1.0, 2.0, 3.0], [0, 0, ln2], [5.0, 0, 0]]], dtype=torch.float64)
+    teacher = Teacher(torch.zeros(1, 4, 2, dtype=torch.float64), features, logits, torch.arange(4)[None])
+    batch = DistillBatch(torch.tensor([[1, 2, 3, 4]]), torch.ones(1, 4, dtype=torch.long), torch.tensor([[0, 0, 1, 1]]))
+    lm_head = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]], dtype=torch.float64)
+    res = distill_loss(_FixedDraft(g, lm_head), teacher, batch)
+    expected_ce, expected_feat = (ln3 + 1.75 * ln2) / 2, (0.0625 + 1.25) / 2
+    assert res.loss_logit == pytest.approx(expected_ce, rel=1e-6)  # the loss reads the teacher in float32
+    assert res.loss_feat == pytest.approx(expected_feat, rel=1e-6)  # the loss reads the teacher in float32
+    assert res.loss.item() == pytest.approx(
+        0.1 * expected_ce + expected_feat, rel=1e-6
+    )  # the loss reads the teacher in float32
+    assert res.draft_top1 == pytest.approx(0.0)  # draft argmax 0 (a tie, first wins) and 0; target's 2 and 2
 
 
 def _batch(model, seed: int = 0) -> DistillBatch:
