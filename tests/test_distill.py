@@ -62,11 +62,10 @@ def test_distill_loss_matches_a_hand_computed_value():
     lm_head = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]], dtype=torch.float64)
     res = distill_loss(_FixedDraft(g, lm_head), teacher, batch)
     expected_ce, expected_feat = (ln3 + 1.75 * ln2) / 2, (0.0625 + 1.25) / 2
-    assert res.loss_logit == pytest.approx(expected_ce, rel=1e-6)  # the loss reads the teacher in float32
-    assert res.loss_feat == pytest.approx(expected_feat, rel=1e-6)  # the loss reads the teacher in float32
-    assert res.loss.item() == pytest.approx(
-        0.1 * expected_ce + expected_feat, rel=1e-6
-    )  # the loss reads the teacher in float32
+    close = dict(rel=1e-6)  # the loss reads the teacher's logits and features in float32
+    assert res.loss_logit == pytest.approx(expected_ce, **close)
+    assert res.loss_feat == pytest.approx(expected_feat, **close)
+    assert res.loss.item() == pytest.approx(0.1 * expected_ce + expected_feat, **close)
     assert res.draft_top1 == pytest.approx(0.0)  # draft argmax 0 (a tie, first wins) and 0; target's 2 and 2
 
 
