@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 import uuid
@@ -55,8 +54,10 @@ from specvlm.config import (
 from specvlm.media import MediaLimits
 
 from . import caption_io as cio
+from .ray_cluster import add_address_flag, init_ray
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "caption-demo.yaml"
+MAX_INPUT_BLOCKS = 1000  # listed files are cut into at most this many blocks (small jobs: one row per block)
 
 
 class _Strict(BaseModel):
@@ -150,9 +151,9 @@ def _check_model(cfg: CaptionJobConfig) -> None:
     """Fail on the driver, before any actor starts, for a missing demo model or local target."""
     target = cfg.model.target
     if target == "demo":
-        from specvlm.demo import demo_dir
+        from specvlm.demo import demo_path
 
-        d = demo_dir()
+        d = demo_path()
         needs = ["target"] + (["draft"] if cfg.model.draft is None and cfg.engine.mode != "ar" else [])
         if not all((d / n / "config.json").is_file() for n in needs):
             raise FileNotFoundError(f"the demo model is not built in {d}: run `make demo-model` (or set model.target)")
@@ -200,7 +201,7 @@ def build_dataset(cfg: CaptionJobConfig, inputs: cio.Inputs, done, captioner=Non
     parts = []
     files = [r for r in inputs.files if r["id"] not in done_set]
     if files:
-        step = -(-len(files) // 1000)  # at most ~1000 blocks; small jobs get one row per block, so decode streams
+        step = -(-len(files) // MAX_INPUT_BLOCKS)  # small jobs get one row per block, so decode streams
         parts.append(ray.data.from_arrow([cio.listed_table(files[i : i + step]) for i in range(0, len(files), step)]))
     if inputs.shards:
         ds = ray.data.from_arrow([cio.listed_table([s]) for s in inputs.shards])
@@ -349,9 +350,12 @@ def _actors(text: str) -> dict:
         raise argparse.ArgumentTypeError(f"--actors takes MIN:MAX or N, got {text!r}") from None
 
 
-def parse_args(argv: list[str] | None = None) -> CaptionJobConfig:
-    """CLI flags over the config file (or the demo defaults); raises `ConfigError` naming the bad field."""
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="specvlm caption", description="batch captioning with Ray Data")
+    add_address_flag(ap)
+    ap.add_argument("--fail-on-errors", action="store_true",
+                    help="exit 3 when any row has an error (default: exit 0 once the job completes; error rows "
+                    "are results, in the output's error column)")  # fmt: skip
     ap.add_argument("--input", help="folder, s3:// prefix, .tar shard, .parquet/.jsonl manifest, or one file")
     ap.add_argument("--output", help="output folder or s3:// prefix")
     ap.add_argument("--config", type=Path, help=f"job YAML (default: the demo job, {DEMO_CONFIG.name})")
@@ -361,7 +365,15 @@ def parse_args(argv: list[str] | None = None) -> CaptionJobConfig:
     ap.add_argument("--batch-size", type=int, help="rows per actor call")
     ap.add_argument("--gpus-per-actor", type=float, help="GPUs per actor (fractions share a GPU)")
     ap.add_argument("--mode", choices=("ar", "eagle", "specvlm"), help="engine.mode")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def parse_args(argv: list[str] | None = None) -> CaptionJobConfig:
+    """CLI flags over the config file (or the demo defaults); raises `ConfigError` naming the bad field."""
+    return _config(_parser().parse_args(argv))
+
+
+def _config(args: argparse.Namespace) -> CaptionJobConfig:
     cfg = load_config(args.config, CaptionJobConfig) if args.config else CaptionJobConfig()
     data = cfg.model_dump()
     flat = {"input": args.input, "output": args.output, "prompt": args.prompt, "actors": args.actors,
@@ -374,28 +386,34 @@ def parse_args(argv: list[str] | None = None) -> CaptionJobConfig:
     return parse_config(data, CaptionJobConfig, source="command line")
 
 
-def main(argv: list[str] | None = None) -> dict:
-    """``specvlm caption``: parse args, connect to ``RAY_ADDRESS`` (or start a local Ray), run the job."""
+def main(argv: list[str] | None = None) -> int:
+    """``specvlm caption``: parse args, join ``--address`` / ``RAY_ADDRESS`` (or start a private local Ray), run
+    the job. Returns the exit status: 0 once the job completed (error rows are results), 3 with
+    ``--fail-on-errors`` when a row failed; a job that cannot run exits with a message (status 1)."""
+    args = _parser().parse_args(argv)
     try:
-        cfg = parse_args(argv)
+        cfg = _config(args)
     except ConfigError as e:
         sys.exit(str(e))
     if not cfg.input or not cfg.output:
         sys.exit("specvlm caption: --input and --output are required (or input:/output: in the config)")
-    import ray
-
-    if not ray.is_initialized():  # the job's tasks and actors get the driver's S3 / model-cache environment
-        env = {"env_vars": e} if (e := cio.job_env()) else None
-        address = os.environ.get("RAY_ADDRESS")
-        if address:
-            ray.init(address=address, runtime_env=env)
-        else:  # a private single-node Ray, on loopback
-            ray.init(include_dashboard=False, runtime_env=env, _node_ip_address="127.0.0.1")
+    # the job's tasks and actors get the driver's S3 / model-cache environment
+    started = init_ray(args.address, runtime_env={"env_vars": e} if (e := cio.job_env()) else None)
     try:
-        return run(cfg)
+        summary = run(cfg)
     except FileNotFoundError as e:
         sys.exit(f"specvlm caption: {e}")
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+    failed = summary["rows"] - summary["ok"]
+    if args.fail_on_errors and failed:
+        print(f"[caption] --fail-on-errors: {failed} rows have errors; exit status 3", flush=True)
+        return 3
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

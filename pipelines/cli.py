@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-DELEGATED = {"caption": "pipelines.caption", "distill": "pipelines.distill", "serve": "actors.serving"}
+DELEGATED = {"caption": "pipelines.caption", "distill": "pipelines.distill", "serve": "pipelines.serve"}
 BENCHES = ("engine", "demo", "compressor", "caption", "serve")
 
 
@@ -91,7 +91,8 @@ def _bench(args: argparse.Namespace) -> None:
         module.main(args.rest)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
+    """The console script; returns the exit status (0: done; a subcommand's own status otherwise)."""
     ap = argparse.ArgumentParser(prog="specvlm", description="SpecVLM: lossless speculative decoding for VLMs")
     sub = ap.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="answer a few demo questions with the demo model and print the stats")
@@ -121,9 +122,10 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in DELEGATED:
         module = __import__(DELEGATED[argv[0]], fromlist=["main"])
-        return module.main(argv[1:])
+        return module.main(argv[1:]) or 0
     args = ap.parse_args(argv)
     args.func(args)
+    return 0
 
 
 if __name__ == "__main__":

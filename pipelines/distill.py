@@ -46,6 +46,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from specvlm.config import CompressorConfig, ConfigError, TreeConfig, load_config, parse_config
 
+from .ray_cluster import add_address_flag, init_ray
+
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "distill-demo.yaml"
 MANIFEST_SUFFIXES = (".jsonl", ".json", ".parquet")
 
@@ -499,6 +501,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--workers", type=int, help="override workers")
     ap.add_argument("--max-steps", type=int, help="override max_steps")
     ap.add_argument("--output", help="override output")
+    add_address_flag(ap)
     args = ap.parse_args(argv)
     try:
         cfg = load_config(args.config, DistillJobConfig) if args.config else DistillJobConfig()
@@ -508,13 +511,15 @@ def main(argv: list[str] | None = None) -> None:
             cfg = parse_config({**cfg.model_dump(), **overrides}, DistillJobConfig, source="command line")
     except ConfigError as e:
         sys.exit(str(e))
-    import ray
+    started = init_ray(args.address)
+    try:
+        run(cfg)
+    finally:
+        if started:
+            import ray
 
-    if not ray.is_initialized():
-        address = os.environ.get("RAY_ADDRESS")
-        ray.init(address=address) if address else ray.init(include_dashboard=False, _node_ip_address="127.0.0.1")
-    run(cfg)
+            ray.shutdown()
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
