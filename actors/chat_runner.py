@@ -21,6 +21,7 @@ row early (through the engine's ``on_tokens``) at a stop string, at its own
 
 from __future__ import annotations
 
+import io
 import logging
 import threading
 from collections import deque
@@ -28,8 +29,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+from PIL import Image
 
-from specvlm.media import MediaError, MediaLimits, decode_image
+from specvlm.media import _PIL_FORMATS as PIL_FORMATS  # the formats decode_image opens; no other Pillow plugin
+from specvlm.media import MediaError, MediaLimits, check_dimensions, decode_image
 
 from .openai_protocol import ChatRequest, OpenAIError, TextStream, completion_tokens_budget, usage
 from .serve_config import ServeLimits
@@ -83,22 +86,52 @@ class ChatRunner:
         self.context = limits.max_context_tokens or int(getattr(text_config, "max_position_embeddings", 4096))
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else (self.tokenizer.eos_token_id or 0)
-        self.media_limits = MediaLimits(max_bytes=limits.max_image_bytes, max_pixels=limits.max_image_pixels)
+        self.media_limits = MediaLimits(
+            max_bytes=limits.max_image_bytes,
+            max_pixels=limits.max_image_pixels,
+            max_aspect_ratio=limits.max_image_aspect_ratio,
+        )
+        self.image_processor = getattr(processor, "image_processor", None)
 
     def _decode_text(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     # ------------------------------------------------------------------ prepare
+    def check_image_sizes(self, params: list[str], images: list[bytes]) -> None:
+        """Refuse images from their headers, before any pixel is decoded (`OpenAIError` 400 ``image_too_large``):
+        each image's pixels and aspect ratio (`check_dimensions`, the batch job's check too), its pixels after
+        the processor's resize (`resized_pixels`), and those summed over the request."""
+        limits, total = self.limits, 0
+        for param, data in zip(params, images):
+            size = image_header_size(data)
+            if size is None:
+                continue  # Pillow cannot open it: decode_image says why
+            w, h = size
+            try:
+                check_dimensions(w, h, self.media_limits)
+            except MediaError as e:
+                raise _image_error(param, e) from None
+            pixels = resized_pixels(w, h, self.image_processor)
+            if pixels > limits.max_resized_image_pixels:
+                raise OpenAIError(400, f"{param}: a {w}x{h} image is {pixels} pixels after the model's resize > "
+                                  f"max_resized_image_pixels={limits.max_resized_image_pixels}", param=param,
+                                  code="image_too_large")  # fmt: skip
+            total += pixels
+            if total > limits.max_request_pixels:
+                raise OpenAIError(400, f"the images hold over {total} pixels after the model's resize > "
+                                  f"max_request_pixels={limits.max_request_pixels}", param="messages",
+                                  code="image_too_large")  # fmt: skip
+
     def prepare(self, req: ChatRequest, images: list[bytes]) -> ChatJob:
         """One request -> `ChatJob`; raises `OpenAIError` (400) for bad images or a prompt over the limits."""
         params = [p for p, _ in req.image_urls()]
+        self.check_image_sizes(params, images)
         pil = []
         for param, data in zip(params, images):
             try:
                 pil.append(decode_image(data, self.media_limits))
             except MediaError as e:
-                code = "image_too_large" if e.kind == "too_large" else "invalid_image"
-                raise OpenAIError(400, f"{param}: {e}", param=param, code=code) from None
+                raise _image_error(param, e) from None
         try:
             prompt = self.processor.apply_chat_template(req.template_messages(), add_generation_prompt=True)
             enc = self.processor(text=[prompt], images=pil or None, return_tensors="pt")
@@ -108,7 +141,8 @@ class ChatRunner:
         max_tokens = completion_tokens_budget(req, prompt_tokens, self.limits, self.context)
         inputs = {k: enc[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_sizes") if k in enc}
         stream = TextStream(self._decode_text, self.engine.target.eos_token_ids, max_tokens, req.stops)
-        return ChatJob(inputs, prompt_tokens, max_tokens, req.temperature, req.top_p, req.top_k, req.seed, stream)
+        temperature = req.sampling_temperature()  # tiny temperatures decode greedily (MIN_TEMPERATURE)
+        return ChatJob(inputs, prompt_tokens, max_tokens, temperature, req.top_p, req.top_k, req.seed, stream)
 
     # ------------------------------------------------------------------ run
     def run(self, jobs: list[ChatJob], post: Post) -> None:
@@ -174,6 +208,59 @@ class ChatRunner:
             seed=first.seed,
             on_tokens=on_tokens,
         )
+
+
+def _image_error(param: str, e: MediaError) -> OpenAIError:
+    code = "image_too_large" if e.kind == "too_large" else "invalid_image"
+    return OpenAIError(400, f"{param}: {e}", param=param, code=code)
+
+
+def image_header_size(data: bytes) -> tuple[int, int] | None:
+    """``(width, height)`` from an image's header (Pillow reads no pixels), or None when Pillow cannot open it."""
+    try:
+        with Image.open(io.BytesIO(data), formats=PIL_FORMATS) as im:
+            return im.size
+    except Exception:  # any failure here is decode_image's to report, with its message
+        return None
+
+
+def resized_pixels(width: int, height: int, image_processor) -> int:
+    """Pixels of one ``width x height`` image once the model's image processor has resized it (the largest
+    array it builds, before any crop), from the processor's settings, without running it.
+
+    - LLaVA (CLIP): the shorter side to ``size.shortest_edge``, the longer one in proportion (capped at
+      ``size.longest_edge``), then a center crop: a 40000x1 image becomes 13.4M x 336 before the crop.
+    - LLaVA-NeXT (``image_grid_pinpoints``): the image fitted into the best pinpoint resolution (padded to
+      it) plus the whole image at ``shortest_edge`` squared.
+    - Qwen2-VL style (``merge_size``): a pixel budget, at most ``size.longest_edge`` pixels.
+    - fixed ``height x width``, or fitted into ``max_height x max_width``.
+    - no resize, or a processor none of these describe: the source's own pixels.
+    """
+    size = getattr(image_processor, "size", None)
+    if image_processor is None or size is None or not getattr(image_processor, "do_resize", True):
+        return width * height
+    get = size.get if isinstance(size, dict) else lambda key: getattr(size, key, None)
+    short, long = sorted((width, height))
+    pinpoints = getattr(image_processor, "image_grid_pinpoints", None)
+    if pinpoints:
+        from transformers.image_processing_utils import select_best_resolution
+
+        best_h, best_w = select_best_resolution((height, width), pinpoints)
+        base = get("shortest_edge") or get("height") or 0
+        return best_h * best_w + base * base
+    if getattr(image_processor, "merge_size", None) and get("longest_edge"):
+        return min(max(width * height, get("shortest_edge") or 0), get("longest_edge"))  # (before 28-px rounding)
+    if get("shortest_edge"):
+        new_short, new_long = get("shortest_edge"), get("shortest_edge") * long // short
+        if get("longest_edge") and new_long > get("longest_edge"):
+            new_short, new_long = get("longest_edge") * short // long, get("longest_edge")
+        return max(new_short, 1) * max(new_long, 1)
+    if get("height") and get("width"):
+        return get("height") * get("width")
+    if get("max_height") and get("max_width"):
+        scale = min(get("max_height") / height, get("max_width") / width)
+        return max(int(height * scale), 1) * max(int(width * scale), 1)
+    return width * height
 
 
 class EngineQueue:

@@ -25,6 +25,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .serve_config import ServeLimits
 
 FinishReason = Literal["stop", "length"]
+# Below this temperature a request is decoded greedily: logits / 1e-300 overflow to inf and give NaN
+# probabilities, and at 1e-5 the sampling distribution is already the argmax unless the top two logits differ
+# by less than ~1e-3 (exp(-1e-3 / 1e-5) = e^-100); documented in docs/serve.md.
+MIN_TEMPERATURE = 1e-5
 
 
 class OpenAIError(Exception):
@@ -37,9 +41,11 @@ class OpenAIError(Exception):
         type: str = "invalid_request_error",  # noqa: A002 - OpenAI's field name
         param: str | None = None,
         code: str | None = None,
+        headers: dict[str, str] | None = None,  # response headers, e.g. Retry-After of a 429
     ):
         super().__init__(status, message, type, param, code)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers
 
     def __str__(self) -> str:
         return f"{self.status} {self.type}: {self.message}"
@@ -129,8 +135,22 @@ class ChatRequest(_Lenient):
     def stops(self) -> list[str]:
         return list(self.stop or [])
 
+    def sampling_temperature(self) -> float:
+        """The temperature the engine gets: ``temperature``, or 0 (greedy) below `MIN_TEMPERATURE`."""
+        return 0.0 if self.temperature < MIN_TEMPERATURE else self.temperature
+
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+    def text_chars(self) -> int:
+        """Characters of text in the messages and stop strings: what the template and tokenizer will read."""
+        n = sum(len(s) for s in self.stops)
+        for m in self.messages:
+            if isinstance(m.content, str):
+                n += len(m.content)
+            elif m.content:
+                n += sum(len(p.text) for p in m.content if isinstance(p, TextPart))
+        return n
 
     def image_urls(self) -> list[tuple[str, str]]:
         """``(param, url)`` of every image part in message order; param names it for errors."""
@@ -167,10 +187,14 @@ def parse_chat_request(body: bytes, limits: ServeLimits, served_model: str) -> C
         data = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise OpenAIError(400, f"request body is not valid JSON: {e}", code="invalid_json") from None
+    except RecursionError:  # the parser recurses per level: ~1000 levels of [ or { exhaust Python's stack
+        raise OpenAIError(400, "request body is nested too deeply to parse", code="invalid_json") from None
     if not isinstance(data, dict):
         raise OpenAIError(400, f"request body must be a JSON object, got {type(data).__name__}", code="invalid_json")
     try:
         req = ChatRequest.model_validate(data)
+    except RecursionError:  # (pydantic-core has its own guard; this keeps it a 400 whatever the version)
+        raise OpenAIError(400, "request body is nested too deeply", code="invalid_value") from None
     except ValidationError as e:
         errs = e.errors(include_url=False)
         msgs = [f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}" for err in errs[:5]]
@@ -217,6 +241,10 @@ def _check_limits(req: ChatRequest, limits: ServeLimits) -> None:
                           code="max_tokens_too_large")  # fmt: skip
     if len(req.stops) > limits.max_stop:
         raise OpenAIError(400, f"{len(req.stops)} stop strings > max_stop={limits.max_stop}", param="stop")
+    chars = req.text_chars()
+    if chars > limits.max_prompt_chars:  # before the chat template and tokenizer, which cost far more per char
+        raise OpenAIError(400, f"the messages hold {chars} characters of text > max_prompt_chars="
+                          f"{limits.max_prompt_chars}", param="messages", code="context_length_exceeded")  # fmt: skip
 
 
 def completion_tokens_budget(req: ChatRequest, prompt_tokens: int, limits: ServeLimits, context: int) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -21,12 +22,36 @@ class _Strict(BaseModel):
 
 
 class ServeLimits(_Strict):
-    """What one request may cost; anything over a limit is a 4xx that names the limit."""
+    """What one request may cost, and how long and how many a replica holds; over a limit is a 4xx naming it.
+
+    Everything here is checked before the costly step it guards: the body size and read time while reading
+    it, characters and images on the parsed request (before the chat template and tokenizer), image sizes
+    from their headers (before decoding), tokens after the tokenizer (before the engine).
+    """
 
     max_body_bytes: int = Field(24 * 1024**2, gt=0, description="HTTP request body (JSON with data: URLs)")
+    body_timeout_s: float = Field(
+        10.0, gt=0, description="time to receive a body, extended by what arrives (min_body_bytes_per_s); else 408"
+    )
+    min_body_bytes_per_s: int = Field(
+        64 * 1024, gt=0, description="each byte received extends body_timeout_s by 1/this: slow but steady uploads pass"
+    )
+    max_prompt_chars: int = Field(
+        262_144, ge=1, description="characters of all text parts and stop strings, before the template and tokenizer"
+    )
     max_images: int = Field(4, ge=0, description="images in one request")
     max_image_bytes: int = Field(16 * 1024**2, gt=0, description="encoded size of one image (after base64)")
     max_image_pixels: int = Field(25_000_000, gt=0, description="width*height of one image, read from its header")
+    max_image_aspect_ratio: float = Field(
+        20.0, ge=1.0, description="longer side / shorter side of one image, from its header (processors scale the "
+        "shorter side up: a 40000x1 image would cost as much as a 40000x336 one)",
+    )  # fmt: skip
+    max_resized_image_pixels: int = Field(
+        4 * 1024**2, gt=0, description="one image's pixels after the model's processor resizes it, from its header"
+    )
+    max_request_pixels: int = Field(
+        8 * 1024**2, gt=0, description="pixels of all images of a request after the processor's resize, summed"
+    )
     max_tokens: int = Field(1024, ge=1, description="largest max_tokens a request may ask for")
     default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request gives none (capped by context)")
     max_prompt_tokens: int = Field(8192, ge=1, description="after the chat template, image tokens included")
@@ -34,6 +59,13 @@ class ServeLimits(_Strict):
         None, ge=2, description="prompt + completion; None = the target's max_position_embeddings"
     )
     max_stop: int = Field(4, ge=0, description="stop strings in one request (OpenAI allows 4)")
+    max_active_requests: int | None = Field(
+        None, ge=1, description="requests one replica holds at once (reading, preparing, waiting, decoding); "
+        "beyond it 429 + Retry-After; None = 3/4 of deployment.max_ongoing_requests (at least max_batch_size)",
+    )  # fmt: skip
+    prep_threads: int = Field(
+        4, ge=1, description="threads that prepare requests (image decode, chat template, tokenizer) per replica"
+    )
 
 
 class ImageFetchConfig(_Strict):
@@ -89,7 +121,11 @@ class DeploymentConfig(_Strict):
         None, description="Serve AutoscalingConfig (min_replicas, max_replicas, target_ongoing_requests, ...)"
     )
     max_ongoing_requests: int = Field(64, ge=1, description="per replica; keep >= batching.max_batch_size")
-    max_queued_requests: int = Field(-1, ge=-1, description="per caller before 503s; -1 = unbounded")
+    max_queued_requests: int = Field(
+        64, ge=-1, description="requests each Serve proxy holds while every replica slot is taken; beyond it "
+        "Serve answers 429 + Retry-After itself; -1 = unbounded (an overload then queues without end)",
+    )  # fmt: skip
+    retry_after_s: int = Field(2, ge=0, description="Retry-After of a 429, from Serve's queue or a replica")
     ray_actor_options: dict = Field(default_factory=lambda: {"num_cpus": 1}, description="e.g. {num_gpus: 1}")
 
     @field_validator("autoscaling_config")
@@ -112,6 +148,7 @@ class DeploymentConfig(_Strict):
         opts = dict(
             max_ongoing_requests=self.max_ongoing_requests,
             max_queued_requests=self.max_queued_requests,
+            backpressure_config={"status_code": 429, "retry_after_s": self.retry_after_s},  # Serve's default: 503
             ray_actor_options=dict(self.ray_actor_options),
         )
         if self.autoscaling_config is not None:
@@ -133,12 +170,20 @@ class ServeAppConfig(_Strict):
     )
     limits: ServeLimits = ServeLimits()
     image_fetch: ImageFetchConfig = ImageFetchConfig()
-    api_key_env: str | None = Field(
-        "SPECVLM_API_KEY", description="env var holding the API key; unset or empty = no key required"
-    )
-    api_key_file: str | None = Field(None, description="file holding the API key (a mounted Kubernetes secret)")
+    auth: Literal["none", "env", "file"] = Field(
+        "none", description="where the API key comes from: 'env' (api_key_env), 'file' (api_key_file), or 'none' "
+        "(no key: loopback demos only); a configured source that is missing or empty stops the replica",
+    )  # fmt: skip
+    api_key_env: str = Field("SPECVLM_API_KEY", min_length=1, description="env var holding the key (auth: env)")
+    api_key_file: str | None = Field(None, description="file holding the key, e.g. a mounted secret (auth: file)")
     batching: BatchingConfig = BatchingConfig()
     deployment: DeploymentConfig = DeploymentConfig()
+
+    @model_validator(mode="after")
+    def _key_source(self):
+        if self.auth == "file" and not self.api_key_file:
+            raise ValueError("auth: file needs api_key_file (the path of the file holding the key)")
+        return self
 
     @model_validator(mode="after")
     def _batches_can_fill(self):
@@ -150,7 +195,22 @@ class ServeAppConfig(_Strict):
                 f"deployment.max_ongoing_requests={self.deployment.max_ongoing_requests} < "
                 f"batching.max_batch_size={b}: batches could never fill; raise max_ongoing_requests"
             )
+        active = self.limits.max_active_requests
+        if active is not None and not b <= active <= self.deployment.max_ongoing_requests:
+            raise ValueError(
+                f"limits.max_active_requests={active} must lie between batching.max_batch_size={b} (or batches "
+                f"never fill) and deployment.max_ongoing_requests={self.deployment.max_ongoing_requests} (or Serve "
+                "queues the requests before a replica can refuse them)"
+            )
         return self
+
+    def max_active_requests(self) -> int:
+        """`ServeLimits.max_active_requests`, or 3/4 of the replica's slots: the other quarter answers 429 at once
+        instead of leaving the overflow in Serve's queue."""
+        if self.limits.max_active_requests is not None:
+            return self.limits.max_active_requests
+        slots = self.deployment.max_ongoing_requests
+        return max(self.batching.max_batch_size, slots - slots // 4)
 
     def model_name(self, info: dict) -> str:
         """The served name: the config's, else ``load_engine``'s target name (a path's last part)."""
@@ -168,6 +228,11 @@ class ServeFile(_Strict):
     route_prefix: str = "/"
     host: str | None = None
     port: int | None = None
+    request_timeout_s: float | None = None  # http_options.request_timeout_s: Serve's proxy answers 408 after it
+
+    def http_options(self, host: str, port: int) -> dict:
+        """``serve.start(http_options=...)`` for this file with the given host and port."""
+        return {"host": host, "port": port, "request_timeout_s": self.request_timeout_s}
 
 
 def load_serve_file(path: str | Path, app_name: str | None = None) -> ServeFile:
@@ -192,4 +257,5 @@ def load_serve_file(path: str | Path, app_name: str | None = None) -> ServeFile:
         route_prefix=entry.get("route_prefix") or "/",
         host=http.get("host"),
         port=http.get("port"),
+        request_timeout_s=http.get("request_timeout_s"),
     )

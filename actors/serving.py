@@ -9,9 +9,10 @@ Run: ``specvlm serve [--config FILE] [--host 127.0.0.1] [--port 8000]`` (`main`)
 
 What runs where in a replica::
 
-    event loop      auth, body limit, parse + validate (`openai_protocol`), image URLs (`image_urls`),
-                    SSE; never blocks on the model
-    prep thread     image decode + chat template + processor (`ChatRunner.prepare`)
+    event loop      auth, admission (429 beyond max_active_requests), body read (size and time limits),
+                    image URLs (`image_urls`), SSE; never blocks on the model or on a costly request
+    prep threads    (`prep_threads`) JSON parse + validate (`openai_protocol`), image headers, image decode,
+                    chat template + processor (`ChatRunner.prepare`): one costly request stalls no other
     engine thread   `EngineQueue.drain`: one engine batch at a time, `ChatRunner.run` ->
                     `SpecVLMEngine.generate(on_tokens=...)`; every round's text deltas go back to
                     the loop through an asyncio queue per arrival group
@@ -37,6 +38,8 @@ import signal
 import sys
 import threading
 import time
+import weakref
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -61,7 +64,7 @@ from .openai_protocol import (
     sse,
     usage_chunk,
 )
-from .serve_config import ServeAppConfig, load_serve_file
+from .serve_config import ServeAppConfig, ServeLimits, load_serve_file
 
 log = logging.getLogger("ray.serve")
 MAX_WAITING_BATCHES = 1024  # @serve.batch groups in the handler at once: enough that every arrival joins the queue
@@ -70,7 +73,7 @@ fastapi_app = FastAPI(title="specvlm", docs_url=None, redoc_url=None, openapi_ur
 
 
 def _error(e: OpenAIError) -> JSONResponse:
-    return JSONResponse(e.body(), status_code=e.status)
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
 
 @fastapi_app.exception_handler(StarletteHTTPException)
@@ -119,27 +122,80 @@ class _Metrics:
 
 
 def read_api_key(cfg: ServeAppConfig) -> str | None:
-    """The key requests must send, from ``api_key_file`` or the ``api_key_env`` variable; None = no auth."""
-    if cfg.api_key_file:
-        key = Path(cfg.api_key_file).read_text().strip()
+    """The key requests must send (``auth: env`` or ``file``), None for ``auth: none``; raises `ValueError` when
+    the configured source is missing or empty, so the replica does not start rather than serve without a key."""
+    if cfg.auth == "file":
+        path = Path(cfg.api_key_file)
+        if not path.is_file():
+            raise ValueError(f"auth: file, but api_key_file {path} does not exist (is the secret mounted?)")
+        key = path.read_text().strip()
         if not key:
-            raise ValueError(f"api_key_file {cfg.api_key_file} is empty")
+            raise ValueError(f"auth: file, but api_key_file {path} is empty")
         return key
-    key = os.environ.get(cfg.api_key_env, "").strip() if cfg.api_key_env else ""
-    return key or None
+    key = os.environ.get(cfg.api_key_env, "").strip()
+    if cfg.auth == "env":
+        if not key:
+            raise ValueError(f"auth: env, but the environment variable {cfg.api_key_env} is unset or empty on "
+                             "this replica (is the secret there?)")  # fmt: skip
+        return key
+    if key:  # someone meant to require a key: serving without one would be a silent surprise
+        raise ValueError(f"auth: none, but {cfg.api_key_env} is set: set auth: env to require that key, or unset it")
+    return None
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The body, refusing more than ``limit`` bytes (by Content-Length, and while reading)."""
+async def read_body(request: Request, limits: ServeLimits) -> bytes:
+    """The body, refusing more than ``max_body_bytes`` (413, by Content-Length and while reading) and a body
+    that does not arrive in ``body_timeout_s`` plus 1 s per ``min_body_bytes_per_s`` received (408): a
+    client that sends headers and then stalls would otherwise hold a replica slot forever."""
+    limit = limits.max_body_bytes
     length = request.headers.get("content-length", "")
     if length.isdigit() and int(length) > limit:
         raise OpenAIError(413, f"request body is {length} bytes > max_body_bytes={limit}", code="request_too_large")
-    body = bytearray()
-    async for piece in request.stream():
+    loop = asyncio.get_running_loop()
+    start, body, pieces = loop.time(), bytearray(), request.stream()
+    while True:
+        left = start + limits.body_timeout_s + len(body) / limits.min_body_bytes_per_s - loop.time()
+        try:
+            piece = await asyncio.wait_for(anext(pieces), max(left, 0.0))
+        except StopAsyncIteration:
+            return bytes(body)
+        except asyncio.TimeoutError:
+            raise OpenAIError(408, f"request body too slow: {len(body)} bytes in {loop.time() - start:.1f} s "
+                              f"(body_timeout_s={limits.body_timeout_s:g}, min_body_bytes_per_s="
+                              f"{limits.min_body_bytes_per_s})", code="request_timeout",
+                              headers={"Connection": "close"}) from None  # fmt: skip
         body += piece
         if len(body) > limit:
             raise OpenAIError(413, f"request body is over max_body_bytes={limit}", code="request_too_large")
-    return bytes(body)
+
+
+class Admission:
+    """Requests a replica holds, from admission until their response's last byte; beyond ``limit``, 429.
+
+    Serve routes up to ``max_ongoing_requests`` to a replica; admitting fewer (``max_active_requests``) makes
+    the rest of those slots answer an overload at once, with ``Retry-After``, instead of queueing it.
+    """
+
+    def __init__(self, limit: int, retry_after_s: int):
+        self.limit, self.retry_after_s, self.active = limit, retry_after_s, 0
+
+    def enter(self) -> Callable[[], None]:
+        """Admit one request (or raise `OpenAIError` 429); returns its ``leave``, safe to call more than once."""
+        if self.active >= self.limit:
+            raise OpenAIError(429, f"server overloaded: {self.active} requests in progress on this replica "
+                              f"(max_active_requests={self.limit}); retry after {self.retry_after_s} s",
+                              "requests", None, "rate_limit_exceeded",
+                              headers={"Retry-After": str(self.retry_after_s)})  # fmt: skip
+        self.active += 1
+        left = False
+
+        def leave() -> None:
+            nonlocal left
+            if not left:
+                left = True
+                self.active -= 1
+
+        return leave
 
 
 async def _drain(updates) -> None:
@@ -162,22 +218,22 @@ class SpecVLMServer:
         from specvlm.loading import load_engine
 
         self.cfg = cfg = ServeAppConfig.model_validate(config)
+        self.api_key = read_api_key(cfg)  # first: a missing key source fails the replica before the model loads
         engine, processor, info = load_engine(cfg.model, cfg.engine)
         self.model_name = cfg.model_name(info)
         self.info = info
         self.runner = ChatRunner(engine, processor, cfg.limits)
-        self.api_key = read_api_key(cfg)
         self.created = now()
         self.metrics = _Metrics(self.model_name)
-        self._prep = ThreadPoolExecutor(1, thread_name_prefix="specvlm-prep")
+        self.admission = Admission(cfg.max_active_requests(), cfg.deployment.retry_after_s)
+        self._prep = ThreadPoolExecutor(cfg.limits.prep_threads, thread_name_prefix="specvlm-prep")
         self._engine = ThreadPoolExecutor(1, thread_name_prefix="specvlm-engine")
         self._drains: set[asyncio.Task] = set()
         self._works: set[asyncio.Future] = set()
         self.queue = EngineQueue(self.runner, cfg.batching.max_batch_size, self.metrics.batch_rows.observe)
         self.decode_batch.set_max_batch_size(cfg.batching.max_batch_size)
         self.decode_batch.set_batch_wait_timeout_s(cfg.batching.batch_wait_timeout_s)
-        log.info("specvlm serving %s (mode %s, api key %s)", self.model_name, cfg.engine.mode,
-                 "required" if self.api_key else "off")  # fmt: skip
+        log.info("specvlm serving %s (mode %s, auth %s)", self.model_name, cfg.engine.mode, cfg.auth)
 
     # ---------------------------------------------------------------- routes
     @fastapi_app.get("/health")
@@ -195,13 +251,23 @@ class SpecVLMServer:
     @fastapi_app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
         t0 = time.perf_counter()
-        stream = False
+        stream, leave = False, None
         try:
             self._auth(request)
-            body = await read_body(request, self.cfg.limits.max_body_bytes)
-            req = parse_chat_request(body, self.cfg.limits, self.model_name)
+            leave = self.admission.enter()
+            body = await read_body(request, self.cfg.limits)
+            req = await self._in_prep(parse_chat_request, body, self.cfg.limits, self.model_name)
             stream = req.stream
             job = await self._prepare(req)
+            rid, created = new_id(), now()
+            if stream:
+                include_usage = bool(req.stream_options and req.stream_options.include_usage)
+                headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+                events = self._sse(job, rid, created, include_usage, t0, leave)
+                weakref.finalize(events, leave)  # also when the stream is dropped before it starts
+                leave = None  # the stream leaves when it ends
+                return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+            return await self._complete(job, rid, created, t0)
         except OpenAIError as e:
             self.metrics.record(e.status, stream, t0)
             return _error(e)
@@ -209,13 +275,9 @@ class SpecVLMServer:
             log.exception("chat request failed before decoding")
             self.metrics.record(500, stream, t0)
             return _error(OpenAIError(500, f"internal error: {type(e).__name__}", "server_error"))
-        rid, created = new_id(), now()
-        if stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-            events = self._sse(job, rid, created, include_usage, t0)
-            return StreamingResponse(events, media_type="text/event-stream", headers=headers)
-        return await self._complete(job, rid, created, t0)
+        finally:
+            if leave is not None:
+                leave()
 
     # ---------------------------------------------------------------- helpers
     def _auth(self, request: Request) -> None:
@@ -227,11 +289,15 @@ class SpecVLMServer:
         if not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
             raise OpenAIError(401, "incorrect API key", code="invalid_api_key")
 
+    async def _in_prep(self, fn, *args):
+        """``fn(*args)`` on a prep thread: the event loop stays free, and a costly request takes one thread of
+        ``prep_threads`` (the rest wait in the pool's queue, bounded by the admitted requests)."""
+        return await asyncio.get_running_loop().run_in_executor(self._prep, fn, *args)
+
     async def _prepare(self, req: ChatRequest) -> ChatJob:
         limits, fetch = self.cfg.limits, self.cfg.image_fetch
         images = [await image_bytes(url, fetch, limits.max_image_bytes, param) for param, url in req.image_urls()]
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._prep, self.runner.prepare, req, images)
+        return await self._in_prep(self.runner.prepare, req, images)
 
     async def _updates(self, job: ChatJob):
         """This request's updates until its last one; leaving early (client gone) ends its row."""
@@ -272,7 +338,14 @@ class SpecVLMServer:
         body = completion(rid, created, self.model_name, "".join(parts), last.finish_reason, last.usage)
         return JSONResponse(body)
 
-    async def _sse(self, job: ChatJob, rid: str, created: int, include_usage: bool, t0: float):
+    async def _sse(self, job: ChatJob, rid: str, created: int, include_usage: bool, t0: float, leave):
+        try:
+            async for event in self._sse_events(job, rid, created, include_usage, t0):
+                yield event
+        finally:
+            leave()
+
+    async def _sse_events(self, job: ChatJob, rid: str, created: int, include_usage: bool, t0: float):
         name, last, ttft = self.model_name, None, None
         yield sse(chunk(rid, created, name, {"role": "assistant", "content": ""}))
         try:

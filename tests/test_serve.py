@@ -22,7 +22,7 @@ from actors.serve_config import ImageFetchConfig, ServeAppConfig, ServeLimits, l
 from specvlm.config import ConfigError, parse_config
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-LIMITS = ServeLimits(max_body_bytes=4096, max_images=2, max_tokens=64, max_stop=2)
+LIMITS = ServeLimits(max_body_bytes=4096, max_images=2, max_tokens=64, max_stop=2, max_prompt_chars=2000)
 
 
 def png(size=(32, 32), color=(200, 30, 30)) -> bytes:
@@ -88,8 +88,13 @@ def test_parse_accepts_openai_requests():
         (body(tools=[{"type": "function"}]), 400, "tools", "not supported"),
         (body(seed=-1), 400, "seed", "seed"),
         (b" " * 5000, 413, None, "max_body_bytes"),
+        (b"[" * 4000, 400, None, "nested too deeply"),  # ~1000 levels exhaust the parser's recursion: a 400
+        (b'{"messages": [{"role": "user", "content": ' + b"[" * 1800 + b"]" * 1800 + b"}]}", 400, None, "nested"),
+        (body(messages=[{"role": "user", "content": "x" * 3000}]), 400, "messages", "max_prompt_chars=2000"),
+        (body(messages=[{"role": "user", "content": [{"type": "text", "text": "x" * 1500}] * 2}]), 400, "messages",
+         "3000 characters"),
     ],
-)
+)  # fmt: skip
 def test_parse_refuses_bad_requests(raw, status, param, text):
     err = refused(parse_chat_request, raw, LIMITS, "m", status=status, match=text)
     if param:

@@ -64,6 +64,7 @@ def server(ray_local, small_demo, tmp_path_factory):
     cfg = {
         "model": {"target": str(demo.path / "target"), "draft": str(demo.path / "draft")},
         "served_model_name": MODEL,
+        "auth": "file",
         "api_key_file": str(key_file),
         "limits": {"max_body_bytes": 1_000_000, "max_images": 2, "max_tokens": 64},
         "image_fetch": {"allowed_hosts": ["localhost"], "allowed_ports": [80, 443, port]},
