@@ -4,7 +4,7 @@
     GET  /v1/models              the one served model
     GET  /health                 liveness (no API key)
 
-Run: ``specvlm serve [--config FILE] [--host 127.0.0.1] [--port 8000]`` (`main`), or
+Run: ``specvlm serve [--config FILE] [--host 127.0.0.1] [--port 8000]`` (`pipelines.serve`), or
 ``serve run configs/serve.yaml`` (`build_app`). See docs/serve.md.
 
 What runs where in a replica::
@@ -29,14 +29,10 @@ do not join a batch mid-decode. Decoding logic is the engine's; this module
 only translates and exports metrics.
 """
 
-import argparse
 import asyncio
 import hmac
 import logging
 import os
-import signal
-import sys
-import threading
 import time
 import weakref
 from collections.abc import Callable
@@ -64,7 +60,7 @@ from .openai_protocol import (
     sse,
     usage_chunk,
 )
-from .serve_config import ServeAppConfig, ServeLimits, load_serve_file
+from .serve_config import ServeAppConfig, ServeLimits
 
 log = logging.getLogger("ray.serve")
 MAX_WAITING_BATCHES = 1024  # @serve.batch groups in the handler at once: enough that every arrival joins the queue
@@ -405,54 +401,3 @@ def build_app(args: dict):
 
     cfg = parse_config(dict(args or {}), ServeAppConfig, source="serve application args")
     return SpecVLMServer.options(**cfg.deployment.options()).bind(cfg.model_dump(mode="json"))
-
-
-# ------------------------------------------------------------------------------------------ CLI
-def main(argv: list[str] | None = None) -> None:
-    """``specvlm serve``: run the endpoint in the foreground until SIGINT/SIGTERM, then shut Serve and Ray down."""
-    from specvlm.config import ConfigError
-
-    ap = argparse.ArgumentParser(prog="specvlm serve", description=__doc__.split("\n")[0])
-    ap.add_argument("--config", help="a Serve config file (configs/serve.yaml) or a ServeAppConfig YAML; "
-                    "default: the demo model")  # fmt: skip
-    ap.add_argument("--app", help="application name in a Serve config file with several")
-    ap.add_argument("--host", help="HTTP host (default: the file's http_options.host, else 127.0.0.1)")
-    ap.add_argument("--port", type=int, help="HTTP port (default: the file's http_options.port, else 8000)")
-    ap.add_argument("--address", help="an existing Ray cluster (default: $RAY_ADDRESS, else start a local Ray)")
-    args = ap.parse_args(argv)
-    try:
-        if args.config:
-            spec = load_serve_file(args.config, args.app)
-            app_args, name, prefix = spec.app.model_dump(mode="json"), spec.name, spec.route_prefix
-            host, port = args.host or spec.host or "127.0.0.1", args.port or spec.port or 8000
-        else:
-            app_args, name, prefix = ServeAppConfig().model_dump(mode="json"), "specvlm", "/"
-            host, port = args.host or "127.0.0.1", args.port or 8000
-        app = build_app(app_args)
-    except ConfigError as e:
-        raise SystemExit(str(e)) from None
-
-    import ray
-
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    address = args.address or os.environ.get("RAY_ADDRESS")
-    local_only = host in ("127.0.0.1", "localhost", "::1")
-    ray.init(address=address, **({} if address or not local_only else {"_node_ip_address": "127.0.0.1"}))
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    try:
-        serve.start(http_options={"host": host, "port": port})
-        serve.run(app, name=name, route_prefix=prefix, blocking=False)
-        base = f"http://{host}:{port}{prefix.rstrip('/')}"
-        print(f"specvlm serve: {base}/v1/chat/completions (GET {base}/v1/models, {base}/health); Ctrl+C stops",
-              flush=True)  # fmt: skip
-        stop.wait()
-        print("specvlm serve: shutting down", flush=True)
-    finally:
-        serve.shutdown()
-        ray.shutdown()
-
-
-if __name__ == "__main__":
-    sys.exit(main())

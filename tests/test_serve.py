@@ -528,7 +528,7 @@ def test_config_errors_name_the_field(data, field):
 
 
 def test_specvlm_serve_reports_bad_config_before_starting_ray(tmp_path):
-    from actors.serving import main
+    from pipelines.serve import main
 
     bad = tmp_path / "serve.yaml"
     bad.write_text("applications:\n  - name: specvlm\n    import_path: actors.serving:build_app\n"
