@@ -220,6 +220,9 @@ class ServeAppConfig(_Strict):
         return name if name.startswith("specvlm-") else Path(name.rstrip("/")).name or name
 
 
+REQUEST_TIMEOUT_S = 300.0  # configs/serve.yaml's http_options.request_timeout_s
+
+
 class ServeFile(_Strict):
     """What ``specvlm serve --config FILE`` found in FILE."""
 
@@ -228,7 +231,9 @@ class ServeFile(_Strict):
     route_prefix: str = "/"
     host: str | None = None
     port: int | None = None
-    request_timeout_s: float | None = None  # http_options.request_timeout_s: Serve's proxy answers 408 after it
+    # http_options.request_timeout_s: Serve's proxy answers 408 to a request still running after it; a file
+    # without one (or no file) gets configs/serve.yaml's, so `specvlm serve` never runs without a bound
+    request_timeout_s: float | None = REQUEST_TIMEOUT_S
 
     def http_options(self, host: str, port: int) -> dict:
         """``serve.start(http_options=...)`` for this file with the given host and port."""
@@ -257,5 +262,5 @@ def load_serve_file(path: str | Path, app_name: str | None = None) -> ServeFile:
         route_prefix=entry.get("route_prefix") or "/",
         host=http.get("host"),
         port=http.get("port"),
-        request_timeout_s=http.get("request_timeout_s"),
+        request_timeout_s=http.get("request_timeout_s", REQUEST_TIMEOUT_S),
     )
