@@ -6,9 +6,11 @@ them directly, without a cluster.
 
 Rows between the stages (`LISTED_SCHEMA`)::
 
-    id       unique per input: a path relative to the input folder/prefix, "<shard>/<key>" for a
-             webdataset sample, or the manifest's id
-    uri      local absolute path or s3://bucket/key (a tar sample: "<shard uri>#<member>")
+    id       unique per input: a path relative to the input folder/prefix (`escape_name`), "<shard>/<key>"
+             for a webdataset sample, the manifest's id (a string, `manifest_id`), or "<manifest>#L<n>"
+             for a bad manifest line
+    uri      local absolute path, a percent-encoded file:// URI for a path that is not UTF-8 (`local_uri`),
+             or s3://bucket/key (a tar sample: "<shard uri>#<member>")
     prompt   the manifest's prompt, else null (the job's prompt applies)
     name     what the media kind is read from (the file or tar member name)
     data     the bytes when already read (tar members), else null: `decode_rows` reads `uri`

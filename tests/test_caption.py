@@ -11,6 +11,8 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
+from collections import Counter
 from pathlib import Path
 from urllib.parse import unquote_to_bytes
 
@@ -404,6 +406,36 @@ def test_job_captions_every_input_once_and_resumes(ray_local, demo_paths, tmp_pa
     assert rows["q1"]["prompt"] == "what color is the circle?" and rows["q1"]["caption"] is not None
     assert rows["q0"]["prompt"] in ("how many shapes are there?", "what color is the circle?")
     assert rows["gone"]["error"] == f"read: not found: {tmp_path / 'in' / 'missing.png'}"
+
+
+def test_model_batches_are_full_whatever_the_input_blocks(ray_local, tmp_path, monkeypatch):
+    """40 files in 5-row blocks (as 4001-5000 files are), decode batches of 16, model batches of 8: 5 model calls
+    of 8 rows (bundles of 4 blocks used to be cut into 8 + 8 + 4 rows: 6 calls here, 30 instead of 25 per 200)."""
+    from actors.captioner import OUTPUT_SCHEMA
+    from pipelines import caption
+
+    class CountingCaptioner:  # defined here so that Ray pickles it by value
+        def __init__(self, model, engine, sampling):
+            self.tag, self.calls = uuid.uuid4().hex[:8], 0
+
+        def __call__(self, batch: pa.Table) -> pa.Table:
+            self.calls += 1
+            n = batch.num_rows
+            cols = {c: [None] * n for c in OUTPUT_SCHEMA.names}
+            cols |= {"id": batch["id"].to_pylist(), "caption": [f"{self.tag}-{self.calls}"] * n}
+            return pa.Table.from_pydict(cols, schema=OUTPUT_SCHEMA)
+
+    png = save(Image.new("RGB", (8, 8)), "PNG")
+    for i in range(40):
+        (tmp_path / f"{i:02d}.png").write_bytes(png)
+    monkeypatch.setattr(caption, "MAX_INPUT_BLOCKS", 8)  # 40 files -> 8 blocks of 5 rows
+    cfg = CaptionJobConfig(input=str(tmp_path), output=str(tmp_path / "out"), batch_size=8, decode_batch_size=16)
+    inputs = cio.list_inputs(cfg.input)
+    ds = caption.build_dataset(cfg, inputs, pa.array([], pa.string()), captioner=CountingCaptioner)
+    rows = ds.take_all()
+    assert sorted(r["id"] for r in rows) == [f"{i:02d}.png" for i in range(40)]
+    calls = Counter(r["caption"] for r in rows)
+    assert sorted(calls.values()) == [8] * 5, calls
 
 
 def _captioner_pids(dashboard: str) -> list[int]:

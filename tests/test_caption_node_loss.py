@@ -1,0 +1,135 @@
+"""The caption job survives losing the node that holds its model actor: two worker nodes join the session's
+Ray cluster (loopback), each offering the custom resource the job's actor asks for; the raylet of the node
+holding the actor is SIGKILLed mid-job. Ray restarts the actor on the other node and retries its batches, so
+every id appears exactly once and no row is an error."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from caption_inputs import save, shapes
+from conftest import free_port
+
+from pipelines import caption_io as cio
+from pipelines.caption import CaptionJobConfig, run
+from specvlm.config import parse_config
+
+pytestmark = pytest.mark.slow
+
+RESOURCE = "caption_node_loss"  # only the worker nodes started here have it
+
+
+def start_worker(head_address: str, env: dict, log: Path, k: int) -> tuple[subprocess.Popen, int]:
+    """``ray start --block`` joining the session cluster as a 1-CPU node with RESOURCE; returns it and its
+    node manager port (how ``ray.nodes()`` tells the nodes apart). Its ports and worker port range are its
+    own, so that it does not collide with the head or the other worker on this host."""
+    port = free_port()
+    flags = {name: free_port() for name in ("object-manager-port", "dashboard-agent-listen-port",
+             "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port")}  # fmt: skip
+    cmd = [str(Path(sys.executable).parent / "ray"), "start", "--block", f"--address={head_address}",
+           "--node-ip-address=127.0.0.1", f"--node-manager-port={port}", "--num-cpus=1", "--num-gpus=0",
+           f'--resources={{"{RESOURCE}": 1}}', "--object-store-memory=100000000", "--disable-usage-stats",
+           f"--min-worker-port={30000 + 100 * k}", f"--max-worker-port={30099 + 100 * k}",
+           *(f"--{k}={v}" for k, v in flags.items())]  # fmt: skip
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    return proc, port
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """Stop a ``ray start --block`` this test started, and the processes of its group."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(10)
+
+
+def raylet_pid(proc: subprocess.Popen) -> int:
+    """The pid of the raylet among the descendants of ``proc`` (read from /proc)."""
+    parent, name = {}, {}
+    for d in (d for d in Path("/proc").iterdir() if d.name.isdigit()):
+        try:
+            comm, rest = (d / "stat").read_text().rsplit(")", 1)
+        except (OSError, ValueError):
+            continue
+        pid = int(d.name)
+        parent[pid], name[pid] = int(rest.split()[1]), comm.split("(", 1)[1]
+
+    def descends(pid: int) -> bool:
+        while pid > 1:
+            if pid == proc.pid:
+                return True
+            pid = parent.get(pid, 0)
+        return False
+
+    [pid] = [p for p in name if name[p] == "raylet" and descends(p)]
+    return pid
+
+
+def test_lost_node_costs_time_not_the_job(ray_local, ray_head, small_demo, tmp_path):
+    import ray
+    from ray.util.state import list_actors
+
+    demo, _ = small_demo
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    n = 16
+    for i, (im, _) in enumerate(shapes(n, seed=21)):
+        (src / f"{i:02d}.png").write_bytes(save(im, "PNG"))
+    workers = []
+    try:
+        for k in range(2):  # one after the other: two raylets starting at once on one host race for socket names
+            workers.append(start_worker(ray_head.address, ray_head.env, tmp_path / f"worker-{k}.log", k))
+            deadline = time.monotonic() + 60
+            while sum(1 for nd in ray.nodes() if nd["Alive"] and RESOURCE in nd["Resources"]) <= k:
+                log = (tmp_path / f"worker-{k}.log").read_text()[-3000:]
+                assert workers[-1][0].poll() is None and time.monotonic() < deadline, log
+                time.sleep(0.5)
+        killed: list[tuple[int, float]] = []  # (part files written when the node was lost, time)
+
+        def kill_the_actors_node():
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                alive = list_actors(address=ray_head.dashboard_url, filters=[("state", "=", "ALIVE")],
+                                    raise_on_missing_output=False)  # fmt: skip
+                nodes = {a.node_id for a in alive if "Captioner" in (a.class_name or "")}
+                if nodes and list(out.glob("*.parquet")):  # mid-job: a first part file is written
+                    port = {nd["NodeID"]: nd["NodeManagerPort"] for nd in ray.nodes()}.get(nodes.pop())
+                    [proc] = [p for p, p_port in workers if p_port == port]
+                    os.kill(raylet_pid(proc), signal.SIGKILL)  # the node is gone, its actor and objects with it
+                    killed.append((len(list(out.glob("*.parquet"))), time.monotonic()))
+                    return
+                time.sleep(0.05)
+
+        killer = threading.Thread(target=kill_the_actors_node, daemon=True)
+        killer.start()
+        cfg = parse_config({"input": str(src), "output": str(out), "batch_size": 2, "rows_per_file": 2,
+                            "decode_batch_size": 2, "actor_resources": {RESOURCE: 1}, "cpus_per_actor": 1,
+                            "sampling": {"max_new_tokens": 24},
+                            "model": {"target": str(demo.path / "target"), "draft": str(demo.path / "draft")}},
+                           CaptionJobConfig)  # fmt: skip
+        t0 = time.monotonic()
+        summary = run(cfg)
+        killer.join(5)
+        assert killed and killed[0][0] < n // 2, "the actor's node was not lost mid-job"
+        ids = cio.read_output(str(out), columns=["id"])["id"].to_pylist()
+        assert sorted(ids) == [f"{i:02d}.png" for i in range(n)]  # every id exactly once
+        assert summary["errors"] == {} and summary["duplicates_removed"] == 0
+        print(f"node lost after {killed[0][1] - t0:.1f} s; job done in {time.monotonic() - t0:.1f} s")
+    finally:
+        for proc, _ in workers:
+            stop(proc)
