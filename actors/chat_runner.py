@@ -21,7 +21,6 @@ row early (through the engine's ``on_tokens``) at a stop string, at its own
 
 from __future__ import annotations
 
-import io
 import logging
 import threading
 from collections import deque
@@ -29,10 +28,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from PIL import Image
 
-from specvlm.media import _PIL_FORMATS as PIL_FORMATS  # the formats decode_image opens; no other Pillow plugin
-from specvlm.media import MediaError, MediaLimits, check_dimensions, decode_image
+from specvlm.media import MediaError, MediaLimits, check_dimensions, decode_image, image_size
 
 from .openai_protocol import ChatRequest, OpenAIError, TextStream, completion_tokens_budget, usage
 from .serve_config import ServeLimits
@@ -103,7 +100,7 @@ class ChatRunner:
         the processor's resize (`resized_pixels`), and those summed over the request."""
         limits, total = self.limits, 0
         for param, data in zip(params, images):
-            size = image_header_size(data)
+            size = image_size(data)
             if size is None:
                 continue  # Pillow cannot open it: decode_image says why
             w, h = size
@@ -213,15 +210,6 @@ class ChatRunner:
 def _image_error(param: str, e: MediaError) -> OpenAIError:
     code = "image_too_large" if e.kind == "too_large" else "invalid_image"
     return OpenAIError(400, f"{param}: {e}", param=param, code=code)
-
-
-def image_header_size(data: bytes) -> tuple[int, int] | None:
-    """``(width, height)`` from an image's header (Pillow reads no pixels), or None when Pillow cannot open it."""
-    try:
-        with Image.open(io.BytesIO(data), formats=PIL_FORMATS) as im:
-            return im.size
-    except Exception:  # any failure here is decode_image's to report, with its message
-        return None
 
 
 def resized_pixels(width: int, height: int, image_processor) -> int:

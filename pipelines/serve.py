@@ -17,7 +17,7 @@ from .ray_cluster import add_address_flag, init_ray
 
 
 def main(argv: list[str] | None = None) -> int:
-    from actors.serve_config import ServeAppConfig, load_serve_file
+    from actors.serve_config import ServeAppConfig, ServeFile, load_serve_file
     from actors.serving import build_app
     from specvlm.config import ConfigError
 
@@ -30,14 +30,10 @@ def main(argv: list[str] | None = None) -> int:
     add_address_flag(ap)
     args = ap.parse_args(argv)
     try:
-        if args.config:
-            spec = load_serve_file(args.config, args.app)
-            app_args, name, prefix = spec.app.model_dump(mode="json"), spec.name, spec.route_prefix
-            host, port = args.host or spec.host or "127.0.0.1", args.port or spec.port or 8000
-        else:
-            app_args, name, prefix = ServeAppConfig().model_dump(mode="json"), "specvlm", "/"
-            host, port = args.host or "127.0.0.1", args.port or 8000
-        app = build_app(app_args)
+        spec = load_serve_file(args.config, args.app) if args.config else ServeFile(app=ServeAppConfig())
+        name, prefix = spec.name, spec.route_prefix
+        http = spec.http_options(args.host or spec.host or "127.0.0.1", args.port or spec.port or 8000)
+        app = build_app(spec.app.model_dump(mode="json"))
     except ConfigError as e:
         raise SystemExit(str(e)) from None
 
@@ -50,10 +46,10 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, lambda *_: stop.set())
     deployed = False
     try:
-        serve.start(http_options={"host": host, "port": port})
+        serve.start(http_options=http)
         serve.run(app, name=name, route_prefix=prefix, blocking=False)
         deployed = True
-        base = f"http://{host}:{port}{prefix.rstrip('/')}"
+        base = f"http://{http['host']}:{http['port']}{prefix.rstrip('/')}"
         print(f"specvlm serve: {base}/v1/chat/completions (GET {base}/v1/models, {base}/health); Ctrl+C stops",
               flush=True)  # fmt: skip
         stop.wait()

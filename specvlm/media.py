@@ -160,6 +160,16 @@ def _tiff_layout(data: bytes) -> str | None:
         return None
 
 
+def image_size(data: bytes) -> tuple[int, int] | None:
+    """``(width, height)`` from an image's header (no pixel is decoded), or None when no allowed format opens it
+    (`decode_image` then reports why). Callers size their limits with it before paying for a decode."""
+    try:
+        with Image.open(io.BytesIO(data), formats=_PIL_FORMATS) as im:
+            return im.size
+    except Exception:  # Pillow raises many types for bad headers; all mean "not sized here"
+        return None
+
+
 def decode_image(data: bytes, limits: MediaLimits = DEFAULT_LIMITS) -> Image.Image:
     """Decode one image fully (truncation is detected) into RGB; raises `MediaError`.
 

@@ -16,10 +16,11 @@ import torch
 import yaml
 from PIL import Image
 
-from actors.chat_runner import ChatRunner, image_header_size, resized_pixels
+from actors.chat_runner import ChatRunner, resized_pixels
 from actors.openai_protocol import MIN_TEMPERATURE, OpenAIError, parse_chat_request
 from actors.serve_config import DeploymentConfig, ServeAppConfig, ServeLimits, load_serve_file
 from specvlm.config import ConfigError, parse_config
+from specvlm.media import image_size
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -82,7 +83,7 @@ def test_aspect_ratio_bomb_is_refused_from_the_header(monkeypatch):
 
     runner = chat_runner()
     bomb = png(40000, 1)  # a few hundred bytes; the processor would make 368M pixels of it
-    assert len(bomb) < 1000 and image_header_size(bomb) == (40000, 1)
+    assert len(bomb) < 1000 and image_size(bomb) == (40000, 1)
     monkeypatch.setattr(cr, "decode_image", lambda *a: pytest.fail("decoded an image the header refuses"))
     t0 = time.perf_counter()
     err = refused(runner.prepare, request(1), [bomb], code="image_too_large", match="max_aspect_ratio=20")
@@ -102,7 +103,7 @@ def test_pixels_after_the_resize_are_bounded_per_image_and_per_request():
 
 
 def test_not_an_image_is_still_reported_by_the_decoder():
-    assert image_header_size(b"<html>") is None
+    assert image_size(b"<html>") is None
     refused(chat_runner().prepare, request(1), [b"<html>"], code="invalid_image", match="cannot identify image")
 
 
