@@ -28,16 +28,19 @@ $(VENV)/.bench: $(VENV)/.installed
 install: $(VENV)/.installed
 dev: $(VENV)/.dev
 
-demo-model: $(VENV)/.installed
-	$(BIN)/specvlm demo-model
+DEMO_OUT ?= out/caption-demo
 
-demo: demo-model
-	$(BIN)/specvlm caption --input examples/inputs --output out/caption-demo
+# rebuilds the demo model from its recipe into $$SPECVLM_HOME/demo (the package ships the same build)
+demo-model: $(VENV)/.installed
+	$(BIN)/specvlm demo-model $(DEMO_MODEL_ARGS)
+
+demo: $(VENV)/.installed
+	$(BIN)/specvlm caption --input examples/inputs --output $(DEMO_OUT)
 
 test: $(VENV)/.dev
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
-bench: demo-model $(VENV)/.bench
+bench: $(VENV)/.bench
 	$(BIN)/specvlm bench
 
 lint: $(VENV)/.dev

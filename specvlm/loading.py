@@ -31,6 +31,8 @@ def cpu_has_native_bf16() -> bool:
     forced = os.environ.get("SPECVLM_CPU_BF16")
     if forced in ("0", "1"):
         return forced == "1"
+    if torch.backends.cpu.get_cpu_capability() in ("DEFAULT", "AVX2"):  # also when capped by ATEN_CPU_CAPABILITY
+        return False
     probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private but stable since torch 2.1
     return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
 

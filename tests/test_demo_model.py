@@ -5,13 +5,16 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 from conftest import greedy_reference
 
 from specvlm import EngineConfig, SpecVLMEngine, TreeConfig
-from specvlm.demo import DemoNotBuiltError, load_demo
+from specvlm.demo import SHIPPED_DIR, DemoNotBuiltError, demo_path, load_demo
 from specvlm.demo.recipe import DemoRecipe, examples, is_built
 from specvlm.distill import chat_prompt
 
@@ -21,6 +24,53 @@ def test_load_demo_missing_says_how_to_build(tmp_path):
         load_demo(tmp_path)
 
 
+def test_shipped_demo_is_the_recipe_build_and_accepts_long_paths(tmp_path, monkeypatch):
+    """The demo model in the package: `DemoRecipe()`'s build, fp16 on disk, float32 loaded, and its eagle draft
+    still accepts long paths on held-out captions (a short check; `make bench` measures it fully)."""
+    from safetensors import safe_open
+
+    monkeypatch.setenv("SPECVLM_HOME", str(tmp_path))  # an empty cache: the shipped build is the one in use
+    assert demo_path() == SHIPPED_DIR and is_built(SHIPPED_DIR)
+    for part in ("target", "draft", "draft-specvlm"):
+        with safe_open(SHIPPED_DIR / part / "model.safetensors", "pt") as f:
+            assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}
+    demo = load_demo()
+    assert demo.path == SHIPPED_DIR
+    assert {p.dtype for p in demo.target.parameters()} | {p.dtype for p in demo.draft.parameters()} == {torch.float32}
+    text = demo.target.config.text_config
+    recipe = DemoRecipe()
+    assert (text.hidden_size, text.num_hidden_layers, text.intermediate_size) == (recipe.hidden, recipe.layers,
+                                                                                 recipe.intermediate)  # fmt: skip
+    assert demo.draft.config.intermediate_size == recipe.draft_intermediate
+    assert tuple(demo.specvlm_draft.compressor.names) == recipe.compressor_primitives
+    metrics = json.loads((SHIPPED_DIR / "metrics.json").read_text())
+    assert metrics["recipe"] == json.loads(json.dumps(dataclasses.asdict(recipe)))
+    samples = examples(seed=4242, n=4, p_video=0, p_qa=0)  # not a seed the recipe trains or evaluates on
+    enc = demo.processor(text=[chat_prompt(demo.processor, s["prompt"]) for s in samples],
+                         images=[s["image"] for s in samples], return_tensors="pt", padding=True)  # fmt: skip
+    tree = TreeConfig(top_k=2, total_tokens=14, depth=8)
+    out = SpecVLMEngine(demo.target, demo.draft, EngineConfig(mode="eagle", tree=tree)).generate(
+        **enc, max_new_tokens=48
+    )
+    ar = SpecVLMEngine(demo.target, None, EngineConfig(mode="ar")).generate(**enc, max_new_tokens=48)
+    assert out.sequences == ar.sequences
+    accept = sum(st["accept_length"] for st in out.stats) / len(out.stats)
+    assert accept > 4.0, accept
+
+
+def test_demo_trains_in_bf16_only_where_the_cpu_has_it(monkeypatch):
+    """bf16 autocast only on native support; SPECVLM_CPU_BF16=0 or an AVX2 dispatch cap means float32."""
+    monkeypatch.setenv("SPECVLM_CPU_BF16", "0")
+    assert not DemoRecipe().target_bf16() and DemoRecipe(bf16=True).target_bf16()
+    monkeypatch.setenv("SPECVLM_CPU_BF16", "1")
+    assert DemoRecipe().target_bf16() and not DemoRecipe(bf16=False).target_bf16()
+    monkeypatch.delenv("SPECVLM_CPU_BF16")
+    code = "from specvlm.loading import cpu_has_native_bf16; print(cpu_has_native_bf16())"
+    capped = subprocess.run([sys.executable, "-c", code], env={**os.environ, "ATEN_CPU_CAPABILITY": "avx2"},
+                            capture_output=True, text=True)  # fmt: skip
+    assert capped.stdout.strip() == "False", capped.stderr[-2000:]
+
+
 def test_small_demo_builds_and_loads(small_demo):
     demo, metrics = small_demo
     assert {"token_accuracy", "exact_match", "caption_exact_match"} <= set(metrics["target"])
@@ -28,7 +78,6 @@ def test_small_demo_builds_and_loads(small_demo):
     assert saved["recipe"]["target_steps"] == metrics["recipe"]["target_steps"]
     assert demo.target.config.model_type == "llava" and not demo.target.training
     assert demo.target.config.text_config.vocab_size == len(demo.processor.tokenizer)
-    assert demo.prompt("describe the image.") == chat_prompt(demo.processor, "describe the image.")
     # the target learned something even in the reduced recipe
     assert metrics["target_log"][-1]["loss"] < metrics["target_log"][0]["loss"]
 

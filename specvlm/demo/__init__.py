@@ -69,10 +69,6 @@ class DemoBundle:
         """The draft for engine ``mode``: ``specvlm_draft`` for ``specvlm``, ``draft`` otherwise."""
         return self.specvlm_draft if mode == "specvlm" else self.draft
 
-    def prompt(self, question: str) -> str:
-        """The full chat prompt for ``question`` with the image placeholder."""
-        return prompt(question)
-
 
 def load_demo(path: str | Path | None = None) -> DemoBundle:
     """Load a demo build in float32: ``path``, else `demo_path()` (a rebuild in the cache, else the shipped one).
