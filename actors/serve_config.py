@@ -12,16 +12,21 @@ import ipaddress
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from specvlm.config import CPU_TREE_BOUNDS, ConfigError, EngineConfig, ModelConfig, TreeConfig, parse_config, read_yaml
+from specvlm.config import (
+    CPU_TREE_BOUNDS,
+    ConfigError,
+    EngineConfig,
+    ModelConfig,
+    StrictModel,
+    TreeConfig,
+    parse_config,
+    read_yaml,
+)
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class ServeLimits(_Strict):
+class ServeLimits(StrictModel):
     """What one request may cost, and how long and how many a replica holds; over a limit is a 4xx naming it.
 
     Everything here is checked before the costly step it guards: the body size and read time while reading
@@ -68,7 +73,7 @@ class ServeLimits(_Strict):
     )
 
 
-class ImageFetchConfig(_Strict):
+class ImageFetchConfig(StrictModel):
     """http(s) image URLs: refused unless the host is allow-listed, and never to a non-public address.
 
     An allowed host is still resolved and every address it resolves to must be
@@ -106,14 +111,14 @@ def _is_ip(text: str) -> bool:
         return False
 
 
-class BatchingConfig(_Strict):
+class BatchingConfig(StrictModel):
     """Dynamic batching (`@serve.batch`): concurrent requests are decoded together."""
 
     max_batch_size: int = Field(16, ge=1, description="requests decoded together; 1 = no batching")
     batch_wait_timeout_s: float = Field(0.02, ge=0, description="how long a started batch waits to fill")
 
 
-class DeploymentConfig(_Strict):
+class DeploymentConfig(StrictModel):
     """Serve deployment options (`Deployment.options`)."""
 
     num_replicas: int = Field(1, ge=1, description="fixed replica count; ignored when autoscaling_config is set")
@@ -158,7 +163,7 @@ class DeploymentConfig(_Strict):
         return opts
 
 
-class ServeAppConfig(_Strict):
+class ServeAppConfig(StrictModel):
     """The OpenAI-compatible endpoint. Defaults serve the demo model on CPU (``configs/serve.yaml``)."""
 
     model: ModelConfig = ModelConfig()
@@ -223,7 +228,7 @@ class ServeAppConfig(_Strict):
 REQUEST_TIMEOUT_S = 300.0  # configs/serve.yaml's http_options.request_timeout_s
 
 
-class ServeFile(_Strict):
+class ServeFile(StrictModel):
     """What ``specvlm serve --config FILE`` found in FILE."""
 
     app: ServeAppConfig

@@ -39,7 +39,7 @@ import warnings
 from collections import Counter
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from specvlm.config import (
     CPU_TREE_BOUNDS,
@@ -47,6 +47,7 @@ from specvlm.config import (
     EngineConfig,
     ModelConfig,
     SamplingConfig,
+    StrictModel,
     TreeConfig,
     load_config,
     parse_config,
@@ -60,11 +61,7 @@ DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "caption-demo
 MAX_INPUT_BLOCKS = 1000  # listed files are cut into at most this many blocks (small jobs: one row per block)
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class ActorPool(_Strict):
+class ActorPool(StrictModel):
     """Captioner actors: the pool grows from ``min`` to ``max`` while there is work, and shrinks when idle."""
 
     min: int = Field(1, ge=1)
@@ -77,7 +74,7 @@ class ActorPool(_Strict):
         return self
 
 
-class CaptionJobConfig(_Strict):
+class CaptionJobConfig(StrictModel):
     """Everything `specvlm caption` takes. Defaults are ``configs/caption-demo.yaml`` (the demo model on CPU)."""
 
     input: str | None = Field(None, description="folder, s3:// prefix, .tar shard, manifest (.parquet/.jsonl) or file")

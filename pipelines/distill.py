@@ -42,9 +42,9 @@ import time
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from specvlm.config import CompressorConfig, ConfigError, TreeConfig, load_config, parse_config
+from specvlm.config import CompressorConfig, ConfigError, StrictModel, TreeConfig, load_config, parse_config
 
 from .ray_cluster import add_address_flag, init_ray
 
@@ -52,11 +52,7 @@ DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "distill-demo
 MANIFEST_SUFFIXES = (".jsonl", ".json", ".parquet")
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class DemoData(_Strict):
+class DemoData(StrictModel):
     """ShapesWorld samples drawn on the driver (videos as tiled frames, as the demo target saw them); PNG bytes."""
 
     source: Literal["demo"] = "demo"
@@ -74,7 +70,7 @@ class DemoData(_Strict):
         return self
 
 
-class ManifestData(_Strict):
+class ManifestData(StrictModel):
     """A manifest with columns ``image`` (local path or s3:// URI; or encoded bytes), ``prompt``, ``response``."""
 
     source: Literal["manifest"]
@@ -90,7 +86,7 @@ class ManifestData(_Strict):
         return v
 
 
-class DistillJobConfig(_Strict):
+class DistillJobConfig(StrictModel):
     """Everything `specvlm distill` takes. Defaults are ``configs/distill-demo.yaml``."""
 
     target: str = Field("demo", description="target HF folder (local or s3://) holding model + processor, or 'demo'")

@@ -17,7 +17,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from .tree import max_candidates
 
 
-class _Strict(BaseModel):
+class StrictModel(BaseModel):
+    """Base of every config a user writes (here, and in the serve/caption/distill jobs): an unknown key is an
+    error that names it, so a typo never passes silently; values are frozen once validated."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
@@ -26,7 +29,7 @@ class _Strict(BaseModel):
 CPU_TREE_BOUNDS = {"depth_min_prob": 0.2, "node_min_prob": 0.05}
 
 
-class TreeConfig(_Strict):
+class TreeConfig(StrictModel):
     """EAGLE-2 dynamic tree. Defaults are the SpecVLM paper's (top-k 10, 60 tokens, depth 7).
 
     On CPU the target's cost grows with the tree, so smaller trees win there
@@ -61,7 +64,7 @@ class TreeConfig(_Strict):
         return self
 
 
-class SamplingConfig(_Strict):
+class SamplingConfig(StrictModel):
     """Per-request decoding settings (HF generate's meaning for each)."""
 
     max_new_tokens: int = Field(128, ge=1)
@@ -71,7 +74,7 @@ class SamplingConfig(_Strict):
     seed: int | None = None
 
 
-class PrimitiveConfig(_Strict):
+class PrimitiveConfig(StrictModel):
     """One visual compressor primitive (see `specvlm.compressor`).
 
     kind: ``pool`` (2D average pooling), ``conv`` (strided convolution), ``prune``
@@ -117,7 +120,7 @@ def _default_primitives() -> tuple[PrimitiveConfig, ...]:
     )  # fmt: skip
 
 
-class CompressorConfig(_Strict):
+class CompressorConfig(StrictModel):
     """The elastic visual compressor the ``specvlm`` draft reads its visual span through.
 
     mode: ``select`` (the paper's default: a question-conditioned gate picks one
@@ -149,7 +152,7 @@ class CompressorConfig(_Strict):
         return self
 
 
-class EngineConfig(_Strict):
+class EngineConfig(StrictModel):
     """How `SpecVLMEngine` decodes.
 
     mode: ``ar`` (target alone, the engine's own loop), ``eagle`` (draft +
@@ -161,7 +164,7 @@ class EngineConfig(_Strict):
     max_batch_size: int = Field(16, ge=1, description="rows decoded together")
 
 
-class ModelConfig(_Strict):
+class ModelConfig(StrictModel):
     """Which target and draft to load: ``demo`` (the project's own demo model), a local HF
     folder holding model + processor, or an ``s3://`` prefix."""
 
