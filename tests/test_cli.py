@@ -88,3 +88,45 @@ def test_init_ray_joins_only_what_it_is_told(ray_head):
     first, second = done.stdout.split("\n")[:2]
     port = ray_head.address.rsplit(":", 1)[1]
     assert first.startswith("False ") and first.endswith(f":{port}") and second == "False"  # the session's cluster
+
+
+def test_specvlm_serve_on_a_shared_cluster_removes_only_its_own_application(ray_local, ray_head, small_demo, tmp_path):
+    """``specvlm serve --address`` deploys its application on the running cluster and, on SIGTERM, deletes just
+    that application: Serve's controller and the cluster stay up for everyone else."""
+    import signal
+    import time
+
+    import yaml
+    from conftest import free_port
+    from ray import serve
+
+    demo, _ = small_demo
+    app = {"model": {"target": str(demo.path / "target"), "draft": str(demo.path / "draft")}, "auth": "none",
+           "deployment": {"ray_actor_options": {"num_cpus": 0}}}  # fmt: skip
+    config = tmp_path / "serve.yaml"
+    spec = {"name": "cli-app", "route_prefix": "/cli", "import_path": "actors.serving:build_app", "args": app}
+    http = {"host": "127.0.0.1", "port": free_port()}
+    config.write_text(yaml.safe_dump({"http_options": http, "applications": [spec]}))
+    env = {k: v for k, v in ray_head.env.items() if k not in ("RAY_ADDRESS", "SPECVLM_API_KEY")}
+    log = tmp_path / "serve.log"
+
+    def app_status() -> str | None:
+        apps = serve.status().applications
+        return apps["cli-app"].status if "cli-app" in apps else None
+
+    with log.open("w") as out:
+        proc = subprocess.Popen([str(BIN / "specvlm"), "serve", "--config", str(config), "--address", ray_head.address],
+                                cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 240
+        while app_status() != "RUNNING":
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"specvlm serve did not deploy; its log:\n{log.read_text()[-4000:]}")
+            time.sleep(1)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(120) == 0, log.read_text()[-4000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "cli-app" not in serve.status().applications  # its own application is gone ...
+    assert ray_local.is_initialized() and ray_local.cluster_resources().get("CPU")  # ... the cluster is not
