@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -110,3 +111,20 @@ def test_engine_on_demo_is_lossless(small_demo, mode):
         for st in out.stats:
             assert st["compressor"] in draft.compressor.names and st["draft_visual_tokens"] < 64
     assert torch.is_tensor(enc["input_ids"])
+
+
+def test_half_precision_on_a_cpu_without_it_warns(tmp_path, monkeypatch):
+    """A target loaded in bf16 on a CPU that would emulate it says so and names the fix (dtype: float32)."""
+    from specvlm.demo import build_processor
+    from specvlm.loading import load_target
+    from specvlm.tiny import tiny_llava
+
+    build_processor(image_size=64, patch_size=8).save_pretrained(tmp_path)
+    tiny_llava(vocab=64, image_size=64, patch=8, hidden=64, layers=2).save_pretrained(tmp_path)
+    monkeypatch.setenv("SPECVLM_CPU_BF16", "0")
+    with pytest.warns(UserWarning, match="emulated.*set dtype: float32"):
+        load_target(tmp_path, "bfloat16")
+    monkeypatch.setenv("SPECVLM_CPU_BF16", "1")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_target(tmp_path, "bfloat16")  # native: no warning
