@@ -152,20 +152,14 @@ class DistillJobConfig(StrictModel):
 
 # ----------------------------------------------------------------------------- target / draft (workers)
 def load_job_target(target: str, dtype: str | None = None, device=None):
-    """``(model, processor)`` for a folder, an ``s3://`` prefix, or ``demo`` (the cached demo model)."""
+    """``(model, processor)`` for a folder, an ``s3://`` prefix, or ``demo`` (`specvlm.demo.load_demo`: a rebuild
+    in ``$SPECVLM_HOME/demo``, else the build shipped with the package)."""
+    from specvlm.demo import load_demo
     from specvlm.loading import load_target, resolve_dtype
 
     if target != "demo":
         return load_target(target, dtype=dtype, device=str(device) if device is not None else None)
-    hint = "target 'demo' needs the trained demo model; run `make demo-model` first"
-    try:
-        from specvlm.demo import load_demo
-    except ImportError as e:
-        raise RuntimeError(f"{hint} (specvlm.demo.load_demo is not available: {e})") from None
-    try:
-        demo = load_demo()
-    except FileNotFoundError as e:
-        raise RuntimeError(f"{hint} ({e})") from None
+    demo = load_demo()
     model, processor = demo.target, demo.processor
     model = model.to(device=device, dtype=resolve_dtype(dtype) or next(model.parameters()).dtype)
     processor.tokenizer.padding_side = "left"
@@ -443,10 +437,8 @@ def train_loop_per_worker(config: dict) -> None:
 
 # ----------------------------------------------------------------------------- driver
 def _check_target(cfg: DistillJobConfig) -> None:
-    """Fail on the driver, before workers start, for a missing local target or demo model."""
-    if cfg.target == "demo":
-        load_job_target("demo")  # raises the `make demo-model` hint when the cache is missing
-    elif "://" not in cfg.target and not Path(cfg.target).expanduser().exists():
+    """Fail on the driver, before workers start, for a missing local target."""
+    if cfg.target != "demo" and "://" not in cfg.target and not Path(cfg.target).expanduser().exists():
         raise FileNotFoundError(f"target {cfg.target} does not exist (a local HF folder, an s3:// prefix, or 'demo')")
 
 

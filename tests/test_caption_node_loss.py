@@ -102,12 +102,15 @@ def test_lost_node_costs_time_not_the_job(ray_local, ray_head, small_demo, tmp_p
         killed: list[tuple[int, float]] = []  # (part files written when the node was lost, time)
 
         def kill_the_actors_node():
-            deadline = time.monotonic() + 120
+            deadline, first_seen = time.monotonic() + 120, None
             while time.monotonic() < deadline:
                 alive = list_actors(address=ray_head.dashboard_url, filters=[("state", "=", "ALIVE")],
                                     raise_on_missing_output=False)  # fmt: skip
                 nodes = {a.node_id for a in alive if "Captioner" in (a.class_name or "")}
-                if nodes and list(out.glob("*.parquet")):  # mid-job: a first part file is written
+                first_seen = first_seen or (time.monotonic() if nodes else None)
+                # mid-job: a first part file is written, or the actor has been decoding for 3 s (Ray Data may
+                # hold the part files back until the end when the pool's output arrives in one burst)
+                if nodes and (list(out.glob("*.parquet")) or time.monotonic() - first_seen > 3):
                     port = {nd["NodeID"]: nd["NodeManagerPort"] for nd in ray.nodes()}.get(nodes.pop())
                     [proc] = [p for p, p_port in workers if p_port == port]
                     os.kill(raylet_pid(proc), signal.SIGKILL)  # the node is gone, its actor and objects with it
@@ -119,7 +122,7 @@ def test_lost_node_costs_time_not_the_job(ray_local, ray_head, small_demo, tmp_p
         killer.start()
         cfg = parse_config({"input": str(src), "output": str(out), "batch_size": 2, "rows_per_file": 2,
                             "decode_batch_size": 2, "actor_resources": {RESOURCE: 1}, "cpus_per_actor": 1,
-                            "sampling": {"max_new_tokens": 24},
+                            "sampling": {"max_new_tokens": 48},
                             "model": {"target": str(demo.path / "target"), "draft": str(demo.path / "draft")}},
                            CaptionJobConfig)  # fmt: skip
         t0 = time.monotonic()

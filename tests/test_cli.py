@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import urllib.request
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -125,8 +126,11 @@ def test_specvlm_serve_on_a_shared_cluster_removes_only_its_own_application(ray_
             time.sleep(1)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(120) == 0, log.read_text()[-4000:]
+        assert "cli-app" not in serve.status().applications  # its own application is gone; Serve's proxy is not
+        with urllib.request.urlopen(f"http://127.0.0.1:{http['port']}/-/healthz", timeout=10) as r:
+            assert r.status == 200
+        assert ray_local.is_initialized() and ray_local.cluster_resources().get("CPU")
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert "cli-app" not in serve.status().applications  # its own application is gone ...
-    assert ray_local.is_initialized() and ray_local.cluster_resources().get("CPU")  # ... the cluster is not
+        serve.shutdown()  # as the other Serve tests do: the next one starts Serve with its own port

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from pipelines.distill import DistillJobConfig, ManifestData
@@ -196,9 +197,10 @@ def test_demo_data_rows_hold_png_bytes(ray_local):
     assert sample["image"].size == (IMAGE_SIZE, IMAGE_SIZE) and sample["response"] == rows[0]["response"]
 
 
-def test_demo_target_missing_says_how_to_build_it(tmp_path, monkeypatch):
+def test_demo_target_is_the_shipped_build_on_an_empty_cache(tmp_path, monkeypatch):
     from pipelines.distill import load_job_target
 
     monkeypatch.setenv("SPECVLM_HOME", str(tmp_path))
-    with pytest.raises(RuntimeError, match="make demo-model"):
-        load_job_target("demo")
+    model, processor = load_job_target("demo")
+    assert model.config.text_config.hidden_size == 256 and next(model.parameters()).dtype == torch.float32
+    assert processor.tokenizer.padding_side == "left"
