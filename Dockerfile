@@ -4,8 +4,8 @@
 #   docker build -t registry.example.com/specvlm:0.1.0 .
 #   docker push registry.example.com/specvlm:0.1.0
 #
-# No model weights are baked in: targets and drafts are s3:// prefixes (or a PVC at /models), mirrored at run time
-# into $SPECVLM_HOME. Keep the Python version (py311) the same on every Ray node and the submitter.
+# No real model weights are baked in (only the 11 MB demo model inside the package): targets and drafts are s3://
+# prefixes (or a PVC at /models), mirrored at run time into $SPECVLM_HOME. Keep the Python version (py311) the same on every Ray node and the submitter.
 FROM rayproject/ray:2.60.0-py311-gpu
 
 # torch from the default package index (its Linux x86_64 wheels bundle CUDA). For another CUDA build pass
