@@ -90,7 +90,9 @@ class DistillJobConfig(StrictModel):
     """Everything `specvlm distill` takes. Defaults are ``configs/distill-demo.yaml``."""
 
     target: str = Field("demo", description="target HF folder (local or s3://) holding model + processor, or 'demo'")
-    dtype: Literal["float32", "bfloat16", "float16"] | None = Field(None, description="target dtype; None = as saved")
+    dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        None, description="target dtype; None = as saved (float32 for emulated half on CPU)"
+    )
     draft_init: str | None = Field(None, description="draft folder to start from; None = EagleDraft.from_target(seed)")
     draft_intermediate_size: int | None = Field(
         None, ge=1, description="a fresh draft layer's MLP width; None = the target's (ignored with draft_init)"

@@ -170,7 +170,9 @@ class ModelConfig(StrictModel):
 
     target: str = Field("demo", description="'demo', a local folder or s3:// prefix (model + processor)")
     draft: str | None = Field(None, description="draft folder or s3:// prefix; None = the demo's draft for 'demo'")
-    dtype: Literal["float32", "bfloat16", "float16"] | None = Field(None, description="None = as saved")
+    dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        None, description="None = as saved, but float32 for half precision this CPU would emulate"
+    )
     device: str | None = Field(None, description="e.g. cuda:0; None = cuda if available, else cpu")
 
 

@@ -93,7 +93,12 @@ def local_path(path_or_uri: str | Path) -> Path:
 
 
 def load_target(path_or_uri: str | Path, dtype: str | torch.dtype | None = None, device: str | None = None):
-    """``(model, processor)`` from an HF folder holding both (local or ``s3://``), in eval mode."""
+    """``(model, processor)`` from an HF folder holding both (local or ``s3://``), in eval mode.
+
+    ``dtype`` None keeps the stored precision, except half precision that this CPU would only emulate
+    (fp16, or bf16 without `cpu_has_native_bf16`): that loads as float32, since emulation runs many times
+    slower. A half ``dtype`` asked for explicitly is kept, with a warning.
+    """
     from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
 
     path = local_path(path_or_uri)
@@ -105,11 +110,14 @@ def load_target(path_or_uri: str | Path, dtype: str | torch.dtype | None = None,
     if device:
         model = model.to(device)
     param = next(model.parameters())
-    if (
+    emulated = (
         param.device.type == "cpu"
         and param.dtype in (torch.bfloat16, torch.float16)
         and not (param.dtype == torch.bfloat16 and cpu_has_native_bf16())
-    ):
+    )
+    if emulated and dtype is None:
+        model = model.float()
+    elif emulated:
         warnings.warn(
             f"{path_or_uri}: {param.dtype} on a CPU without native support for it is emulated and runs many times "
             "slower than float32; set dtype: float32",
