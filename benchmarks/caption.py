@@ -3,7 +3,7 @@
 Run with ``specvlm bench caption`` / ``python -m benchmarks.caption``; writes ``benchmarks/results/caption.md``.
 
 Inputs: held-out ShapesWorld images (PNG) and videos (mp4, 4 frames tiled) written to a temp folder.
-Model: the demo model (``make demo-model``), greedy, the demo job's tree and batch size.
+Model: the demo model (shipped with the package), greedy, the demo job's tree and batch size.
 
 * direct: one process, one thread: `pipelines.caption_io.decode_rows` then `actors.captioner.Captioner`
   batch by batch (the same code the pipeline runs), model load excluded.
@@ -126,12 +126,11 @@ def main(argv: list[str] | None = None) -> None:
     import ray.data
 
     from pipelines import caption_io as cio
-    from pipelines.caption import CaptionJobConfig, _check_model
+    from pipelines.caption import CaptionJobConfig
     from specvlm.config import parse_config
 
     base = parse_config({"sampling": {"max_new_tokens": args.max_new_tokens}, "batch_size": args.batch_size},
                         CaptionJobConfig)  # fmt: skip
-    _check_model(base)  # the demo model must be built
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="specvlm-bench-caption-") as tmp:
         work = Path(tmp)

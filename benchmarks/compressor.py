@@ -9,7 +9,7 @@ Run with ``make bench`` / ``specvlm bench compressor`` / ``python -m benchmarks.
    (greedy, batch 1, CPU): accept length, visual tokens the draft reads, the
    draft's prefill ms and the end-to-end speedup over the target's own HF
    ``generate`` (all methods in one process, side by side).
-2. The demo's full drafts (``make demo-model``): ``eagle`` vs ``specvlm``
+2. The demo's full drafts (shipped with the package): ``eagle`` vs ``specvlm``
    (elastic selection), per task kind, with the distribution of the gate's
    choices. Targets: accept length within 3% of ``eagle``, >= 4x fewer draft
    visual tokens, at least as fast end to end.

@@ -2,7 +2,7 @@
 
 Run with ``make bench`` / ``specvlm bench serve`` / ``python -m benchmarks.serve``.
 
-A local Ray (loopback) serves the demo model (``make demo-model``, or ``--model-dir`` holding
+A local Ray (loopback) serves the demo model (shipped with the package, or ``--model-dir`` holding
 ``target/`` and ``draft/``) with one replica; for every mode and batching setting (``max_batch_size``
 16, or 1 = no batching) an async HTTP client sends held-out demo questions with their images as
 ``data:`` URLs at concurrency 1, 8 and 32 (greedy, ``max_tokens`` 32). Reports requests/s, p50/p99
@@ -120,12 +120,6 @@ def main(argv: list[str] | None = None) -> None:
         root = Path(args.model_dir)
         model = {"target": str(root / "target"), "draft": str(root / "draft")}
     else:
-        from specvlm.demo import DemoNotBuiltError, load_demo
-
-        try:
-            load_demo()
-        except DemoNotBuiltError as e:
-            raise SystemExit(str(e)) from None
         model = {"target": "demo"}
     modes = available_modes(ModelConfig(**model), args.modes.split(","))
     tree = ServeAppConfig().engine.tree

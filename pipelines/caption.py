@@ -145,16 +145,9 @@ class CaptionJobConfig(StrictModel):
 
 # ----------------------------------------------------------------------------- dataset
 def _check_model(cfg: CaptionJobConfig) -> None:
-    """Fail on the driver, before any actor starts, for a missing demo model or local target."""
-    target = cfg.model.target
-    if target == "demo":
-        from specvlm.demo import demo_path
-
-        d = demo_path()
-        needs = ["target"] + (["draft"] if cfg.model.draft is None and cfg.engine.mode != "ar" else [])
-        if not all((d / n / "config.json").is_file() for n in needs):
-            raise FileNotFoundError(f"the demo model is not built in {d}: run `make demo-model` (or set model.target)")
-    for p in (target, cfg.model.draft):
+    """Fail on the driver, before any actor starts, for a missing local target or draft ('demo' ships with the
+    package)."""
+    for p in (cfg.model.target, cfg.model.draft):
         if p and p != "demo" and "://" not in p and not Path(p).expanduser().exists():
             raise FileNotFoundError(f"model path {p} does not exist (a local HF folder, an s3:// prefix, or 'demo')")
 
