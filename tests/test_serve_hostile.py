@@ -83,7 +83,7 @@ def server(ray_local, small_demo, tmp_path_factory):
         # literal IPs in the allow-list, so the address filter itself is what refuses them
         "image_fetch": {"allowed_hosts": ["::127.0.0.1", "64:ff9b:1::a9fe:a9fe", "2002:a9fe:a9fe::1"]},
         "batching": {"max_batch_size": 4, "batch_wait_timeout_s": 0.02},
-        "deployment": {"max_ongoing_requests": SLOTS, "max_queued_requests": 4, "retry_after_s": 1,
+        "deployment": {"max_ongoing_requests": SLOTS, "max_queued_requests": 64, "retry_after_s": 1,
                        "ray_actor_options": {"num_cpus": 0}},
     }  # fmt: skip
     serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 60})
@@ -211,6 +211,32 @@ def test_huge_prompt_is_refused_fast_and_stalls_nobody(server):
 
 
 # ----------------------------------------------------------------------------- 4. load shedding
+def test_the_replica_admits_max_active_requests_and_refuses_the_next_at_once(server):
+    """ACTIVE stalled uploads hold every admission for BODY_TIMEOUT_S; a request meanwhile gets the replica's own
+    429 at once. Serve's router may hold the stalls a moment (its view of the replica's queue lags), so normal
+    requests probe until the stalls are in; a burst alone cannot show this deterministically."""
+    socks = [_stall(server.port) for _ in range(ACTIVE)]
+    try:
+        refused, probes, deadline = None, [], time.monotonic() + BODY_TIMEOUT_S + 10
+        while refused is None and time.monotonic() < deadline:
+            t0 = time.perf_counter()
+            r = server.post(server.ask(max_tokens=1), timeout=10)
+            probes.append((r.status_code, time.perf_counter() - t0))
+            if r.status_code == 429:
+                refused = r
+            time.sleep(0.05)
+        statuses = [_status(s, deadline) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+    print(f"{ACTIVE} stalled uploads; probes (status, s): {probes}; stalls {statuses}")
+    assert refused is not None, "no 429 while every admission was held"
+    err = openai_error(refused, 429, "rate_limit_exceeded")
+    assert "max_active_requests=8" in err["message"] and refused.headers["retry-after"] == "1"
+    assert probes[-1][1] < 5 and statuses == [408] * ACTIVE  # refused at once; each stall was admitted, then cut
+    assert server.post(server.ask()).status_code == 200  # their slots are free again
+
+
 def test_overload_gets_429_with_retry_after_never_a_hang(server):
     n = 40
 
@@ -230,15 +256,12 @@ def test_overload_gets_429_with_retry_after_never_a_hang(server):
     wall = time.perf_counter() - t0
     codes = [r.status_code for r, _ in results]
     shed = [(r, t) for r, t in results if r.status_code == 429]
-    print(f"{n} concurrent: {codes.count(200)} x 200, {len(shed)} x 429 in {wall:.1f} s; "
-          f"slowest 429 {max(t for _, t in shed):.2f} s")  # fmt: skip
-    assert set(codes) <= {200, 429} and shed and codes.count(200) >= ACTIVE
-    for r, t in shed:
-        assert r.headers["retry-after"] == "1" and t < 10
-    ours = [r for r, _ in shed if r.headers.get("content-type", "").startswith("application/json")]
-    assert ours, "no 429 from the replica's admission"
-    for r in ours:
+    slowest = max((t for _, t in shed), default=0.0)
+    print(f"{n} concurrent: {codes.count(200)} x 200, {len(shed)} x 429 in {wall:.1f} s; slowest 429 {slowest:.2f} s")
+    assert set(codes) <= {200, 429} and codes.count(200) >= ACTIVE  # no 5xx, no hang (the client waits 60 s)
+    for r, t in shed:  # the proxy queue (64) holds the burst, so every 429 is the replica's: Retry-After, at once
         assert "max_active_requests=8" in openai_error(r, 429, "rate_limit_exceeded")["message"]
+        assert r.headers["retry-after"] == "1" and t < 10
     assert server.post(server.ask()).status_code == 200  # and it recovers
 
 
