@@ -15,12 +15,11 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from specvlm.config import (
-    CPU_TREE_BOUNDS,
+    CPU_TREE,
     ConfigError,
     EngineConfig,
     ModelConfig,
     StrictModel,
-    TreeConfig,
     parse_config,
     read_yaml,
 )
@@ -167,9 +166,7 @@ class ServeAppConfig(StrictModel):
     """The OpenAI-compatible endpoint. Defaults serve the demo model on CPU (``configs/serve.yaml``)."""
 
     model: ModelConfig = ModelConfig()
-    engine: EngineConfig = EngineConfig(
-        tree=TreeConfig(top_k=4, total_tokens=16, depth=4, **CPU_TREE_BOUNDS)
-    )  # CPU-sized tree with confidence bounds (configs/serve.yaml)
+    engine: EngineConfig = EngineConfig(tree=CPU_TREE)
     served_model_name: str | None = Field(
         None, description="the `model` requests must name; None = 'specvlm-demo' for the demo, else the target's"
     )

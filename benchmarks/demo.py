@@ -25,7 +25,7 @@ import torch
 
 from benchmarks.report import to_markdown, write_results
 from specvlm import EngineConfig, SpecVLMEngine, TreeConfig
-from specvlm.config import CPU_TREE_BOUNDS
+from specvlm.config import CPU_TREE
 from specvlm.demo import load_demo
 from specvlm.demo.recipe import DemoRecipe, distill_demo_draft, examples
 from specvlm.distill import encode_prompts, evaluate_accept_length
@@ -35,16 +35,16 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).parent / "results"
 TREES = {
     "k2-n14-d8": TreeConfig(top_k=2, total_tokens=14, depth=8),
-    "k2-n14-d8 bounded": TreeConfig(top_k=2, total_tokens=14, depth=8, **CPU_TREE_BOUNDS),
+    "k2-n14-d8 bounded": CPU_TREE,
     "paper k10-n60-d7": TreeConfig(),
 }
 # the CPU-best fixed tree for the demo's 256-wide drafts (a side-by-side sweep of 15 shapes): a draft step costs
 # ~0.2 of a target forward, so a deep, narrow tree wins; the paper's wide tree is for GPUs, where verify is ~free
 FIXED_TREE = "k2-n14-d8"
-# ... with confidence bounds (TreeConfig.depth_min_prob / node_min_prob, from a side-by-side sweep): rounds
-# where the draft is unsure stop growing early and verify fewer nodes. The CPU default
-CPU_TREE = "k2-n14-d8 bounded"
-SPECVLM_TREES = (CPU_TREE,)  # specvlm (elastic compressor draft) runs on the CPU default
+# ... with confidence bounds (TreeConfig.depth_min_prob / node_min_prob): rounds where the draft is unsure stop
+# growing early and verify fewer nodes; specvlm.config.CPU_TREE, the CPU default
+CPU_TREE_NAME = "k2-n14-d8 bounded"
+SPECVLM_TREES = (CPU_TREE_NAME,)  # specvlm (elastic compressor draft) runs on the CPU default
 COLS = ["task", "method", "tokens", "tokens_per_s", "speedup", "accept_length", "draft_visual_tokens", "prefill_ms",
         "draft_prefill_ms", "draft_ms", "verify_ms", "identical_to_hf"]  # fmt: skip
 

@@ -42,13 +42,12 @@ from pathlib import Path
 from pydantic import Field, field_validator, model_validator
 
 from specvlm.config import (
-    CPU_TREE_BOUNDS,
+    CPU_TREE,
     ConfigError,
     EngineConfig,
     ModelConfig,
     SamplingConfig,
     StrictModel,
-    TreeConfig,
     load_config,
     parse_config,
 )
@@ -80,9 +79,7 @@ class CaptionJobConfig(StrictModel):
     input: str | None = Field(None, description="folder, s3:// prefix, .tar shard, manifest (.parquet/.jsonl) or file")
     output: str | None = Field(None, description="output folder or s3:// prefix (parquet parts + _summary.json)")
     model: ModelConfig = ModelConfig()
-    engine: EngineConfig = EngineConfig(
-        mode="eagle", tree=TreeConfig(top_k=4, total_tokens=16, depth=5, **CPU_TREE_BOUNDS)
-    )  # CPU-sized tree with confidence bounds (configs/caption-demo.yaml)
+    engine: EngineConfig = EngineConfig(mode="eagle", tree=CPU_TREE)
     sampling: SamplingConfig = SamplingConfig(max_new_tokens=64)
     prompt: str | None = Field(None, description="prompt for rows without their own; None = image/video_prompt")
     image_prompt: str = Field("describe the image.", min_length=1)

@@ -57,11 +57,14 @@ def _demo_model(args: argparse.Namespace) -> None:
     )
 
 
+TREE_FLAGS = {"top_k": int, "total_tokens": int, "depth": int, "depth_min_prob": float, "node_min_prob": float}
+
+
 def _demo(args: argparse.Namespace) -> None:
     import torch
 
     from specvlm import EngineConfig, SpecVLMEngine, TreeConfig
-    from specvlm.config import CPU_TREE_BOUNDS
+    from specvlm.config import CPU_TREE
     from specvlm.demo import DemoNotBuiltError, load_demo
     from specvlm.demo.recipe import examples
     from specvlm.distill import encode_prompts
@@ -71,8 +74,8 @@ def _demo(args: argparse.Namespace) -> None:
     except DemoNotBuiltError as e:
         raise SystemExit(str(e)) from None
     torch.manual_seed(0)
-    bounds = {k: v if getattr(args, k) is None else getattr(args, k) for k, v in CPU_TREE_BOUNDS.items()}
-    tree = TreeConfig(top_k=args.top_k, total_tokens=args.total_tokens, depth=args.depth, **bounds)
+    given = {k: getattr(args, k) for k in TREE_FLAGS if getattr(args, k) is not None}
+    tree = TreeConfig(**(CPU_TREE.model_dump() | given))
     engines = {
         "ar": SpecVLMEngine(demo.target, None, EngineConfig(mode="ar")),
         "eagle": SpecVLMEngine(demo.target, demo.draft, EngineConfig(mode="eagle", tree=tree)),
@@ -113,13 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     demo = sub.add_parser("demo", help="answer a few demo questions with the demo model and print the stats")
     demo.add_argument("--num", type=int, default=6, help="examples to run")
     demo.add_argument("--max-new-tokens", type=int, default=48)
-    demo.add_argument("--top-k", type=int, default=4)
-    demo.add_argument("--total-tokens", type=int, default=16)
-    demo.add_argument("--depth", type=int, default=5)
-    for name in ("depth_min_prob", "node_min_prob"):  # default None: specvlm.config.CPU_TREE_BOUNDS (imported lazily)
-        demo.add_argument(
-            f"--{name.replace('_', '-')}", type=float, help=f"TreeConfig.{name} (0 = off; default: CPU's)"
-        )
+    for name, kind in TREE_FLAGS.items():  # default None: specvlm.config.CPU_TREE's (imported lazily)
+        demo.add_argument(f"--{name.replace('_', '-')}", type=kind, help=f"TreeConfig.{name} (default: the cpu tree's)")
     demo.set_defaults(func=_demo)
     dm = sub.add_parser(
         "demo-model",

@@ -44,7 +44,15 @@ from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from specvlm.config import CompressorConfig, ConfigError, StrictModel, TreeConfig, load_config, parse_config
+from specvlm.config import (
+    CPU_TREE,
+    CompressorConfig,
+    ConfigError,
+    StrictModel,
+    TreeConfig,
+    load_config,
+    parse_config,
+)
 
 from .ray_cluster import add_address_flag, init_ray
 
@@ -121,7 +129,7 @@ class DistillJobConfig(StrictModel):
     eval_every: int = Field(50, ge=0, description="steps between accept-length evaluations; 0 = never")
     eval_samples: int = Field(8, ge=0, description="held-out samples per evaluation (batch 1, greedy)")
     eval_max_new_tokens: int = Field(48, ge=1)
-    tree: TreeConfig = TreeConfig(top_k=4, total_tokens=16, depth=4)
+    tree: TreeConfig = CPU_TREE
     checkpoint_every: int = Field(50, ge=1, description="steps between checkpoints (the last step always is one)")
     keep_checkpoints: int | None = Field(2, ge=1, description="checkpoints kept in storage; None = all")
     # where and how

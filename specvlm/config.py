@@ -24,19 +24,15 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-# The confidence bounds the CPU configs use (`TreeConfig.depth_min_prob` / `node_min_prob`), from a side-by-side
-# sweep on the demo model at batch 1 (README, Benchmarks); a GPU verifies a whole tree for about one token's cost
-CPU_TREE_BOUNDS = {"depth_min_prob": 0.2, "node_min_prob": 0.05}
-
-
 class TreeConfig(StrictModel):
     """EAGLE-2 dynamic tree. Defaults are the SpecVLM paper's (top-k 10, 60 tokens, depth 7).
 
-    On CPU the target's cost grows with the tree, so smaller trees win there
-    (e.g. top_k=2, total_tokens=14, depth=8 for the demo at batch 1), and the
-    confidence bounds (``depth_min_prob``, ``node_min_prob``; `tree.py`) cut
-    the draft forwards and verified nodes of rounds the draft is unsure about;
-    on a GPU the paper's sizes do.
+    On CPU the target's cost grows with the tree, so a narrow, deep tree with
+    confidence bounds (``depth_min_prob``, ``node_min_prob``; `tree.py`) that
+    cut the draft forwards and verified nodes of unsure rounds wins there:
+    `CPU_TREE`. On a GPU, which verifies a whole tree for about one token's
+    cost, the paper's sizes do. In YAML a tree is a mapping of these fields or
+    the name of a preset in `TREE_PRESETS` (``tree: cpu``).
     """
 
     top_k: int = Field(10, ge=1, description="children kept per expanded node")
@@ -53,6 +49,15 @@ class TreeConfig(StrictModel):
         "(0: always `total_tokens`)",
     )  # fmt: skip
 
+    @model_validator(mode="before")
+    @classmethod
+    def _preset(cls, data):
+        if isinstance(data, str):
+            if data not in TREE_PRESETS:
+                raise ValueError(f"unknown tree preset {data!r}; one of {sorted(TREE_PRESETS)} or a mapping of fields")
+            return TREE_PRESETS[data].model_dump()
+        return data
+
     @model_validator(mode="after")
     def _enough_candidates(self):
         most = max_candidates(self.top_k, self.depth) + 1
@@ -62,6 +67,16 @@ class TreeConfig(StrictModel):
                 f"depth={self.depth} can produce; lower total_tokens or raise top_k/depth"
             )
         return self
+
+
+# The named trees: ``cpu`` is the fastest of a side-by-side sweep on the demo model on CPU (README, Benchmarks):
+# a draft step costs about a fifth of a target forward there, so a deep, narrow tree with confidence bounds wins;
+# ``paper`` is the SpecVLM paper's GPU tree (the `TreeConfig` defaults).
+TREE_PRESETS: dict[str, TreeConfig] = {
+    "cpu": TreeConfig(top_k=2, total_tokens=14, depth=8, depth_min_prob=0.2, node_min_prob=0.05),
+    "paper": TreeConfig(),
+}
+CPU_TREE = TREE_PRESETS["cpu"]
 
 
 class SamplingConfig(StrictModel):

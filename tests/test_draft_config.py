@@ -53,6 +53,16 @@ def test_tree_config_validation():
         TreeConfig(top_k=0)
 
 
+def test_a_tree_can_be_named_by_its_preset():
+    from specvlm.config import CPU_TREE, TREE_PRESETS
+
+    assert EngineConfig(tree="cpu").tree == CPU_TREE == TREE_PRESETS["cpu"]
+    assert EngineConfig(tree="paper").tree == TreeConfig()
+    assert CPU_TREE == TreeConfig(top_k=2, total_tokens=14, depth=8, depth_min_prob=0.2, node_min_prob=0.05)
+    with pytest.raises(ValueError, match=r"unknown tree preset 'gpu'; one of \['cpu', 'paper'\]"):
+        EngineConfig(tree="gpu")
+
+
 def test_yaml_errors_name_the_field(tmp_path):
     good = tmp_path / "e.yaml"
     good.write_text("mode: ar\ntree: {top_k: 4, total_tokens: 16, depth: 4}\n")
