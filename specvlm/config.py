@@ -214,6 +214,12 @@ def load_config(path: str | Path, model: type[M]) -> M:
     return parse_config(read_yaml(path), model, source=str(path))
 
 
+def config_yaml(config: BaseModel) -> str:
+    """``config`` with every field, defaults included, as YAML: what ``--print-config`` prints. Loading it back
+    with `load_config` gives an equal config."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False, default_flow_style=False, width=120)
+
+
 def parse_config(data: dict, model: type[M], source: str = "config") -> M:
     """Validate a mapping into ``model`` with field-naming errors."""
     if not isinstance(data, dict):
