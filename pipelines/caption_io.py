@@ -41,7 +41,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from specvlm.media import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, MediaError, MediaLimits, media_kind
+from specvlm.media import MediaError, MediaLimits, media_kind
 
 SHARD_SUFFIX = ".tar"
 MANIFEST_SUFFIXES = (".parquet", ".jsonl")
@@ -459,19 +459,14 @@ def decode_one(data: bytes, name: str, opts: DecodeOptions):
     """
     from PIL import Image
 
-    from specvlm.media import check_dimensions, decode_image, decode_video, tile_frames
+    from specvlm.media import check_dimensions, decode_media, tile_frames
 
-    kind = media_kind(name)
-    if kind == "image":
-        image = decode_image(data, opts.limits)
-    elif kind == "video":
-        frames = decode_video(data, opts.limits, num_frames=min(opts.video_frames, opts.limits.max_frames))
-        longer = max(frames[0].size)
+    kind, frames = decode_media(data, name, opts.limits, num_frames=min(opts.video_frames, opts.limits.max_frames))
+    image = frames[0]
+    if kind == "video":
+        longer = max(image.size)
         image = tile_frames(frames, cols=opts.video_tile_cols, size=min(longer, opts.max_side or longer))
         check_dimensions(*image.size, opts.limits)
-    else:
-        known = ", ".join(sorted(IMAGE_EXTENSIONS | VIDEO_EXTENSIONS))
-        raise MediaError("unsupported", f"unknown file type for {name!r} (expected one of: {known})")
     w, h = image.size
     if opts.max_side and max(w, h) > opts.max_side:
         scale = opts.max_side / max(w, h)

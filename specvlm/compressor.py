@@ -64,11 +64,6 @@ class Segment:
 Layout = tuple[Segment, ...]  # one image's visual tokens, in prompt order
 
 
-def grid_layout(rows: int, cols: int, frames: int = 1) -> Layout:
-    """``frames`` grids of ``rows x cols`` patches (a still image is one frame)."""
-    return tuple(Segment(rows, cols) for _ in range(frames))
-
-
 def layout_size(layout: Layout) -> int:
     return sum(s.size for s in layout)
 

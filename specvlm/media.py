@@ -285,16 +285,19 @@ def decode_video(data: bytes, limits: MediaLimits = DEFAULT_LIMITS, num_frames: 
     return frames
 
 
-def decode_media(data: bytes, name: str, limits: MediaLimits = DEFAULT_LIMITS) -> list[Image.Image]:
-    """Decode by `name`'s extension: an image gives ``[image]``, a video its sampled frames.
+def decode_media(
+    data: bytes, name: str, limits: MediaLimits = DEFAULT_LIMITS, num_frames: int | None = None
+) -> tuple[MediaKind, list[Image.Image]]:
+    """Decode by `name`'s extension: ``("image", [image])``, or ``("video", frames)`` with ``num_frames``
+    sampled uniformly (None: ``limits.max_frames``).
 
-    Unknown extensions raise ``MediaError("unsupported", ...)``.
+    Unknown extensions raise ``MediaError("unsupported", ...)`` naming the known ones.
     """
     kind = media_kind(name)
     if kind == "image":
-        return [decode_image(data, limits)]
+        return kind, [decode_image(data, limits)]
     if kind == "video":
-        return decode_video(data, limits)
+        return kind, decode_video(data, limits, num_frames=num_frames)
     known = ", ".join(sorted(IMAGE_EXTENSIONS | VIDEO_EXTENSIONS))
     raise MediaError("unsupported", f"unknown file type for {name!r} (expected one of: {known})")
 

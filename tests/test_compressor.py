@@ -8,7 +8,7 @@ import torch
 from conftest import greedy_reference
 
 from specvlm import EagleDraft, EngineConfig, SpecVLMEngine, TreeConfig
-from specvlm.compressor import ElasticCompressor, Segment, build_primitive, grid_layout, layout_size, window
+from specvlm.compressor import ElasticCompressor, Layout, Segment, build_primitive, layout_size, window
 from specvlm.config import CompressorConfig, ConfigError, PrimitiveConfig, parse_config
 from specvlm.distill import DistillBatch, distill_step, make_optimizer
 from specvlm.target import TargetAdapter
@@ -16,6 +16,13 @@ from specvlm.tiny import IMAGE, tiny_inputs, tiny_llava
 
 D = 16
 NEXT_TILES = (Segment(4, 4), Segment(4, 8, newline=True))  # LLaVA-NeXT: base tile + unpadded grid with newlines
+
+
+def grid_layout(rows: int, cols: int, frames: int = 1) -> Layout:
+    """``frames`` grids of ``rows x cols`` patches (a still image is one frame)."""
+    return tuple(Segment(rows, cols) for _ in range(frames))
+
+
 FRAMES = grid_layout(4, 4, frames=3)  # a video: one grid per frame
 CLS_GRID = (Segment(loose=1), Segment(8, 8))  # LLaVA-1.5 "full": CLS + grid
 

@@ -238,7 +238,7 @@ def test_too_many_bytes():
 
 def test_text_bytes_named_jpg():
     with pytest.raises(MediaError) as e:
-        decode_media(b"this is a caption, not a picture\n" * 4, "cat.jpg")
+        decode_image(b"this is a caption, not a picture\n" * 4)
     assert str(e.value).startswith("decode: cannot identify image file")
     assert "0x" not in str(e.value)  # no BytesIO repr in the error column
 
@@ -306,7 +306,7 @@ def test_mkv_without_frame_count_is_decoded_through():
     data = _encode_video(12, fmt="matroska", codec="mpeg4")
     with av.open(io.BytesIO(data)) as c:
         assert c.streams.video[0].frames == 0  # no count in the header: counted by demuxing
-    frames = decode_media(data, "clip.mkv", MediaLimits(max_frames=4))
+    frames = decode_video(data, MediaLimits(max_frames=4))
     assert [_index(f) for f in frames] == [0, 4, 7, 11]
 
 
@@ -315,7 +315,7 @@ def test_webm_vp8():
         av.codec.Codec("libvpx", "w")
     except Exception:
         pytest.skip("no vp8 encoder in this PyAV build")
-    frames = decode_media(_encode_video(6, fmt="webm", codec="libvpx"), "clip.webm", MediaLimits(max_frames=3))
+    frames = decode_video(_encode_video(6, fmt="webm", codec="libvpx"), MediaLimits(max_frames=3))
     assert len(frames) == 3 and _index(frames[0]) == 0
 
 
@@ -384,7 +384,7 @@ def test_video_frame_count_that_lies_is_resampled():
     data[length : length + 4] = struct.pack("<I", 30)
     with av.open(io.BytesIO(bytes(data))) as c:
         assert c.streams.video[0].frames == 30
-    frames = decode_media(bytes(data), "clip.avi", MediaLimits(max_frames=4))
+    frames = decode_video(bytes(data), MediaLimits(max_frames=4))
     assert [_index(f) for f in frames] == [0, 6, 13, 19]  # not [0, 10, 19] from the claimed 30
 
 
@@ -427,9 +427,10 @@ def test_image_bytes_are_not_a_video():
 
 
 def test_decode_media_dispatch(mp4_20):
-    [im] = decode_media(_save(_noise(), "PNG"), "s3://bucket/a.PNG")
-    assert im.mode == "RGB"
-    assert len(decode_media(mp4_20, "v.mp4", MediaLimits(max_frames=3))) == 3
+    kind, [im] = decode_media(_save(_noise(), "PNG"), "s3://bucket/a.PNG")
+    assert kind == "image" and im.mode == "RGB"
+    kind, frames = decode_media(mp4_20, "v.mp4", MediaLimits(max_frames=8), num_frames=3)
+    assert kind == "video" and len(frames) == 3
     with pytest.raises(MediaError) as e:
         decode_media(b"abc", "notes.txt")
     assert str(e.value).startswith("unsupported: ")
