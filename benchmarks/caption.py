@@ -23,9 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.report import to_markdown, write_results
+from benchmarks.report import RESULTS, to_markdown, write_results
 
-RESULTS = Path(__file__).parent / "results"
 COLS = ["method", "actors", "rows", "wall_s", "images_per_s", "tokens_per_s", "steady_images_per_s",
         "steady_tokens_per_s", "overhead", "accept_length"]  # fmt: skip
 

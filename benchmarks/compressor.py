@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.demo import FIXED_TREE, KINDS, RESULTS, TREES, hf_generate, measure, speed_row
-from benchmarks.report import to_markdown, write_results
+from benchmarks.demo import FIXED_TREE, KINDS, TREES, hf_generate, measure, speed_row
+from benchmarks.report import RESULTS, to_markdown, write_results
 from specvlm import EngineConfig, SpecVLMEngine
 from specvlm.config import CompressorConfig, PrimitiveConfig
 from specvlm.demo import load_demo

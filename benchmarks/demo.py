@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.report import to_markdown, write_results
+from benchmarks.report import RESULTS, to_markdown, write_results
 from specvlm import EngineConfig, SpecVLMEngine, TreeConfig
 from specvlm.config import CPU_TREE
 from specvlm.demo import load_demo
@@ -32,7 +32,6 @@ from specvlm.distill import encode_prompts, evaluate_accept_length
 from specvlm.engine import pooled_accept_length
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = Path(__file__).parent / "results"
 TREES = {
     "k2-n14-d8": TreeConfig(top_k=2, total_tokens=14, depth=8),
     "k2-n14-d8 bounded": CPU_TREE,

@@ -18,11 +18,10 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.report import to_markdown, write_results
+from benchmarks.report import RESULTS, to_markdown, write_results
 from specvlm import EagleDraft, EngineConfig, SpecVLMEngine, TreeConfig
 from specvlm.tiny import IMAGE, tiny_inputs, tiny_llava
 
-RESULTS = Path(__file__).parent / "results"
 COLS = ["method", "batch", "tokens_per_s", "speedup", "accept_length", "prefill_ms", "draft_ms", "verify_ms",
         "identical_to_hf"]  # fmt: skip
 

@@ -1,9 +1,12 @@
-"""Shared formatting for benchmark tables."""
+"""Shared formatting for benchmark tables, and where they go: ``results/`` at the checkout's root (the
+benchmarks run from a source checkout; they are not in the wheel)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent.parent / "results"
 
 
 def to_markdown(rows: list[dict], cols: list[str]) -> str:

@@ -22,9 +22,8 @@ import statistics
 import time
 from pathlib import Path
 
-from benchmarks.report import to_markdown, write_results
+from benchmarks.report import RESULTS, to_markdown, write_results
 
-RESULTS = Path(__file__).parent / "results"
 COLS = ["mode", "batching", "concurrency", "requests", "requests_per_s", "p50_ms", "p99_ms", "tokens_per_s",
         "accept_length", "errors", "identical_to_ar"]  # fmt: skip
 

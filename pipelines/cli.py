@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 JOBS = ("caption", "distill", "serve")  # subcommands with their own argument parsers (pipelines/<name>.py)
 BENCHES = ("engine", "demo", "compressor", "caption", "serve")
@@ -102,6 +103,15 @@ def _demo(args: argparse.Namespace) -> None:
 
 
 def _bench(args: argparse.Namespace) -> None:
+    try:
+        import benchmarks  # noqa: F401
+    except ImportError:  # not in the wheel: the checkout's folder, when run from the checkout's root
+        if not (Path.cwd() / "benchmarks" / "report.py").is_file():
+            raise SystemExit(
+                "specvlm bench runs the benchmarks of a source checkout (they are not in the wheel): run it from "
+                "the repository's root, or `make bench` there"
+            ) from None
+        sys.path.insert(0, str(Path.cwd()))
     from benchmarks import caption, compressor, demo, engine, serve
 
     modules = {"engine": engine, "demo": demo, "compressor": compressor, "caption": caption, "serve": serve}
