@@ -26,11 +26,11 @@ WORKDIR /home/ray/specvlm
 # Dependencies first (a code change does not reinstall them): install the project's requirements from
 # pyproject.toml with stub packages, then the real code in editable mode so configs/ resolve next to it.
 COPY --chown=ray:users pyproject.toml README.md ./
-RUN mkdir -p specvlm actors pipelines benchmarks \
-    && touch specvlm/__init__.py actors/__init__.py pipelines/__init__.py benchmarks/__init__.py \
+RUN mkdir -p specvlm actors pipelines \
+    && touch specvlm/__init__.py actors/__init__.py pipelines/__init__.py \
     && pip install . \
     && pip uninstall -y specvlm \
-    && rm -rf specvlm actors pipelines benchmarks build *.egg-info
+    && rm -rf specvlm actors pipelines build *.egg-info
 
 COPY --chown=ray:users specvlm ./specvlm
 COPY --chown=ray:users actors ./actors
