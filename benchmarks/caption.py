@@ -1,6 +1,6 @@
 """Caption-pipeline benchmark: Ray Data batch captioning vs the engine called directly, on the same inputs.
 
-Run with ``specvlm bench caption`` / ``python -m benchmarks.caption``; writes ``benchmarks/results/caption.md``.
+Run with ``specvlm bench caption`` / ``python -m benchmarks.caption``; writes ``results/caption.md``.
 
 Inputs: held-out ShapesWorld images (PNG) and videos (mp4, 4 frames tiled) written to a temp folder.
 Model: the demo model (shipped with the package), greedy, the demo job's tree and batch size.

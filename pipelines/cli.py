@@ -1,7 +1,7 @@
 """The ``specvlm`` command line. Subcommands import their heavy modules lazily.
 
 specvlm demo            run the engine end to end on the built-in default and print what it produced
-specvlm bench [NAME]    benchmarks (default: all), tables printed and written under benchmarks/results/
+specvlm bench [NAME]    benchmarks (default: all), tables printed and written under results/ (from a checkout)
 """
 
 from __future__ import annotations
