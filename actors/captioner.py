@@ -71,7 +71,7 @@ class Captioner:
     def __call__(self, batch: pa.Table) -> pa.Table:
         from PIL import Image
 
-        from specvlm.distill import chat_prompt
+        from specvlm.inputs import encode
 
         rows = batch.select(["id", "uri", "prompt", "pixels", "width", "height", "error"]).to_pylist()
         out = {name: [None] * len(rows) for name in OUTPUT_SCHEMA.names}
@@ -85,8 +85,7 @@ class Captioner:
         for start in range(0, len(todo), step):
             chunk = todo[start : start + step]
             images = [Image.frombytes("RGB", (rows[i]["width"], rows[i]["height"]), rows[i]["pixels"]) for i in chunk]
-            prompts = [chat_prompt(self.processor, rows[i]["prompt"]) for i in chunk]
-            enc = self.processor(text=prompts, images=images, return_tensors="pt", padding=True)
+            enc = encode(self.processor, [rows[i]["prompt"] for i in chunk], images)
             res = self.engine.generate(
                 **enc, max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
                 seed=s.seed,

@@ -27,8 +27,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import torch
-
+from specvlm.inputs import collate, encode, pad_token_id
 from specvlm.media import MediaError, MediaLimits, check_dimensions, decode_image, image_size
 
 from .openai_protocol import ChatRequest, OpenAIError, TextStream, completion_tokens_budget, usage
@@ -81,8 +80,7 @@ class ChatRunner:
         self.tokenizer = processor.tokenizer
         text_config = engine.target.text_config
         self.context = limits.max_context_tokens or int(getattr(text_config, "max_position_embeddings", 4096))
-        pad = self.tokenizer.pad_token_id
-        self.pad_id = pad if pad is not None else (self.tokenizer.eos_token_id or 0)
+        self.pad_id = pad_token_id(self.tokenizer)
         self.media_limits = MediaLimits(
             max_bytes=limits.max_image_bytes,
             max_pixels=limits.max_image_pixels,
@@ -130,8 +128,7 @@ class ChatRunner:
             except MediaError as e:
                 raise _image_error(param, e) from None
         try:
-            prompt = self.processor.apply_chat_template(req.template_messages(), add_generation_prompt=True)
-            enc = self.processor(text=[prompt], images=pil or None, return_tensors="pt")
+            enc = encode(self.processor, [req.template_messages()], pil)
         except (ValueError, TypeError, KeyError) as e:  # e.g. a template that has no place for an image
             raise OpenAIError(400, f"cannot build the prompt: {e}", param="messages", code="invalid_prompt") from None
         prompt_tokens = int(enc["input_ids"].shape[1])
@@ -288,26 +285,3 @@ def _route(sinks: list[Callable[[RowUpdate], None]]) -> Post:
             sinks[i](update)
 
     return post
-
-
-def collate(rows: list[dict], pad_id: int) -> dict:
-    """Processor outputs of single prompts -> one left-padded batch (images concatenated in row order)."""
-    T = max(r["input_ids"].shape[1] for r in rows)
-    B = len(rows)
-    input_ids = torch.full((B, T), pad_id, dtype=torch.long)  # [B, T]
-    mask = torch.zeros(B, T, dtype=torch.long)  # [B, T]
-    for b, r in enumerate(rows):
-        t = r["input_ids"].shape[1]
-        input_ids[b, T - t :] = r["input_ids"][0]
-        mask[b, T - t :] = r["attention_mask"][0]
-    out = {"input_ids": input_ids, "attention_mask": mask}
-    pv = [r["pixel_values"] for r in rows if r.get("pixel_values") is not None]
-    if pv:
-        if pv[0].dim() == 5:  # LLaVA-NeXT [N, tiles, C, H, W]: pad tiles to the batch's most
-            tiles = max(p.shape[1] for p in pv)
-            pv = [torch.nn.functional.pad(p, (0, 0, 0, 0, 0, 0, 0, tiles - p.shape[1])) for p in pv]
-        out["pixel_values"] = torch.cat(pv)  # [N, ...]
-    sizes = [r["image_sizes"] for r in rows if r.get("image_sizes") is not None]
-    if sizes:
-        out["image_sizes"] = torch.cat(sizes)  # [N, 2]
-    return out

@@ -29,7 +29,7 @@ from specvlm import EngineConfig, SpecVLMEngine
 from specvlm.config import CompressorConfig, PrimitiveConfig
 from specvlm.demo import load_demo
 from specvlm.demo.recipe import DemoRecipe, distill_demo_draft, draft_data, examples
-from specvlm.distill import encode_prompts
+from specvlm.inputs import encode
 
 TREE = TREES[FIXED_TREE]  # a fixed tree: both drafts verify the same number of nodes per round
 PRIMITIVES = [
@@ -45,7 +45,7 @@ MIX = dict(p_video=0.25, p_qa=0.35)
 
 
 def _inputs(demo, n: int, seed: int, **mix) -> list:
-    return [encode_prompts(demo.processor, [s]) for s in examples(seed=seed, n=n, **mix)]
+    return [encode(demo.processor, [s["prompt"]], [s["image"]]) for s in examples(seed=seed, n=n, **mix)]
 
 
 def _rows(results: dict, hf, visual: int) -> list[dict]:

@@ -28,8 +28,9 @@ from specvlm import EngineConfig, SpecVLMEngine, TreeConfig
 from specvlm.config import CPU_TREE
 from specvlm.demo import load_demo
 from specvlm.demo.recipe import DemoRecipe, distill_demo_draft, examples
-from specvlm.distill import encode_prompts, evaluate_accept_length
+from specvlm.distill import evaluate_accept_length
 from specvlm.engine import pooled_accept_length
+from specvlm.inputs import encode
 
 ROOT = Path(__file__).resolve().parent.parent
 TREES = {
@@ -128,7 +129,7 @@ def speed(demo, n: int = 16, max_new_tokens: int = 48, repeats: int = 3, device:
         )
     rows = []
     for kind, mix in KINDS.items():
-        inputs = [encode_prompts(proc, [s]).to(device) for s in examples(seed=777, n=n, **mix)]
+        inputs = [encode(proc, [s["prompt"]], [s["image"]]).to(device) for s in examples(seed=777, n=n, **mix)]
         results = measure(methods, inputs, max_new_tokens, repeats)
         for name, result in results.items():
             rows.append(speed_row(name, result, results["hf_generate"], task=kind))

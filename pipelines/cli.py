@@ -68,7 +68,7 @@ def _demo(args: argparse.Namespace) -> None:
     from specvlm.config import CPU_TREE
     from specvlm.demo import DemoNotBuiltError, load_demo
     from specvlm.demo.recipe import examples
-    from specvlm.distill import encode_prompts
+    from specvlm.inputs import encode
 
     try:
         demo = load_demo()
@@ -85,7 +85,7 @@ def _demo(args: argparse.Namespace) -> None:
     tok = demo.processor.tokenizer
     print(f"specvlm demo: demo target from {demo.path}, greedy, batch 1")
     for i, s in enumerate(examples(seed=12345, n=args.num, p_video=0.25, p_qa=0.25)):
-        enc = encode_prompts(demo.processor, [s])
+        enc = encode(demo.processor, [s["prompt"]], [s["image"]])
         outs = {m: e.generate(**enc, max_new_tokens=args.max_new_tokens) for m, e in engines.items()}
         text = tok.decode(outs["eagle"].sequences[0], skip_special_tokens=True)
         ar = outs["ar"].stats[0]

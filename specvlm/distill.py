@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from .decoder import causal_mask
 from .draft import EagleDraft
 from .engine import pooled_accept_length
+from .inputs import IGNORE_INDEX, encode, left_pad, pad_token_id
 from .target import TargetAdapter
 
 
@@ -35,6 +36,12 @@ class DistillBatch:
     loss_mask: torch.Tensor  # [B, T] 1 where the token is part of the response
     pixel_values: torch.Tensor | None = None
     image_sizes: torch.Tensor | None = None
+
+    @classmethod
+    def from_padded(cls, padded: dict, pixel_values=None, image_sizes=None) -> DistillBatch:
+        """From `specvlm.inputs.left_pad`'s training batch: the loss covers the labelled (response) positions."""
+        loss_mask = (padded["labels"] != IGNORE_INDEX).long()  # [B, T]
+        return cls(padded["input_ids"], padded["attention_mask"], loss_mask, pixel_values, image_sizes)
 
 
 @dataclass
@@ -171,17 +178,9 @@ def make_optimizer(draft: EagleDraft, lr: float = 8e-5, weight_decay: float = 0.
 
 
 # ----------------------------------------------------------------------------- data
-def chat_prompt(processor, question: str, num_images: int = 1) -> str:
-    """The model's own chat prompt for ``num_images`` images + a question, ready for generation."""
-    content = [{"type": "image"}] * num_images + [{"type": "text", "text": question}]
-    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
-
-
-def encode_prompts(processor, samples: list[dict]):
-    """Processor inputs (left-padded ``input_ids [B, T]``, ``attention_mask``, ``pixel_values``, ...)
-    for samples ``{"image": PIL, "prompt": question}`` in the model's chat format."""
-    prompts = [chat_prompt(processor, s["prompt"]) for s in samples]
-    return processor(text=prompts, images=[s["image"] for s in samples], return_tensors="pt", padding=True)
+def _encode(processor, samples: list[dict]):
+    """`specvlm.inputs.encode` of samples ``{"image": PIL, "prompt": question}``."""
+    return encode(processor, [s["prompt"] for s in samples], [s["image"] for s in samples])
 
 
 def collate(processor, samples: list[dict], responses: list[list[int]] | None = None) -> DistillBatch:
@@ -191,36 +190,24 @@ def collate(processor, samples: list[dict], responses: list[list[int]] | None = 
     samples' response text when given. Text responses get the EOS token appended.
     """
     tok = processor.tokenizer
-    enc = encode_prompts(processor, samples)
+    enc = _encode(processor, samples)
     if responses is None:
         responses = [tok(" " + s["response"].strip(), add_special_tokens=False).input_ids + [tok.eos_token_id]
                      for s in samples]  # fmt: skip
-    rows = []
-    for b, resp in enumerate(responses):
-        prompt_ids = enc["input_ids"][b][enc["attention_mask"][b].bool()].tolist()
-        rows.append((prompt_ids, list(resp)))
-    T = max(len(p) + len(r) for p, r in rows)
-    B = len(rows)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    ids = torch.full((B, T), pad, dtype=torch.long)
-    attn, loss = torch.zeros(B, T, dtype=torch.long), torch.zeros(B, T, dtype=torch.long)
-    for b, (p, r) in enumerate(rows):
-        n = len(p) + len(r)
-        ids[b, T - n :] = torch.tensor(p + r, dtype=torch.long)
-        attn[b, T - n :] = 1
-        loss[b, T - len(r) :] = 1
-    return DistillBatch(ids, attn, loss, enc["pixel_values"], enc.get("image_sizes"))
+    prompts = [ids[mask.bool()].tolist() for ids, mask in zip(enc["input_ids"], enc["attention_mask"])]
+    return DistillBatch.from_padded(left_pad(prompts, pad_token_id(tok), responses), enc["pixel_values"],
+                                    enc.get("image_sizes"))  # fmt: skip
 
 
 def target_responses(engine, processor, samples: list[dict], max_new_tokens: int) -> list[list[int]]:
     """The target's own greedy continuations (``response_source: target``), via an ``ar`` engine."""
-    return engine.generate(**encode_prompts(processor, samples), max_new_tokens=max_new_tokens).sequences
+    return engine.generate(**_encode(processor, samples), max_new_tokens=max_new_tokens).sequences
 
 
 def evaluate_accept_length(engine, processor, samples: list[dict], max_new_tokens: int = 48) -> float:
     """Accept length of ``engine`` (``eagle``/``specvlm`` mode) over held-out samples, greedy, batch 1,
     pooled over the samples (`engine.pooled_accept_length`)."""
-    stats = [engine.generate(**encode_prompts(processor, [s]), max_new_tokens=max_new_tokens).stats[0] for s in samples]
+    stats = [engine.generate(**_encode(processor, [s]), max_new_tokens=max_new_tokens).stats[0] for s in samples]
     return pooled_accept_length(stats)
 
 

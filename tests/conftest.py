@@ -42,8 +42,9 @@ def trained_pair():
     """
     from specvlm import EagleDraft, EngineConfig, SpecVLMEngine
     from specvlm.distill import DistillBatch, distill_step, make_optimizer
+    from specvlm.inputs import left_pad
     from specvlm.target import TargetAdapter
-    from specvlm.tiny import tiny_inputs, tiny_llava
+    from specvlm.tiny import PAD, tiny_inputs, tiny_llava
 
     model = tiny_llava(layers=2, seed=1)
     for p in model.parameters():
@@ -53,19 +54,8 @@ def trained_pair():
     for s in range(8):
         inp = tiny_inputs(model, [3 + s % 5] * 8, seed=100 + s)
         seqs = ar.generate(**inp, max_new_tokens=24).sequences
-        rows = []
-        for b in range(8):
-            prompt = inp["input_ids"][b][inp["attention_mask"][b].bool()].tolist()
-            rows.append((prompt, seqs[b]))
-        T = max(len(p) + len(r) for p, r in rows)
-        ids = torch.zeros(8, T, dtype=torch.long)
-        am, lm = torch.zeros_like(ids), torch.zeros_like(ids)
-        for b, (p, r) in enumerate(rows):
-            n = len(p) + len(r)
-            ids[b, T - n :] = torch.tensor(p + r)
-            am[b, T - n :] = 1
-            lm[b, T - len(r) :] = 1
-        batches.append(DistillBatch(ids, am, lm, inp["pixel_values"]))
+        prompts = [ids[mask.bool()].tolist() for ids, mask in zip(inp["input_ids"], inp["attention_mask"])]
+        batches.append(DistillBatch.from_padded(left_pad(prompts, PAD, seqs), inp["pixel_values"]))
     draft = EagleDraft.from_target(model, seed=0)
     target = TargetAdapter(model)
     opt = make_optimizer(draft, lr=3e-3)

@@ -326,7 +326,7 @@ def test_output_scan_moves_partial_files_and_dedupe_keeps_the_first(tmp_path):
 def test_captioner_matches_the_engine_and_passes_errors_through(small_demo, demo_paths):
     from actors.captioner import OUTPUT_SCHEMA, Captioner
     from specvlm import EngineConfig, SpecVLMEngine
-    from specvlm.distill import chat_prompt
+    from specvlm.inputs import encode
 
     demo, _ = small_demo
     images = [im for im, _ in shapes(3, seed=3)]
@@ -340,7 +340,7 @@ def test_captioner_matches_the_engine_and_passes_errors_through(small_demo, demo
     assert rows[1]["caption"] is None and rows[1]["error"].startswith("decode:")
     assert rows[1]["model"] == demo_paths["target"]
     proc = demo.processor
-    enc = proc(text=[chat_prompt(proc, "describe the image.")] * 3, images=images, return_tensors="pt", padding=True)
+    enc = encode(proc, ["describe the image."] * 3, images)
     ref = SpecVLMEngine(demo.target, None, EngineConfig(mode="ar")).generate(**enc, max_new_tokens=10)
     ok = [r for r in rows if r["error"] is None]
     captions = [proc.tokenizer.decode(s, skip_special_tokens=True).strip() for s in ref.sequences]

@@ -17,7 +17,7 @@ from conftest import greedy_reference
 from specvlm import EngineConfig, SpecVLMEngine, TreeConfig
 from specvlm.demo import SHIPPED_DIR, DemoNotBuiltError, demo_path, load_demo
 from specvlm.demo.recipe import DemoRecipe, examples, is_built
-from specvlm.distill import chat_prompt
+from specvlm.inputs import encode
 
 
 def test_load_demo_missing_says_how_to_build(tmp_path):
@@ -47,8 +47,7 @@ def test_shipped_demo_is_the_recipe_build_and_accepts_long_paths(tmp_path, monke
     metrics = json.loads((SHIPPED_DIR / "metrics.json").read_text())
     assert metrics["recipe"] == json.loads(json.dumps(dataclasses.asdict(recipe)))
     samples = examples(seed=4242, n=4, p_video=0, p_qa=0)  # not a seed the recipe trains or evaluates on
-    enc = demo.processor(text=[chat_prompt(demo.processor, s["prompt"]) for s in samples],
-                         images=[s["image"] for s in samples], return_tensors="pt", padding=True)  # fmt: skip
+    enc = encode(demo.processor, [s["prompt"] for s in samples], [s["image"] for s in samples])
     tree = TreeConfig(top_k=2, total_tokens=14, depth=8)
     out = SpecVLMEngine(demo.target, demo.draft, EngineConfig(mode="eagle", tree=tree)).generate(
         **enc, max_new_tokens=48
@@ -100,8 +99,7 @@ def test_engine_on_demo_is_lossless(small_demo, mode):
     draft = copy.deepcopy(demo.draft_for(mode)).double()
     proc = demo.processor
     samples = examples(seed=5, n=3, p_video=0.3, p_qa=0.3)
-    enc = proc(text=[chat_prompt(proc, s["prompt"]) for s in samples], images=[s["image"] for s in samples],
-               return_tensors="pt", padding=True)  # fmt: skip
+    enc = encode(proc, [s["prompt"] for s in samples], [s["image"] for s in samples])
     enc["pixel_values"] = enc["pixel_values"].double()
     ref = greedy_reference(model, dict(enc), 24)
     engine = SpecVLMEngine(model, draft, EngineConfig(mode=mode, tree=TreeConfig(top_k=3, total_tokens=10, depth=4)))

@@ -15,7 +15,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from actors.chat_runner import ChatRunner, EngineQueue, RowUpdate, collate
+from actors.chat_runner import ChatRunner, EngineQueue, RowUpdate
 from actors.image_urls import check_url, decode_data_url, fetch_image_bytes, image_bytes, is_public
 from actors.openai_protocol import OpenAIError, TextStream, parse_chat_request
 from actors.serve_config import ImageFetchConfig, ServeAppConfig, ServeLimits, load_serve_file
@@ -467,22 +467,6 @@ def test_prepare_refuses_bad_images_and_long_requests(runner, scenes):
     short = ChatRunner(runner.engine, runner.processor, ServeLimits(max_prompt_tokens=16))
     refused(job, short, "q", scenes[:1], match="max_prompt_tokens=16")
     refused(job, runner, "q", scenes[:1], max_tokens=500, match="maximum context length is 512")
-
-
-def test_collate_left_pads_and_concatenates_images():
-    import torch
-
-    rows = [
-        {"input_ids": torch.tensor([[5, 6]]), "attention_mask": torch.ones(1, 2, dtype=torch.long),
-         "pixel_values": torch.zeros(1, 3, 4, 4)},
-        {"input_ids": torch.tensor([[7, 8, 9]]), "attention_mask": torch.ones(1, 3, dtype=torch.long)},
-        {"input_ids": torch.tensor([[1]]), "attention_mask": torch.ones(1, 1, dtype=torch.long),
-         "pixel_values": torch.ones(2, 3, 4, 4)},
-    ]  # fmt: skip
-    out = collate(rows, pad_id=0)
-    assert out["input_ids"].tolist() == [[0, 5, 6], [7, 8, 9], [0, 0, 1]]
-    assert out["attention_mask"].tolist() == [[0, 1, 1], [1, 1, 1], [0, 0, 1]]
-    assert out["pixel_values"].shape == (3, 3, 4, 4) and out["pixel_values"][1:].eq(1).all()
 
 
 # ----------------------------------------------------------------------------- config

@@ -194,8 +194,9 @@ def _finish(model, log):
 @torch.no_grad()
 def evaluate_target(model, processor, samples: list[dict], max_new_tokens: int = 48) -> dict:
     """Held-out quality: teacher-forced token accuracy and greedy exact match, per kind and overall."""
-    from ..distill import collate, encode_prompts
+    from ..distill import collate
     from ..engine import EngineConfig, SpecVLMEngine
+    from ..inputs import encode
 
     batch = collate(processor, samples)
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
@@ -207,7 +208,7 @@ def evaluate_target(model, processor, samples: list[dict], max_new_tokens: int =
     exact = 0
     for i in range(0, len(samples), 16):
         chunk = samples[i : i + 16]
-        enc = encode_prompts(processor, chunk)
+        enc = encode(processor, [s["prompt"] for s in chunk], [s["image"] for s in chunk])
         for s, seq in zip(chunk, engine.generate(**enc, max_new_tokens=max_new_tokens).sequences):
             exact += tok.decode(seq, skip_special_tokens=True).strip() == s["response"].strip()
     return {

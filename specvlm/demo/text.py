@@ -7,7 +7,7 @@ is ever downloaded. Token ids: 0 `<pad>`, 1 `<s>` (bos), 2 `</s>` (eos),
 3 `<image>`, 4 `<unk>`, then the chat words and the grammar's words in sorted
 order. Padding is on the left (decoder-only generation).
 
-Chat format (LLaVA-1.5 style):
+Chat format (LLaVA-1.5, `specvlm.inputs.LLAVA_CHAT_TEMPLATE`):
 
     prompt   = "USER: <image>\\n{question} ASSISTANT:"      (bos prepended by the tokenizer)
     response = " {answer}</s>"
@@ -25,6 +25,7 @@ from __future__ import annotations
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import CLIPImageProcessorPil, LlavaProcessor, PreTrainedTokenizerFast
 
+from ..inputs import LLAVA_CHAT_TEMPLATE, chat_prompt
 from .world import vocabulary as world_vocabulary
 
 PAD, BOS, EOS, IMAGE, UNK = "<pad>", "<s>", "</s>", "<image>", "<unk>"
@@ -33,22 +34,6 @@ PAD_ID, BOS_ID, EOS_ID, IMAGE_ID, UNK_ID = range(5)
 CHAT_WORDS = ("USER", "ASSISTANT", ":")
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-# One user turn (optional image(s) then text), assistant turns end in eos; matches `prompt`/`format_example`.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['role'] == 'user' %}USER: "
-    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
-    "{% for c in message['content'] %}{% if c['type'] == 'image' %}<image>\n{% endif %}{% endfor %}"
-    "{% for c in message['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}"
-    "{% endif %} "
-    "{% elif message['role'] == 'assistant' %}ASSISTANT: "
-    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
-    "{% for c in message['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}"
-    "{% endif %}</s>"
-    "{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
-)
 
 
 def vocabulary() -> dict[str, int]:
@@ -102,15 +87,15 @@ def build_processor(image_size: int = 96, patch_size: int = 12) -> LlavaProcesso
         tokenizer=build_tokenizer(),
         patch_size=patch_size,
         vision_feature_select_strategy="default",
-        chat_template=CHAT_TEMPLATE,
+        chat_template=LLAVA_CHAT_TEMPLATE,
         image_token=IMAGE,
         num_additional_image_tokens=1,
     )
 
 
 def prompt(question: str) -> str:
-    """The full chat prompt for one image and a question (bos is added by the tokenizer)."""
-    return f"USER: {IMAGE}\n{question} ASSISTANT:"
+    """The chat prompt for one image and a question (`specvlm.inputs.chat_prompt`; the tokenizer adds bos)."""
+    return chat_prompt(None, question)
 
 
 def format_example(question: str, answer: str) -> tuple[str, str]:
