@@ -19,6 +19,8 @@ from transformers import (
     LlavaNextForConditionalGeneration,
 )
 
+from .inputs import left_pad
+
 PAD, BOS, EOS, IMAGE = 0, 1, 2, 3
 
 
@@ -108,11 +110,5 @@ def tiny_inputs(model, text_lengths: list[int], seed: int = 0, image_sizes: list
     for n, L in zip(n_img, text_lengths):
         text = torch.randint(IMAGE + 1, vocab, (L,), generator=g).tolist()
         rows.append([BOS] + [IMAGE] * n + text)
-    T = max(len(r) for r in rows)
-    ids = torch.full((B, T), PAD, dtype=torch.long)
-    mask = torch.zeros(B, T, dtype=torch.long)
-    for b, r in enumerate(rows):
-        ids[b, T - len(r) :] = torch.tensor(r)
-        mask[b, T - len(r) :] = 1
-    out.update(input_ids=ids, attention_mask=mask)
+    out.update(left_pad(rows, PAD))
     return out
