@@ -79,22 +79,21 @@ class Captioner:
             out["id"][i], out["uri"][i], out["prompt"][i], out["error"][i] = r["id"], r["uri"], r["prompt"], r["error"]
             out["model"][i], out["draft_version"][i] = self.model_name, self.draft_version
         todo = [i for i, r in enumerate(rows) if r["error"] is None]
+        if not todo:
+            return pa.Table.from_pydict(out, schema=OUTPUT_SCHEMA)
         tok = self.processor.tokenizer
         s = self.sampling
-        step = self.engine.config.max_batch_size
-        for start in range(0, len(todo), step):
-            chunk = todo[start : start + step]
-            images = [Image.frombytes("RGB", (rows[i]["width"], rows[i]["height"]), rows[i]["pixels"]) for i in chunk]
-            prompts = [chat_prompt(self.processor, rows[i]["prompt"]) for i in chunk]
-            enc = self.processor(text=prompts, images=images, return_tensors="pt", padding=True)
-            res = self.engine.generate(
-                **enc, max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
-                seed=s.seed,
-            )  # fmt: skip
-            for i, seq, st in zip(chunk, res.sequences, res.stats):
-                out["caption"][i] = tok.decode(seq, skip_special_tokens=True).strip()
-                out["num_tokens"][i] = st["num_tokens"]
-                out["accept_length"][i] = st["accept_length"]
-                out["compressor"][i] = st.get("compressor") or "none"
-                out["latency_ms"][i] = st["prefill_ms"] + st["draft_ms"] + st["verify_ms"]
+        images = [Image.frombytes("RGB", (rows[i]["width"], rows[i]["height"]), rows[i]["pixels"]) for i in todo]
+        prompts = [chat_prompt(self.processor, rows[i]["prompt"]) for i in todo]
+        enc = self.processor(text=prompts, images=images, return_tensors="pt", padding=True)
+        res = self.engine.generate(
+            **enc, max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
+            seed=s.seed,
+        )  # fmt: skip
+        for i, seq, st in zip(todo, res.sequences, res.stats):
+            out["caption"][i] = tok.decode(seq, skip_special_tokens=True).strip()
+            out["num_tokens"][i] = st["num_tokens"]
+            out["accept_length"][i] = st["accept_length"]
+            out["compressor"][i] = st.get("compressor") or "none"
+            out["latency_ms"][i] = st["prefill_ms"] + st["draft_ms"] + st["verify_ms"]
         return pa.Table.from_pydict(out, schema=OUTPUT_SCHEMA)

@@ -190,8 +190,6 @@ class ServeAppConfig(StrictModel):
     @model_validator(mode="after")
     def _batches_can_fill(self):
         b = self.batching.max_batch_size
-        if b > self.engine.max_batch_size:
-            raise ValueError(f"batching.max_batch_size={b} > engine.max_batch_size={self.engine.max_batch_size}")
         if self.deployment.max_ongoing_requests < b:
             raise ValueError(
                 f"deployment.max_ongoing_requests={self.deployment.max_ongoing_requests} < "

@@ -176,7 +176,6 @@ class EngineConfig(StrictModel):
 
     mode: Literal["ar", "eagle", "specvlm"] = "eagle"
     tree: TreeConfig = TreeConfig()
-    max_batch_size: int = Field(16, ge=1, description="rows decoded together")
 
 
 class ModelConfig(StrictModel):

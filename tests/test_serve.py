@@ -512,7 +512,6 @@ def test_bare_app_config_file(tmp_path):
 @pytest.mark.parametrize(
     "data, field",
     [
-        ({"batching": {"max_batch_size": 32}}, "(top level)"),  # > engine.max_batch_size
         ({"deployment": {"max_ongoing_requests": 4}}, "(top level)"),  # batches could never fill
         ({"deployment": {"num_replicas": 2, "autoscaling_config": {"max_replicas": 2}}}, "deployment"),
         ({"deployment": {"autoscaling_config": {"min_replicas": 3, "max_replicas": 1}}}, "deployment.autoscaling"),
