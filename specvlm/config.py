@@ -69,8 +69,8 @@ class TreeConfig(StrictModel):
         return self
 
 
-# The named trees: ``cpu`` is the fastest of a side-by-side sweep on the demo model on CPU (README, Benchmarks):
-# a draft step costs about a fifth of a target forward there, so a deep, narrow tree with confidence bounds wins;
+# The named trees: ``cpu`` is deep and narrow with confidence bounds, for CPUs, where every verified node and
+# draft step costs a share of a target forward (README, Benchmarks, compares trees on the demo model);
 # ``paper`` is the SpecVLM paper's GPU tree (the `TreeConfig` defaults).
 TREE_PRESETS: dict[str, TreeConfig] = {
     "cpu": TreeConfig(top_k=2, total_tokens=14, depth=8, depth_min_prob=0.2, node_min_prob=0.05),
