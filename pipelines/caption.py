@@ -51,7 +51,6 @@ from specvlm.config import (
     load_config,
     parse_config,
 )
-from specvlm.media import MediaLimits
 
 from . import caption_io as cio
 from .ray_cluster import add_address_flag, init_ray
@@ -81,16 +80,9 @@ class CaptionJobConfig(StrictModel):
     model: ModelConfig = ModelConfig()
     engine: EngineConfig = EngineConfig(mode="eagle", tree=CPU_TREE)
     sampling: SamplingConfig = SamplingConfig(max_new_tokens=64)
-    prompt: str | None = Field(None, description="prompt for rows without their own; None = image/video_prompt")
-    image_prompt: str = Field("describe the image.", min_length=1)
-    video_prompt: str = Field("describe the video.", min_length=1)
-    video_frames: int = Field(4, ge=1, description="frames sampled uniformly per video, tiled into one image")
-    video_tile_cols: int = Field(2, ge=1, description="columns of the tile grid")
-    max_side: int | None = Field(1344, ge=16, description="downscale larger images before they travel to actors")
-    max_aspect_ratio: float | None = Field(
-        None, ge=1.0, description="shorthand for limits.max_aspect_ratio (longer/shorter side; beyond it too_large)"
+    decode: cio.DecodeOptions = Field(
+        cio.DecodeOptions(), description="how each input becomes one RGB image and its prompt (CPU decode tasks)"
     )
-    limits: MediaLimits = MediaLimits()
     actors: ActorPool = ActorPool()
     actor_resources: dict[str, float] = Field(
         {}, description="custom Ray resources per actor (e.g. {accelerator_node: 1} to pin actors to labelled nodes)"
@@ -112,32 +104,6 @@ class CaptionJobConfig(StrictModel):
         if v is not None and "://" in v and not v.startswith("s3://"):
             raise ValueError(f"{v!r}: use a local path or an s3:// URI")
         return v
-
-    @model_validator(mode="before")
-    @classmethod
-    def _aspect_into_limits(cls, data):
-        """``max_aspect_ratio`` flows into ``limits`` (one check for images and video frames: check_dimensions)."""
-        if isinstance(data, dict) and data.get("max_aspect_ratio") is not None:
-            limits = data.get("limits") or {}
-            limits = limits.model_dump() if isinstance(limits, MediaLimits) else dict(limits)
-            given = limits.get("max_aspect_ratio")
-            if given is not None and given != data["max_aspect_ratio"]:
-                raise ValueError(f"max_aspect_ratio={data['max_aspect_ratio']} and limits.max_aspect_ratio={given} "
-                                 "differ: set one of them")  # fmt: skip
-            data = {**data, "limits": {**limits, "max_aspect_ratio": data["max_aspect_ratio"]}}
-        return data
-
-    @model_validator(mode="after")
-    def _checks(self):
-        if self.video_frames > self.limits.max_frames:
-            raise ValueError(f"video_frames={self.video_frames} > limits.max_frames={self.limits.max_frames}")
-        return self
-
-    def decode_options(self) -> cio.DecodeOptions:
-        return cio.DecodeOptions(
-            limits=self.limits, prompt=self.prompt, image_prompt=self.image_prompt, video_prompt=self.video_prompt,
-            video_frames=self.video_frames, video_tile_cols=self.video_tile_cols, max_side=self.max_side,
-        )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- dataset
@@ -193,7 +159,7 @@ def build_dataset(cfg: CaptionJobConfig, inputs: cio.Inputs, done, captioner=Non
     if inputs.shards:
         ds = ray.data.from_arrow([cio.listed_table([s]) for s in inputs.shards])
         ds = ds.map_batches(cio.expand_shards, batch_size=1, batch_format="pyarrow",
-                            fn_kwargs={"max_bytes": cfg.limits.max_bytes})  # fmt: skip
+                            fn_kwargs={"max_bytes": cfg.decode.limits.max_bytes})  # fmt: skip
         parts.append(ds.map_batches(cio.drop_done, batch_format="pyarrow", fn_kwargs={"done": done}))
     if inputs.manifest:
         fs, path = cio.filesystem(inputs.manifest)
@@ -216,7 +182,7 @@ def build_dataset(cfg: CaptionJobConfig, inputs: cio.Inputs, done, captioner=Non
     ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     ds = ds.map_batches(
         cio.decode_rows, batch_size=cfg.decode_batch_size, batch_format="pyarrow", num_cpus=cfg.cpus_per_decode_task,
-        fn_kwargs={"opts": cfg.decode_options()},
+        fn_kwargs={"opts": cfg.decode},
     )  # fmt: skip
     # Blocks of exactly batch_size rows: an actor call gets a bundle of whole blocks and cuts it into batches,
     # so blocks of other sizes (shards, filtered manifests, decode remainders) would leave short batches, i.e.
@@ -363,9 +329,11 @@ def parse_args(argv: list[str] | None = None) -> CaptionJobConfig:
 def _config(args: argparse.Namespace) -> CaptionJobConfig:
     cfg = load_config(args.config, CaptionJobConfig) if args.config else CaptionJobConfig()
     data = cfg.model_dump()
-    flat = {"input": args.input, "output": args.output, "prompt": args.prompt, "actors": args.actors,
-            "batch_size": args.batch_size, "gpus_per_actor": args.gpus_per_actor}  # fmt: skip
+    flat = {"input": args.input, "output": args.output, "actors": args.actors, "batch_size": args.batch_size,
+            "gpus_per_actor": args.gpus_per_actor}  # fmt: skip
     data.update({k: v for k, v in flat.items() if v is not None})
+    if args.prompt is not None:
+        data["decode"]["prompt"] = args.prompt
     if args.max_new_tokens is not None:
         data["sampling"]["max_new_tokens"] = args.max_new_tokens
     if args.mode is not None:

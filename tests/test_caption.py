@@ -70,8 +70,8 @@ def test_llava_config_validates():
         ({"bogus": 1}, "bogus"),
         ({"engine": {"mode": "fast"}}, "engine.mode"),
         ({"input": "http://example.com/images"}, "input"),
-        ({"video_frames": 9}, "(top level)"),
-        ({"limits": {"max_pixels": 0}}, "limits.max_pixels"),
+        ({"decode": {"video_frames": 9}}, "decode"),
+        ({"decode": {"limits": {"max_pixels": 0}}}, "decode.limits.max_pixels"),
     ],
 )
 def test_config_errors_name_the_field(data, field):
@@ -81,12 +81,13 @@ def test_config_errors_name_the_field(data, field):
 
 def test_cli_flags_override_the_config(tmp_path):
     cfg_file = tmp_path / "job.yaml"
-    cfg_file.write_text(yaml.safe_dump({"batch_size": 2, "prompt": "what is it?", "engine": {"mode": "ar"}}))
+    job_yaml = {"batch_size": 2, "decode": {"prompt": "what is it?"}, "engine": {"mode": "ar"}}
+    cfg_file.write_text(yaml.safe_dump(job_yaml))
     argv = ["--config", str(cfg_file), "--input", "s3://b/in", "--output", str(tmp_path / "o"), "--actors", "1:3",
             "--max-new-tokens", "5", "--mode", "eagle", "--gpus-per-actor", "0.5"]  # fmt: skip
     cfg = parse_args(argv)
     assert (cfg.input, cfg.actors.min, cfg.actors.max, cfg.sampling.max_new_tokens) == ("s3://b/in", 1, 3, 5)
-    assert (cfg.engine.mode, cfg.gpus_per_actor, cfg.batch_size, cfg.prompt) == ("eagle", 0.5, 2, "what is it?")
+    assert (cfg.engine.mode, cfg.gpus_per_actor, cfg.batch_size, cfg.decode.prompt) == ("eagle", 0.5, 2, "what is it?")
     assert parse_args(["--actors", "2"]).actors.max == 2
     with pytest.raises(ConfigError, match="batch_size"):
         parse_args(["--batch-size", "0"])
@@ -187,12 +188,12 @@ def test_video_tiles_keep_the_frame_aspect_and_max_aspect_ratio_applies_per_fram
     assert cio.decode_one(video, "wide.mp4", OPTS).size == (96, 16)  # 2x2 tiles of 48x8: the frames' 6:1 kept
     with pytest.raises(MediaError, match="aspect ratio 96x4 > max_aspect_ratio=20"):  # 4 tiles in a row: 24:1
         cio.decode_one(video, "wide.mp4", cio.DecodeOptions(video_tile_cols=4))
-    strict = CaptionJobConfig(max_aspect_ratio=4).decode_options()  # the job's flag flows into limits
+    strict = CaptionJobConfig(decode={"max_aspect_ratio": 4}).decode  # the shorthand flows into limits
     assert strict.limits.max_aspect_ratio == 4
     row = cio.decode_rows(cio.listed_table([{"id": "w", "uri": "wide.mp4", "data": video}]), strict).to_pylist()[0]
     assert row["error"] == "too_large: aspect ratio 96x16 > max_aspect_ratio=4"
     with pytest.raises(ConfigError, match="differ"):
-        parse_config({"max_aspect_ratio": 4, "limits": {"max_aspect_ratio": 5}}, CaptionJobConfig)
+        parse_config({"decode": {"max_aspect_ratio": 4, "limits": {"max_aspect_ratio": 5}}}, CaptionJobConfig)
 
 
 def test_video_frames_are_tiled_like_the_demo_recipe():
@@ -399,7 +400,7 @@ def test_job_captions_every_input_once_and_resumes(ray_local, demo_paths, tmp_pa
                 {"id": "gone", "uri": "in/missing.png"}, {"id": "q0", "uri": "new-0.png"}]  # fmt: skip
     path = tmp_path / "manifest.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in manifest))
-    third = run(job(demo_paths, path, out, prompt="what color is the circle?"))
+    third = run(job(demo_paths, path, out, decode={"prompt": "what color is the circle?"}))
     assert third["errors"] == {"read": 1} and third["duplicates_removed"] == 1  # q0 twice in the manifest
     assert sorted(ids_of(out)) == sorted([*expected, "q0", "q1", "gone"])  # each id once
     rows = {r["id"]: r for r in cio.read_output(str(out)).to_pylist()}
