@@ -27,8 +27,12 @@ from __future__ import annotations
 
 import os
 import time
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
+
+if TYPE_CHECKING:
+    from specvlm.config import EngineConfig, ModelConfig, SamplingConfig
 
 OUTPUT_SCHEMA = pa.schema(
     [
@@ -50,19 +54,18 @@ OUTPUT_SCHEMA = pa.schema(
 class Captioner:
     """Holds one engine; ``__call__`` captions a batch of decoded rows.
 
-    Args:
-        model: `specvlm.config.ModelConfig` fields (a dict, so the class pickles without pydantic models).
-        engine: `specvlm.config.EngineConfig` fields.
-        sampling: `specvlm.config.SamplingConfig` fields.
+    Args: the caption job's validated configs (frozen pydantic models; Ray pickles them into the actor).
+        model: what to load.
+        engine: how to decode.
+        sampling: per-row decoding settings.
     """
 
-    def __init__(self, model: dict, engine: dict, sampling: dict):
-        from specvlm.config import EngineConfig, ModelConfig, SamplingConfig
+    def __init__(self, model: ModelConfig, engine: EngineConfig, sampling: SamplingConfig):
         from specvlm.loading import load_engine
 
         t0 = time.perf_counter()
-        self.engine, self.processor, info = load_engine(ModelConfig(**model), EngineConfig(**engine))
-        self.sampling = SamplingConfig(**sampling)
+        self.engine, self.processor, info = load_engine(model, engine)
+        self.sampling = sampling
         self.model_name, self.draft_version = info["model"], info["draft_version"]
         self.mode = self.engine.config.mode
         self.pid = os.getpid()

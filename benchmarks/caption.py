@@ -68,7 +68,7 @@ def direct(cfg, paths: list[Path]) -> dict:
 
     torch.set_num_threads(1)
     t0 = time.perf_counter()
-    cap = Captioner(cfg.model.model_dump(), cfg.engine.model_dump(), cfg.sampling.model_dump())
+    cap = Captioner(cfg.model, cfg.engine, cfg.sampling)
     load_s = time.perf_counter() - t0
     rows = [{"id": p.name, "uri": str(p)} for p in paths]
     cap(cio.decode_rows(cio.listed_table(rows[: cfg.batch_size]), cfg.decode))  # warm-up

@@ -200,10 +200,7 @@ def build_dataset(cfg: CaptionJobConfig, inputs: cio.Inputs, done, captioner=Non
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
         return ds.map_batches(
             captioner,
-            fn_constructor_kwargs={
-                "model": cfg.model.model_dump(), "engine": cfg.engine.model_dump(),
-                "sampling": cfg.sampling.model_dump(),
-            },
+            fn_constructor_kwargs={"model": cfg.model, "engine": cfg.engine, "sampling": cfg.sampling},
             compute=ray.data.ActorPoolStrategy(min_size=cfg.actors.min, max_size=cfg.actors.max),
             batch_size=cfg.batch_size, batch_format="pyarrow", num_gpus=gpus, num_cpus=cfg.cpus_per_actor,
             **remote_args,

@@ -18,7 +18,7 @@ from .ray_cluster import add_address_flag, init_ray
 
 def main(argv: list[str] | None = None) -> int:
     from actors.serve_config import ServeAppConfig, ServeFile, load_serve_file
-    from actors.serving import build_app
+    from actors.serving import application
     from specvlm.config import ConfigError
 
     ap = argparse.ArgumentParser(prog="specvlm serve", description="OpenAI-compatible endpoint on Ray Serve")
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
         spec = load_serve_file(args.config, args.app) if args.config else ServeFile(app=ServeAppConfig())
         name, prefix = spec.name, spec.route_prefix
         http = spec.http_options(args.host or spec.host or "127.0.0.1", args.port or spec.port or 8000)
-        app = build_app(spec.app.model_dump(mode="json"))
+        app = application(spec.app)
     except ConfigError as e:
         raise SystemExit(str(e)) from None
 

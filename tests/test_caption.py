@@ -25,7 +25,7 @@ from PIL import Image
 
 from pipelines import caption_io as cio
 from pipelines.caption import CaptionJobConfig, parse_args, resource_warning, run
-from specvlm.config import ConfigError, load_config, parse_config
+from specvlm.config import ConfigError, EngineConfig, ModelConfig, SamplingConfig, load_config, parse_config
 from specvlm.demo.world import IMAGE_SIZE
 from specvlm.media import MediaError
 
@@ -326,7 +326,7 @@ def test_output_scan_moves_partial_files_and_dedupe_keeps_the_first(tmp_path):
 # ----------------------------------------------------------------------------- the Captioner, called directly
 def test_captioner_matches_the_engine_and_passes_errors_through(small_demo, demo_paths):
     from actors.captioner import OUTPUT_SCHEMA, Captioner
-    from specvlm import EngineConfig, SpecVLMEngine
+    from specvlm import SpecVLMEngine
     from specvlm.distill import chat_prompt
 
     demo, _ = small_demo
@@ -334,7 +334,7 @@ def test_captioner_matches_the_engine_and_passes_errors_through(small_demo, demo
     listed = [{"id": f"i{k}", "uri": f"i{k}.png", "data": save(im, "PNG")} for k, im in enumerate(images)]
     listed.insert(1, {"id": "bad", "uri": "bad.png", "data": b"nope"})
     batch = cio.decode_rows(cio.listed_table(listed), OPTS)
-    cap = Captioner(demo_paths, {"mode": "ar"}, {"max_new_tokens": 10})
+    cap = Captioner(ModelConfig(**demo_paths), EngineConfig(mode="ar"), SamplingConfig(max_new_tokens=10))
     out = cap(batch)
     assert out.schema == OUTPUT_SCHEMA and out["id"].to_pylist() == ["i0", "bad", "i1", "i2"]
     rows = out.to_pylist()
@@ -353,7 +353,7 @@ def test_captioner_matches_the_engine_and_passes_errors_through(small_demo, demo
 def test_captioner_raises_fatal_engine_errors(demo_paths, monkeypatch):
     from actors.captioner import Captioner
 
-    cap = Captioner(demo_paths, {"mode": "eagle"}, {"max_new_tokens": 4})
+    cap = Captioner(ModelConfig(**demo_paths), EngineConfig(mode="eagle"), SamplingConfig(max_new_tokens=4))
     batch = cio.decode_rows(cio.listed_table([{"id": "a", "uri": "a.png", "data": save(shapes(1)[0][0], "PNG")}]), OPTS)
 
     def boom(**kw):
