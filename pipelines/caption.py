@@ -48,6 +48,7 @@ from specvlm.config import (
     ModelConfig,
     SamplingConfig,
     StrictModel,
+    config_yaml,
     load_config,
     parse_config,
 )
@@ -62,8 +63,8 @@ MAX_INPUT_BLOCKS = 1000  # listed files are cut into at most this many blocks (s
 class ActorPool(StrictModel):
     """Captioner actors: the pool grows from ``min`` to ``max`` while there is work, and shrinks when idle."""
 
-    min: int = Field(1, ge=1)
-    max: int = Field(1, ge=1)
+    min: int = Field(1, ge=1, description="actors kept while the job runs")
+    max: int = Field(1, ge=1, description="actors at most (e.g. one per GPU)")
 
     @model_validator(mode="after")
     def _order(self):
@@ -73,25 +74,28 @@ class ActorPool(StrictModel):
 
 
 class CaptionJobConfig(StrictModel):
-    """Everything `specvlm caption` takes. Defaults are ``configs/caption-demo.yaml`` (the demo model on CPU)."""
+    """Everything `specvlm caption` takes, every default included (the demo model on CPU); ``specvlm caption
+    --print-config`` prints it as YAML."""
 
     input: str | None = Field(None, description="folder, s3:// prefix, .tar shard, manifest (.parquet/.jsonl) or file")
     output: str | None = Field(None, description="output folder or s3:// prefix (parquet parts + _summary.json)")
-    model: ModelConfig = ModelConfig()
-    engine: EngineConfig = EngineConfig(mode="eagle", tree=CPU_TREE)
-    sampling: SamplingConfig = SamplingConfig(max_new_tokens=64)
+    model: ModelConfig = Field(ModelConfig(), description="target and draft to load in each actor")
+    engine: EngineConfig = Field(EngineConfig(mode="eagle", tree=CPU_TREE), description="how each actor decodes")
+    sampling: SamplingConfig = Field(SamplingConfig(max_new_tokens=64), description="decoding settings per row")
     decode: cio.DecodeOptions = Field(
         cio.DecodeOptions(), description="how each input becomes one RGB image and its prompt (CPU decode tasks)"
     )
-    actors: ActorPool = ActorPool()
+    actors: ActorPool = Field(ActorPool(), description="elastic pool of Captioner actors (min..max)")
     actor_resources: dict[str, float] = Field(
         {}, description="custom Ray resources per actor (e.g. {accelerator_node: 1} to pin actors to labelled nodes)"
     )
     batch_size: int = Field(8, ge=1, description="rows per actor call (one batched generate)")
-    gpus_per_actor: float | None = Field(None, ge=0, description="None = 1 if the cluster has GPUs, else 0")
-    cpus_per_actor: float = Field(1.0, gt=0)
+    gpus_per_actor: float | None = Field(
+        None, ge=0, description="None = 1 if the cluster has GPUs, else 0; 0.5 puts two actors on a GPU"
+    )
+    cpus_per_actor: float = Field(1.0, gt=0, description="CPUs reserved per actor")
     decode_batch_size: int = Field(16, ge=1, description="rows per CPU decode call")
-    cpus_per_decode_task: float = Field(1.0, gt=0)
+    cpus_per_decode_task: float = Field(1.0, gt=0, description="CPUs reserved per decode task")
     max_actor_restarts: int = Field(-1, ge=-1, description="restarts of a dead actor, e.g. a lost node's (-1 = always)")
     max_task_retries: int = Field(
         -1, ge=-1, description="retries of a batch whose actor died or is restarting (-1 = until it is done)"
@@ -186,7 +190,7 @@ def build_dataset(cfg: CaptionJobConfig, inputs: cio.Inputs, done, captioner=Non
     )  # fmt: skip
     # Blocks of exactly batch_size rows: an actor call gets a bundle of whole blocks and cuts it into batches,
     # so blocks of other sizes (shards, filtered manifests, decode remainders) would leave short batches, i.e.
-    # extra model calls (5-row blocks: 30 calls instead of 25 per 200 rows)
+    # extra model calls (5-row blocks and batches of 8 would make 30 calls per 200 rows, not 25)
     ds = ds.repartition(target_num_rows_per_block=cfg.batch_size, strict=True)
     gpus = cfg.gpus_per_actor
     if gpus is None:
@@ -315,6 +319,9 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--batch-size", type=int, help="rows per actor call")
     ap.add_argument("--gpus-per-actor", type=float, help="GPUs per actor (fractions share a GPU)")
     ap.add_argument("--mode", choices=("ar", "eagle", "specvlm"), help="engine.mode")
+    ap.add_argument("--print-config", action="store_true",
+                    help="print the job config (every default, with --config and the flags above applied) as YAML "
+                    "and exit")  # fmt: skip
     return ap
 
 
@@ -347,6 +354,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = _config(args)
     except ConfigError as e:
         sys.exit(str(e))
+    if args.print_config:
+        print(config_yaml(cfg), end="")
+        return 0
     if not cfg.input or not cfg.output:
         sys.exit("specvlm caption: --input and --output are required (or input:/output: in the config)")
     # the job's tasks and actors get the driver's S3 / model-cache environment

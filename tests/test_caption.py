@@ -52,8 +52,21 @@ def ids_of(out) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- config and CLI
-def test_demo_config_is_the_default():
-    assert load_config(CONFIGS / "caption-demo.yaml", CaptionJobConfig) == CaptionJobConfig()
+@pytest.mark.parametrize("name", ["caption-demo.yaml", "caption-llava-1.5-7b.yaml"])
+def test_example_configs_validate_and_print_config_loads_back(name, tmp_path, capsys):
+    from pipelines.caption import main
+
+    cfg = load_config(CONFIGS / name, CaptionJobConfig)
+    if name == "caption-demo.yaml":
+        assert cfg == CaptionJobConfig()  # the demo job is the default job
+    printed = tmp_path / "full.yaml"
+    assert main(["--config", str(CONFIGS / name), "--print-config"]) == 0
+    printed.write_text(capsys.readouterr().out)
+    assert load_config(printed, CaptionJobConfig) == cfg
+    assert main(["--config", str(CONFIGS / name), "--print-config", "--mode", "ar", "--prompt", "what?"]) == 0
+    printed.write_text(capsys.readouterr().out)
+    flags = load_config(printed, CaptionJobConfig)  # the flags are applied to what is printed
+    assert (flags.engine.mode, flags.decode.prompt) == ("ar", "what?") and flags.model == cfg.model
 
 
 def test_llava_config_validates():
