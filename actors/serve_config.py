@@ -223,6 +223,9 @@ class ServeAppConfig(StrictModel):
         return name if name.startswith("specvlm-") else Path(name.rstrip("/")).name or name
 
 
+IMPORT_PATH = "actors.serving:build_app"  # the application builder a Serve config file names
+
+
 class ServeFile(StrictModel):
     """What ``specvlm serve`` runs: one application of a Serve config file (or a bare `ServeAppConfig` YAML, or
     none) with its HTTP options. `serve_config` writes it back as a Serve config file."""
@@ -246,9 +249,6 @@ class ServeFile(StrictModel):
         app = {"name": self.name, "route_prefix": self.route_prefix, "import_path": IMPORT_PATH,
                "args": self.app.model_dump(mode="json")}  # fmt: skip
         return {"http_options": self.http_options(), "applications": [app]}
-
-
-IMPORT_PATH = "actors.serving:build_app"  # the application builder a Serve config file names
 
 
 def load_serve_file(path: str | Path, app_name: str | None = None) -> ServeFile:
