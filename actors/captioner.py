@@ -27,8 +27,12 @@ from __future__ import annotations
 
 import os
 import time
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
+
+if TYPE_CHECKING:
+    from specvlm.config import EngineConfig, ModelConfig, SamplingConfig
 
 OUTPUT_SCHEMA = pa.schema(
     [
@@ -50,19 +54,18 @@ OUTPUT_SCHEMA = pa.schema(
 class Captioner:
     """Holds one engine; ``__call__`` captions a batch of decoded rows.
 
-    Args:
-        model: `specvlm.config.ModelConfig` fields (a dict, so the class pickles without pydantic models).
-        engine: `specvlm.config.EngineConfig` fields.
-        sampling: `specvlm.config.SamplingConfig` fields.
+    Args: the caption job's validated configs (frozen pydantic models; Ray pickles them into the actor).
+        model: what to load.
+        engine: how to decode.
+        sampling: per-row decoding settings.
     """
 
-    def __init__(self, model: dict, engine: dict, sampling: dict):
-        from specvlm.config import EngineConfig, ModelConfig, SamplingConfig
+    def __init__(self, model: ModelConfig, engine: EngineConfig, sampling: SamplingConfig):
         from specvlm.loading import load_engine
 
         t0 = time.perf_counter()
-        self.engine, self.processor, info = load_engine(ModelConfig(**model), EngineConfig(**engine))
-        self.sampling = SamplingConfig(**sampling)
+        self.engine, self.processor, info = load_engine(model, engine)
+        self.sampling = sampling
         self.model_name, self.draft_version = info["model"], info["draft_version"]
         self.mode = self.engine.config.mode
         self.pid = os.getpid()
@@ -79,21 +82,20 @@ class Captioner:
             out["id"][i], out["uri"][i], out["prompt"][i], out["error"][i] = r["id"], r["uri"], r["prompt"], r["error"]
             out["model"][i], out["draft_version"][i] = self.model_name, self.draft_version
         todo = [i for i, r in enumerate(rows) if r["error"] is None]
+        if not todo:
+            return pa.Table.from_pydict(out, schema=OUTPUT_SCHEMA)
         tok = self.processor.tokenizer
         s = self.sampling
-        step = self.engine.config.max_batch_size
-        for start in range(0, len(todo), step):
-            chunk = todo[start : start + step]
-            images = [Image.frombytes("RGB", (rows[i]["width"], rows[i]["height"]), rows[i]["pixels"]) for i in chunk]
-            enc = encode(self.processor, [rows[i]["prompt"] for i in chunk], images)
-            res = self.engine.generate(
-                **enc, max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
-                seed=s.seed,
-            )  # fmt: skip
-            for i, seq, st in zip(chunk, res.sequences, res.stats):
-                out["caption"][i] = tok.decode(seq, skip_special_tokens=True).strip()
-                out["num_tokens"][i] = st["num_tokens"]
-                out["accept_length"][i] = st["accept_length"]
-                out["compressor"][i] = st.get("compressor") or "none"
-                out["latency_ms"][i] = st["prefill_ms"] + st["draft_ms"] + st["verify_ms"]
+        images = [Image.frombytes("RGB", (rows[i]["width"], rows[i]["height"]), rows[i]["pixels"]) for i in todo]
+        enc = encode(self.processor, [rows[i]["prompt"] for i in todo], images)
+        res = self.engine.generate(
+            **enc, max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
+            seed=s.seed,
+        )  # fmt: skip
+        for i, seq, st in zip(todo, res.sequences, res.stats):
+            out["caption"][i] = tok.decode(seq, skip_special_tokens=True).strip()
+            out["num_tokens"][i] = st["num_tokens"]
+            out["accept_length"][i] = st["accept_length"]
+            out["compressor"][i] = st.get("compressor") or "none"
+            out["latency_ms"][i] = st["prefill_ms"] + st["draft_ms"] + st["verify_ms"]
         return pa.Table.from_pydict(out, schema=OUTPUT_SCHEMA)

@@ -2,8 +2,9 @@
 
 The same mapping is the ``args`` of the application in ``configs/serve.yaml``
 (a Ray Serve config file) and what ``specvlm serve --config FILE`` reads. The
-defaults serve the demo model on CPU. Importing this module does not import
-Ray; the autoscaling config is checked against Serve's own model lazily.
+models here hold every default (the demo model on CPU); ``specvlm serve
+--print-config`` prints them. Importing this module does not import Ray; the
+autoscaling config is checked against Serve's own model lazily.
 """
 
 from __future__ import annotations
@@ -163,23 +164,25 @@ class DeploymentConfig(StrictModel):
 
 
 class ServeAppConfig(StrictModel):
-    """The OpenAI-compatible endpoint. Defaults serve the demo model on CPU (``configs/serve.yaml``)."""
+    """The OpenAI-compatible endpoint. Defaults serve the demo model on CPU, on loopback, without an API key."""
 
-    model: ModelConfig = ModelConfig()
-    engine: EngineConfig = EngineConfig(tree=CPU_TREE)
+    model: ModelConfig = Field(ModelConfig(), description="target and draft each replica loads")
+    engine: EngineConfig = Field(EngineConfig(tree=CPU_TREE), description="how each replica decodes")
     served_model_name: str | None = Field(
         None, description="the `model` requests must name; None = 'specvlm-demo' for the demo, else the target's"
     )
-    limits: ServeLimits = ServeLimits()
-    image_fetch: ImageFetchConfig = ImageFetchConfig()
+    limits: ServeLimits = Field(ServeLimits(), description="what one request may cost; over a limit is a 4xx")
+    image_fetch: ImageFetchConfig = Field(
+        ImageFetchConfig(), description="http(s) image URLs (data: URLs always work); refused unless allow-listed"
+    )
     auth: Literal["none", "env", "file"] = Field(
         "none", description="where the API key comes from: 'env' (api_key_env), 'file' (api_key_file), or 'none' "
         "(no key: loopback demos only); a configured source that is missing or empty stops the replica",
     )  # fmt: skip
     api_key_env: str = Field("SPECVLM_API_KEY", min_length=1, description="env var holding the key (auth: env)")
     api_key_file: str | None = Field(None, description="file holding the key, e.g. a mounted secret (auth: file)")
-    batching: BatchingConfig = BatchingConfig()
-    deployment: DeploymentConfig = DeploymentConfig()
+    batching: BatchingConfig = Field(BatchingConfig(), description="dynamic batching of concurrent requests")
+    deployment: DeploymentConfig = Field(DeploymentConfig(), description="Serve deployment options (replicas, queues)")
 
     @model_validator(mode="after")
     def _key_source(self):
@@ -190,8 +193,6 @@ class ServeAppConfig(StrictModel):
     @model_validator(mode="after")
     def _batches_can_fill(self):
         b = self.batching.max_batch_size
-        if b > self.engine.max_batch_size:
-            raise ValueError(f"batching.max_batch_size={b} > engine.max_batch_size={self.engine.max_batch_size}")
         if self.deployment.max_ongoing_requests < b:
             raise ValueError(
                 f"deployment.max_ongoing_requests={self.deployment.max_ongoing_requests} < "
@@ -222,24 +223,32 @@ class ServeAppConfig(StrictModel):
         return name if name.startswith("specvlm-") else Path(name.rstrip("/")).name or name
 
 
-REQUEST_TIMEOUT_S = 300.0  # configs/serve.yaml's http_options.request_timeout_s
+IMPORT_PATH = "actors.serving:build_app"  # the application builder a Serve config file names
 
 
 class ServeFile(StrictModel):
-    """What ``specvlm serve --config FILE`` found in FILE."""
+    """What ``specvlm serve`` runs: one application of a Serve config file (or a bare `ServeAppConfig` YAML, or
+    none) with its HTTP options. `serve_config` writes it back as a Serve config file."""
 
-    app: ServeAppConfig
-    name: str = "specvlm"
-    route_prefix: str = "/"
-    host: str | None = None
-    port: int | None = None
-    # http_options.request_timeout_s: Serve's proxy answers 408 to a request still running after it; a file
-    # without one (or no file) gets configs/serve.yaml's, so `specvlm serve` never runs without a bound
-    request_timeout_s: float | None = REQUEST_TIMEOUT_S
+    app: ServeAppConfig = Field(ServeAppConfig(), description="the application's args")
+    name: str = Field("specvlm", min_length=1, description="application name")
+    route_prefix: str = Field("/", description="HTTP route of the application")
+    host: str = Field("127.0.0.1", description="http_options.host: loopback; 0.0.0.0 only behind TLS termination")
+    port: int = Field(8000, ge=1, le=65535, description="http_options.port")
+    request_timeout_s: float | None = Field(
+        300.0, gt=0, description="http_options.request_timeout_s: Serve's proxy answers 408 to a request (streamed "
+        "or not) still running after it; None = no bound",
+    )  # fmt: skip
 
-    def http_options(self, host: str, port: int) -> dict:
-        """``serve.start(http_options=...)`` for this file with the given host and port."""
-        return {"host": host, "port": port, "request_timeout_s": self.request_timeout_s}
+    def http_options(self) -> dict:
+        """``serve.start(http_options=...)``."""
+        return {"host": self.host, "port": self.port, "request_timeout_s": self.request_timeout_s}
+
+    def serve_config(self) -> dict:
+        """This as a Ray Serve config file (what ``serve run`` and `load_serve_file` read), every default included."""
+        app = {"name": self.name, "route_prefix": self.route_prefix, "import_path": IMPORT_PATH,
+               "args": self.app.model_dump(mode="json")}  # fmt: skip
+        return {"http_options": self.http_options(), "applications": [app]}
 
 
 def load_serve_file(path: str | Path, app_name: str | None = None) -> ServeFile:
@@ -258,11 +267,10 @@ def load_serve_file(path: str | Path, app_name: str | None = None) -> ServeFile:
     entry = chosen[0]
     http = data.get("http_options") or {}
     source = f"{path}: application {entry.get('name', 'default')!r} args"
-    return ServeFile(
-        app=parse_config(entry.get("args") or {}, ServeAppConfig, source=source),
-        name=entry.get("name", "specvlm"),
-        route_prefix=entry.get("route_prefix") or "/",
-        host=http.get("host"),
-        port=http.get("port"),
-        request_timeout_s=http.get("request_timeout_s", REQUEST_TIMEOUT_S),
-    )
+    app = parse_config(entry.get("args") or {}, ServeAppConfig, source=source)
+    given = {"name": entry.get("name"), "route_prefix": entry.get("route_prefix"), "host": http.get("host"),
+             "port": http.get("port")}  # fmt: skip
+    fields = {k: v for k, v in given.items() if v is not None}
+    if "request_timeout_s" in http:  # null: no bound, as in Serve
+        fields["request_timeout_s"] = http["request_timeout_s"]
+    return parse_config({"app": app, **fields}, ServeFile, source=f"{path}: http_options / application")

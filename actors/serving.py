@@ -5,7 +5,7 @@
     GET  /health                 liveness (no API key)
 
 Run: ``specvlm serve [--config FILE] [--host 127.0.0.1] [--port 8000]`` (`pipelines.serve`), or
-``serve run configs/serve.yaml`` (`build_app`). See docs/serve.md.
+``serve run configs/serve.yaml`` (`build_app`, which validates the file's ``args``). See docs/serve.md.
 
 What runs where in a replica::
 
@@ -210,10 +210,10 @@ async def _drain(updates) -> None:
 class SpecVLMServer:
     """One replica: one engine, one engine thread, batches from `@serve.batch`."""
 
-    def __init__(self, config: dict):
+    def __init__(self, cfg: ServeAppConfig):
         from specvlm.loading import load_engine
 
-        self.cfg = cfg = ServeAppConfig.model_validate(config)
+        self.cfg = cfg
         self.api_key = read_api_key(cfg)  # first: a missing key source fails the replica before the model loads
         engine, processor, info = load_engine(cfg.model, cfg.engine)
         self.model_name = cfg.model_name(info)
@@ -395,9 +395,15 @@ class SpecVLMServer:
             log.error("engine thread failed: %r", work.exception())
 
 
+def application(cfg: ServeAppConfig):
+    """The Serve application for a validated config: `SpecVLMServer` with its deployment options, bound to
+    ``cfg`` itself (a frozen pydantic model; Serve pickles it into each replica)."""
+    return SpecVLMServer.options(**cfg.deployment.options()).bind(cfg)
+
+
 def build_app(args: dict):
-    """Serve application builder (``import_path: actors.serving:build_app``); ``args`` is a `ServeAppConfig`."""
+    """Serve application builder (``import_path: actors.serving:build_app``): ``args``, the mapping a Serve
+    config file holds, is validated once into a `ServeAppConfig` (errors name the field)."""
     from specvlm.config import parse_config
 
-    cfg = parse_config(dict(args or {}), ServeAppConfig, source="serve application args")
-    return SpecVLMServer.options(**cfg.deployment.options()).bind(cfg.model_dump(mode="json"))
+    return application(parse_config(dict(args or {}), ServeAppConfig, source="serve application args"))

@@ -67,14 +67,14 @@ def direct(cfg, paths: list[Path]) -> dict:
 
     torch.set_num_threads(1)
     t0 = time.perf_counter()
-    cap = Captioner(cfg.model.model_dump(), cfg.engine.model_dump(), cfg.sampling.model_dump())
+    cap = Captioner(cfg.model, cfg.engine, cfg.sampling)
     load_s = time.perf_counter() - t0
     rows = [{"id": p.name, "uri": str(p)} for p in paths]
-    cap(cio.decode_rows(cio.listed_table(rows[: cfg.batch_size]), cfg.decode_options()))  # warm-up
+    cap(cio.decode_rows(cio.listed_table(rows[: cfg.batch_size]), cfg.decode))  # warm-up
     t0 = time.perf_counter()
     outs = []
     for i in range(0, len(rows), cfg.batch_size):
-        batch = cio.decode_rows(cio.listed_table(rows[i : i + cfg.batch_size]), cfg.decode_options())
+        batch = cio.decode_rows(cio.listed_table(rows[i : i + cfg.batch_size]), cfg.decode)
         outs.extend(cap(batch).to_pylist())
     sec = time.perf_counter() - t0
     ok = [r for r in outs if r["error"] is None]

@@ -36,8 +36,8 @@ def merge(base, over):
             out.pop(key, None)
         elif key in out:
             out[key] = merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
+        else:  # a new mapping: its nulls delete nothing and are dropped
+            out[key] = merge({}, value) if isinstance(value, dict) else copy.deepcopy(value)
     return out
 
 

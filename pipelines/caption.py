@@ -48,10 +48,10 @@ from specvlm.config import (
     ModelConfig,
     SamplingConfig,
     StrictModel,
+    config_yaml,
     load_config,
     parse_config,
 )
-from specvlm.media import MediaLimits
 
 from . import caption_io as cio
 from .ray_cluster import add_address_flag, init_ray
@@ -63,8 +63,8 @@ MAX_INPUT_BLOCKS = 1000  # listed files are cut into at most this many blocks (s
 class ActorPool(StrictModel):
     """Captioner actors: the pool grows from ``min`` to ``max`` while there is work, and shrinks when idle."""
 
-    min: int = Field(1, ge=1)
-    max: int = Field(1, ge=1)
+    min: int = Field(1, ge=1, description="actors kept while the job runs")
+    max: int = Field(1, ge=1, description="actors at most (e.g. one per GPU)")
 
     @model_validator(mode="after")
     def _order(self):
@@ -74,32 +74,28 @@ class ActorPool(StrictModel):
 
 
 class CaptionJobConfig(StrictModel):
-    """Everything `specvlm caption` takes. Defaults are ``configs/caption-demo.yaml`` (the demo model on CPU)."""
+    """Everything `specvlm caption` takes, every default included (the demo model on CPU); ``specvlm caption
+    --print-config`` prints it as YAML."""
 
     input: str | None = Field(None, description="folder, s3:// prefix, .tar shard, manifest (.parquet/.jsonl) or file")
     output: str | None = Field(None, description="output folder or s3:// prefix (parquet parts + _summary.json)")
-    model: ModelConfig = ModelConfig()
-    engine: EngineConfig = EngineConfig(mode="eagle", tree=CPU_TREE)
-    sampling: SamplingConfig = SamplingConfig(max_new_tokens=64)
-    prompt: str | None = Field(None, description="prompt for rows without their own; None = image/video_prompt")
-    image_prompt: str = Field("describe the image.", min_length=1)
-    video_prompt: str = Field("describe the video.", min_length=1)
-    video_frames: int = Field(4, ge=1, description="frames sampled uniformly per video, tiled into one image")
-    video_tile_cols: int = Field(2, ge=1, description="columns of the tile grid")
-    max_side: int | None = Field(1344, ge=16, description="downscale larger images before they travel to actors")
-    max_aspect_ratio: float | None = Field(
-        None, ge=1.0, description="shorthand for limits.max_aspect_ratio (longer/shorter side; beyond it too_large)"
+    model: ModelConfig = Field(ModelConfig(), description="target and draft to load in each actor")
+    engine: EngineConfig = Field(EngineConfig(mode="eagle", tree=CPU_TREE), description="how each actor decodes")
+    sampling: SamplingConfig = Field(SamplingConfig(max_new_tokens=64), description="decoding settings per row")
+    decode: cio.DecodeOptions = Field(
+        cio.DecodeOptions(), description="how each input becomes one RGB image and its prompt (CPU decode tasks)"
     )
-    limits: MediaLimits = MediaLimits()
-    actors: ActorPool = ActorPool()
+    actors: ActorPool = Field(ActorPool(), description="elastic pool of Captioner actors (min..max)")
     actor_resources: dict[str, float] = Field(
         {}, description="custom Ray resources per actor (e.g. {accelerator_node: 1} to pin actors to labelled nodes)"
     )
     batch_size: int = Field(8, ge=1, description="rows per actor call (one batched generate)")
-    gpus_per_actor: float | None = Field(None, ge=0, description="None = 1 if the cluster has GPUs, else 0")
-    cpus_per_actor: float = Field(1.0, gt=0)
+    gpus_per_actor: float | None = Field(
+        None, ge=0, description="None = 1 if the cluster has GPUs, else 0; 0.5 puts two actors on a GPU"
+    )
+    cpus_per_actor: float = Field(1.0, gt=0, description="CPUs reserved per actor")
     decode_batch_size: int = Field(16, ge=1, description="rows per CPU decode call")
-    cpus_per_decode_task: float = Field(1.0, gt=0)
+    cpus_per_decode_task: float = Field(1.0, gt=0, description="CPUs reserved per decode task")
     max_actor_restarts: int = Field(-1, ge=-1, description="restarts of a dead actor, e.g. a lost node's (-1 = always)")
     max_task_retries: int = Field(
         -1, ge=-1, description="retries of a batch whose actor died or is restarting (-1 = until it is done)"
@@ -112,32 +108,6 @@ class CaptionJobConfig(StrictModel):
         if v is not None and "://" in v and not v.startswith("s3://"):
             raise ValueError(f"{v!r}: use a local path or an s3:// URI")
         return v
-
-    @model_validator(mode="before")
-    @classmethod
-    def _aspect_into_limits(cls, data):
-        """``max_aspect_ratio`` flows into ``limits`` (one check for images and video frames: check_dimensions)."""
-        if isinstance(data, dict) and data.get("max_aspect_ratio") is not None:
-            limits = data.get("limits") or {}
-            limits = limits.model_dump() if isinstance(limits, MediaLimits) else dict(limits)
-            given = limits.get("max_aspect_ratio")
-            if given is not None and given != data["max_aspect_ratio"]:
-                raise ValueError(f"max_aspect_ratio={data['max_aspect_ratio']} and limits.max_aspect_ratio={given} "
-                                 "differ: set one of them")  # fmt: skip
-            data = {**data, "limits": {**limits, "max_aspect_ratio": data["max_aspect_ratio"]}}
-        return data
-
-    @model_validator(mode="after")
-    def _checks(self):
-        if self.video_frames > self.limits.max_frames:
-            raise ValueError(f"video_frames={self.video_frames} > limits.max_frames={self.limits.max_frames}")
-        return self
-
-    def decode_options(self) -> cio.DecodeOptions:
-        return cio.DecodeOptions(
-            limits=self.limits, prompt=self.prompt, image_prompt=self.image_prompt, video_prompt=self.video_prompt,
-            video_frames=self.video_frames, video_tile_cols=self.video_tile_cols, max_side=self.max_side,
-        )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- dataset
@@ -193,7 +163,7 @@ def build_dataset(cfg: CaptionJobConfig, inputs: cio.Inputs, done, captioner=Non
     if inputs.shards:
         ds = ray.data.from_arrow([cio.listed_table([s]) for s in inputs.shards])
         ds = ds.map_batches(cio.expand_shards, batch_size=1, batch_format="pyarrow",
-                            fn_kwargs={"max_bytes": cfg.limits.max_bytes})  # fmt: skip
+                            fn_kwargs={"max_bytes": cfg.decode.limits.max_bytes})  # fmt: skip
         parts.append(ds.map_batches(cio.drop_done, batch_format="pyarrow", fn_kwargs={"done": done}))
     if inputs.manifest:
         fs, path = cio.filesystem(inputs.manifest)
@@ -216,11 +186,11 @@ def build_dataset(cfg: CaptionJobConfig, inputs: cio.Inputs, done, captioner=Non
     ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     ds = ds.map_batches(
         cio.decode_rows, batch_size=cfg.decode_batch_size, batch_format="pyarrow", num_cpus=cfg.cpus_per_decode_task,
-        fn_kwargs={"opts": cfg.decode_options()},
+        fn_kwargs={"opts": cfg.decode},
     )  # fmt: skip
     # Blocks of exactly batch_size rows: an actor call gets a bundle of whole blocks and cuts it into batches,
     # so blocks of other sizes (shards, filtered manifests, decode remainders) would leave short batches, i.e.
-    # extra model calls (5-row blocks: 30 calls instead of 25 per 200 rows)
+    # extra model calls (5-row blocks and batches of 8 would make 30 calls per 200 rows, not 25)
     ds = ds.repartition(target_num_rows_per_block=cfg.batch_size, strict=True)
     gpus = cfg.gpus_per_actor
     if gpus is None:
@@ -234,10 +204,7 @@ def build_dataset(cfg: CaptionJobConfig, inputs: cio.Inputs, done, captioner=Non
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
         return ds.map_batches(
             captioner,
-            fn_constructor_kwargs={
-                "model": cfg.model.model_dump(), "engine": cfg.engine.model_dump(),
-                "sampling": cfg.sampling.model_dump(),
-            },
+            fn_constructor_kwargs={"model": cfg.model, "engine": cfg.engine, "sampling": cfg.sampling},
             compute=ray.data.ActorPoolStrategy(min_size=cfg.actors.min, max_size=cfg.actors.max),
             batch_size=cfg.batch_size, batch_format="pyarrow", num_gpus=gpus, num_cpus=cfg.cpus_per_actor,
             **remote_args,
@@ -352,6 +319,9 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--batch-size", type=int, help="rows per actor call")
     ap.add_argument("--gpus-per-actor", type=float, help="GPUs per actor (fractions share a GPU)")
     ap.add_argument("--mode", choices=("ar", "eagle", "specvlm"), help="engine.mode")
+    ap.add_argument("--print-config", action="store_true",
+                    help="print the job config (every default, with --config and the flags above applied) as YAML "
+                    "and exit")  # fmt: skip
     return ap
 
 
@@ -363,9 +333,11 @@ def parse_args(argv: list[str] | None = None) -> CaptionJobConfig:
 def _config(args: argparse.Namespace) -> CaptionJobConfig:
     cfg = load_config(args.config, CaptionJobConfig) if args.config else CaptionJobConfig()
     data = cfg.model_dump()
-    flat = {"input": args.input, "output": args.output, "prompt": args.prompt, "actors": args.actors,
-            "batch_size": args.batch_size, "gpus_per_actor": args.gpus_per_actor}  # fmt: skip
+    flat = {"input": args.input, "output": args.output, "actors": args.actors, "batch_size": args.batch_size,
+            "gpus_per_actor": args.gpus_per_actor}  # fmt: skip
     data.update({k: v for k, v in flat.items() if v is not None})
+    if args.prompt is not None:
+        data["decode"]["prompt"] = args.prompt
     if args.max_new_tokens is not None:
         data["sampling"]["max_new_tokens"] = args.max_new_tokens
     if args.mode is not None:
@@ -382,6 +354,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = _config(args)
     except ConfigError as e:
         sys.exit(str(e))
+    if args.print_config:
+        print(config_yaml(cfg), end="")
+        return 0
     if not cfg.input or not cfg.output:
         sys.exit("specvlm caption: --input and --output are required (or input:/output: in the config)")
     # the job's tasks and actors get the driver's S3 / model-cache environment

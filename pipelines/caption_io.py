@@ -40,7 +40,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+from pydantic import Field, model_validator
 
+from specvlm.config import StrictModel
 from specvlm.media import MediaError, MediaLimits, media_kind
 
 SHARD_SUFFIX = ".tar"
@@ -430,17 +432,49 @@ def drop_done(batch: pa.Table, done: pa.Array) -> pa.Table:
 
 
 # ----------------------------------------------------------------------------- decode
-@dataclass(frozen=True)
-class DecodeOptions:
-    """How `decode_rows` turns bytes into one RGB image per row."""
+class DecodeOptions(StrictModel):
+    """How `decode_rows` turns an input's bytes into one RGB image and its prompt (the caption job's ``decode``)."""
 
-    limits: MediaLimits = MediaLimits()  # includes max_aspect_ratio, checked per image and per video frame
-    prompt: str | None = None  # for every row without its own prompt; None = per media kind:
-    image_prompt: str = "describe the image."
-    video_prompt: str = "describe the video."
-    video_frames: int = 4  # sampled uniformly, tiled on a grid into one image
-    video_tile_cols: int = 2
-    max_side: int | None = 1344  # larger images are downscaled (aspect kept) before they travel to the actors
+    prompt: str | None = Field(
+        None, description="prompt for rows without their own; None = image_prompt or video_prompt by media kind"
+    )
+    image_prompt: str = Field("describe the image.", min_length=1, description="prompt for images")
+    video_prompt: str = Field("describe the video.", min_length=1, description="prompt for videos")
+    video_frames: int = Field(
+        4, ge=1, description="frames sampled uniformly per video (first and last included), tiled into one image"
+    )
+    video_tile_cols: int = Field(2, ge=1, description="columns of the video tile grid")
+    max_side: int | None = Field(
+        1344, ge=16, description="larger images are downscaled (aspect kept) before they travel to the actors; "
+        "None = never",
+    )  # fmt: skip
+    max_aspect_ratio: float | None = Field(
+        None, ge=1.0, description="shorthand for limits.max_aspect_ratio (longer/shorter side; beyond it too_large)"
+    )
+    limits: MediaLimits = Field(
+        MediaLimits(), description="bounds on one input (bytes, pixels, aspect ratio, frames, video length); "
+        "beyond them the row is a too_large error",
+    )  # fmt: skip
+
+    @model_validator(mode="before")
+    @classmethod
+    def _aspect_into_limits(cls, data):
+        """``max_aspect_ratio`` flows into ``limits`` (one check for images and video frames: check_dimensions)."""
+        if isinstance(data, dict) and data.get("max_aspect_ratio") is not None:
+            limits = data.get("limits") or {}
+            limits = limits.model_dump() if isinstance(limits, MediaLimits) else dict(limits)
+            given = limits.get("max_aspect_ratio")
+            if given is not None and given != data["max_aspect_ratio"]:
+                raise ValueError(f"max_aspect_ratio={data['max_aspect_ratio']} and limits.max_aspect_ratio={given} "
+                                 "differ: set one of them")  # fmt: skip
+            data = {**data, "limits": {**limits, "max_aspect_ratio": data["max_aspect_ratio"]}}
+        return data
+
+    @model_validator(mode="after")
+    def _frames(self):
+        if self.video_frames > self.limits.max_frames:
+            raise ValueError(f"video_frames={self.video_frames} > limits.max_frames={self.limits.max_frames}")
+        return self
 
 
 def _prompt(row: dict, opts: DecodeOptions) -> str:

@@ -17,9 +17,8 @@ from .ray_cluster import add_address_flag, init_ray
 
 
 def main(argv: list[str] | None = None) -> int:
-    from actors.serve_config import ServeAppConfig, ServeFile, load_serve_file
-    from actors.serving import build_app
-    from specvlm.config import ConfigError
+    from actors.serve_config import ServeFile, load_serve_file
+    from specvlm.config import ConfigError, config_yaml, parse_config
 
     ap = argparse.ArgumentParser(prog="specvlm serve", description="OpenAI-compatible endpoint on Ray Serve")
     ap.add_argument("--config", help="a Serve config file (configs/serve.yaml) or a ServeAppConfig YAML; "
@@ -27,15 +26,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--app", help="application name in a Serve config file with several")
     ap.add_argument("--host", help="HTTP host (default: the file's http_options.host, else 127.0.0.1)")
     ap.add_argument("--port", type=int, help="HTTP port (default: the file's http_options.port, else 8000)")
+    ap.add_argument("--print-config", action="store_true",
+                    help="print the Serve config file this would run (every default, with --config, --app, --host "
+                    "and --port applied) and exit")  # fmt: skip
     add_address_flag(ap)
     args = ap.parse_args(argv)
     try:
-        spec = load_serve_file(args.config, args.app) if args.config else ServeFile(app=ServeAppConfig())
-        name, prefix = spec.name, spec.route_prefix
-        http = spec.http_options(args.host or spec.host or "127.0.0.1", args.port or spec.port or 8000)
-        app = build_app(spec.app.model_dump(mode="json"))
+        spec = load_serve_file(args.config, args.app) if args.config else ServeFile()
+        flags = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+        spec = parse_config({**dict(spec), **flags}, ServeFile, source="command line")
     except ConfigError as e:
         raise SystemExit(str(e)) from None
+    if args.print_config:
+        print(config_yaml(spec.serve_config()), end="")
+        return 0
+    from actors.serving import application
+
+    name, prefix, http = spec.name, spec.route_prefix, spec.http_options()
+    app = application(spec.app)
 
     import ray
     from ray import serve

@@ -69,8 +69,8 @@ class TreeConfig(StrictModel):
         return self
 
 
-# The named trees: ``cpu`` is the fastest of a side-by-side sweep on the demo model on CPU (README, Benchmarks):
-# a draft step costs about a fifth of a target forward there, so a deep, narrow tree with confidence bounds wins;
+# The named trees: ``cpu`` is deep and narrow with confidence bounds, for CPUs, where every verified node and
+# draft step costs a share of a target forward (README, Benchmarks, compares trees on the demo model);
 # ``paper`` is the SpecVLM paper's GPU tree (the `TreeConfig` defaults).
 TREE_PRESETS: dict[str, TreeConfig] = {
     "cpu": TreeConfig(top_k=2, total_tokens=14, depth=8, depth_min_prob=0.2, node_min_prob=0.05),
@@ -82,11 +82,11 @@ CPU_TREE = TREE_PRESETS["cpu"]
 class SamplingConfig(StrictModel):
     """Per-request decoding settings (HF generate's meaning for each)."""
 
-    max_new_tokens: int = Field(128, ge=1)
+    max_new_tokens: int = Field(128, ge=1, description="tokens generated at most per row, EOS included")
     temperature: float = Field(0.0, ge=0.0, description="0 = greedy")
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling mass (1 = off)")
     top_k: int = Field(0, ge=0, description="0 = off")
-    seed: int | None = None
+    seed: int | None = Field(None, description="makes sampling reproducible; None = unseeded")
 
 
 class PrimitiveConfig(StrictModel):
@@ -174,9 +174,10 @@ class EngineConfig(StrictModel):
     tree, no visual compression) or ``specvlm`` (elastic visual compressor).
     """
 
-    mode: Literal["ar", "eagle", "specvlm"] = "eagle"
-    tree: TreeConfig = TreeConfig()
-    max_batch_size: int = Field(16, ge=1, description="rows decoded together")
+    mode: Literal["ar", "eagle", "specvlm"] = Field("eagle", description="ar | eagle | specvlm")
+    tree: TreeConfig = Field(
+        TreeConfig(), description="the draft tree: fields, or a preset name (cpu, paper); unused in mode ar"
+    )
 
 
 class ModelConfig(StrictModel):
@@ -214,10 +215,12 @@ def load_config(path: str | Path, model: type[M]) -> M:
     return parse_config(read_yaml(path), model, source=str(path))
 
 
-def config_yaml(config: BaseModel) -> str:
+def config_yaml(config: BaseModel | dict) -> str:
     """``config`` with every field, defaults included, as YAML: what ``--print-config`` prints. Loading it back
-    with `load_config` gives an equal config."""
-    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False, default_flow_style=False, width=120)
+    with `load_config` gives an equal config. A dict (a file format that wraps a config, e.g. a Serve config
+    file around `ServeAppConfig`) is written as it is."""
+    data = config.model_dump(mode="json") if isinstance(config, BaseModel) else config
+    return yaml.safe_dump(data, sort_keys=False, default_flow_style=False, width=120)
 
 
 def parse_config(data: dict, model: type[M], source: str = "config") -> M:

@@ -25,7 +25,7 @@ from PIL import Image
 
 from pipelines import caption_io as cio
 from pipelines.caption import CaptionJobConfig, parse_args, resource_warning, run
-from specvlm.config import ConfigError, load_config, parse_config
+from specvlm.config import ConfigError, EngineConfig, ModelConfig, SamplingConfig, load_config, parse_config
 from specvlm.demo.world import IMAGE_SIZE
 from specvlm.media import MediaError
 
@@ -52,8 +52,21 @@ def ids_of(out) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- config and CLI
-def test_demo_config_is_the_default():
-    assert load_config(CONFIGS / "caption-demo.yaml", CaptionJobConfig) == CaptionJobConfig()
+@pytest.mark.parametrize("name", ["caption-demo.yaml", "caption-llava-1.5-7b.yaml"])
+def test_example_configs_validate_and_print_config_loads_back(name, tmp_path, capsys):
+    from pipelines.caption import main
+
+    cfg = load_config(CONFIGS / name, CaptionJobConfig)
+    if name == "caption-demo.yaml":
+        assert cfg == CaptionJobConfig()  # the demo job is the default job
+    printed = tmp_path / "full.yaml"
+    assert main(["--config", str(CONFIGS / name), "--print-config"]) == 0
+    printed.write_text(capsys.readouterr().out)
+    assert load_config(printed, CaptionJobConfig) == cfg
+    assert main(["--config", str(CONFIGS / name), "--print-config", "--mode", "ar", "--prompt", "what?"]) == 0
+    printed.write_text(capsys.readouterr().out)
+    flags = load_config(printed, CaptionJobConfig)  # the flags are applied to what is printed
+    assert (flags.engine.mode, flags.decode.prompt) == ("ar", "what?") and flags.model == cfg.model
 
 
 def test_llava_config_validates():
@@ -70,8 +83,8 @@ def test_llava_config_validates():
         ({"bogus": 1}, "bogus"),
         ({"engine": {"mode": "fast"}}, "engine.mode"),
         ({"input": "http://example.com/images"}, "input"),
-        ({"video_frames": 9}, "(top level)"),
-        ({"limits": {"max_pixels": 0}}, "limits.max_pixels"),
+        ({"decode": {"video_frames": 9}}, "decode"),
+        ({"decode": {"limits": {"max_pixels": 0}}}, "decode.limits.max_pixels"),
     ],
 )
 def test_config_errors_name_the_field(data, field):
@@ -81,12 +94,13 @@ def test_config_errors_name_the_field(data, field):
 
 def test_cli_flags_override_the_config(tmp_path):
     cfg_file = tmp_path / "job.yaml"
-    cfg_file.write_text(yaml.safe_dump({"batch_size": 2, "prompt": "what is it?", "engine": {"mode": "ar"}}))
+    job_yaml = {"batch_size": 2, "decode": {"prompt": "what is it?"}, "engine": {"mode": "ar"}}
+    cfg_file.write_text(yaml.safe_dump(job_yaml))
     argv = ["--config", str(cfg_file), "--input", "s3://b/in", "--output", str(tmp_path / "o"), "--actors", "1:3",
             "--max-new-tokens", "5", "--mode", "eagle", "--gpus-per-actor", "0.5"]  # fmt: skip
     cfg = parse_args(argv)
     assert (cfg.input, cfg.actors.min, cfg.actors.max, cfg.sampling.max_new_tokens) == ("s3://b/in", 1, 3, 5)
-    assert (cfg.engine.mode, cfg.gpus_per_actor, cfg.batch_size, cfg.prompt) == ("eagle", 0.5, 2, "what is it?")
+    assert (cfg.engine.mode, cfg.gpus_per_actor, cfg.batch_size, cfg.decode.prompt) == ("eagle", 0.5, 2, "what is it?")
     assert parse_args(["--actors", "2"]).actors.max == 2
     with pytest.raises(ConfigError, match="batch_size"):
         parse_args(["--batch-size", "0"])
@@ -187,12 +201,12 @@ def test_video_tiles_keep_the_frame_aspect_and_max_aspect_ratio_applies_per_fram
     assert cio.decode_one(video, "wide.mp4", OPTS).size == (96, 16)  # 2x2 tiles of 48x8: the frames' 6:1 kept
     with pytest.raises(MediaError, match="aspect ratio 96x4 > max_aspect_ratio=20"):  # 4 tiles in a row: 24:1
         cio.decode_one(video, "wide.mp4", cio.DecodeOptions(video_tile_cols=4))
-    strict = CaptionJobConfig(max_aspect_ratio=4).decode_options()  # the job's flag flows into limits
+    strict = CaptionJobConfig(decode={"max_aspect_ratio": 4}).decode  # the shorthand flows into limits
     assert strict.limits.max_aspect_ratio == 4
     row = cio.decode_rows(cio.listed_table([{"id": "w", "uri": "wide.mp4", "data": video}]), strict).to_pylist()[0]
     assert row["error"] == "too_large: aspect ratio 96x16 > max_aspect_ratio=4"
     with pytest.raises(ConfigError, match="differ"):
-        parse_config({"max_aspect_ratio": 4, "limits": {"max_aspect_ratio": 5}}, CaptionJobConfig)
+        parse_config({"decode": {"max_aspect_ratio": 4, "limits": {"max_aspect_ratio": 5}}}, CaptionJobConfig)
 
 
 def test_video_frames_are_tiled_like_the_demo_recipe():
@@ -325,7 +339,7 @@ def test_output_scan_moves_partial_files_and_dedupe_keeps_the_first(tmp_path):
 # ----------------------------------------------------------------------------- the Captioner, called directly
 def test_captioner_matches_the_engine_and_passes_errors_through(small_demo, demo_paths):
     from actors.captioner import OUTPUT_SCHEMA, Captioner
-    from specvlm import EngineConfig, SpecVLMEngine
+    from specvlm import SpecVLMEngine
     from specvlm.inputs import encode
 
     demo, _ = small_demo
@@ -333,7 +347,7 @@ def test_captioner_matches_the_engine_and_passes_errors_through(small_demo, demo
     listed = [{"id": f"i{k}", "uri": f"i{k}.png", "data": save(im, "PNG")} for k, im in enumerate(images)]
     listed.insert(1, {"id": "bad", "uri": "bad.png", "data": b"nope"})
     batch = cio.decode_rows(cio.listed_table(listed), OPTS)
-    cap = Captioner(demo_paths, {"mode": "ar"}, {"max_new_tokens": 10})
+    cap = Captioner(ModelConfig(**demo_paths), EngineConfig(mode="ar"), SamplingConfig(max_new_tokens=10))
     out = cap(batch)
     assert out.schema == OUTPUT_SCHEMA and out["id"].to_pylist() == ["i0", "bad", "i1", "i2"]
     rows = out.to_pylist()
@@ -352,7 +366,7 @@ def test_captioner_matches_the_engine_and_passes_errors_through(small_demo, demo
 def test_captioner_raises_fatal_engine_errors(demo_paths, monkeypatch):
     from actors.captioner import Captioner
 
-    cap = Captioner(demo_paths, {"mode": "eagle"}, {"max_new_tokens": 4})
+    cap = Captioner(ModelConfig(**demo_paths), EngineConfig(mode="eagle"), SamplingConfig(max_new_tokens=4))
     batch = cio.decode_rows(cio.listed_table([{"id": "a", "uri": "a.png", "data": save(shapes(1)[0][0], "PNG")}]), OPTS)
 
     def boom(**kw):
@@ -399,7 +413,7 @@ def test_job_captions_every_input_once_and_resumes(ray_local, demo_paths, tmp_pa
                 {"id": "gone", "uri": "in/missing.png"}, {"id": "q0", "uri": "new-0.png"}]  # fmt: skip
     path = tmp_path / "manifest.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in manifest))
-    third = run(job(demo_paths, path, out, prompt="what color is the circle?"))
+    third = run(job(demo_paths, path, out, decode={"prompt": "what color is the circle?"}))
     assert third["errors"] == {"read": 1} and third["duplicates_removed"] == 1  # q0 twice in the manifest
     assert sorted(ids_of(out)) == sorted([*expected, "q0", "q1", "gone"])  # each id once
     rows = {r["id"]: r for r in cio.read_output(str(out)).to_pylist()}

@@ -51,6 +51,28 @@ def test_console_script_exit_status(ray_head, small_demo, tmp_path):
     assert bad.returncode == 1 and "--input and --output are required" in bad.stderr
 
 
+def test_print_config_exits_before_ray(tmp_path):
+    """``specvlm caption|serve --print-config`` print the full config (a file and flags applied) and exit 0."""
+    import yaml
+
+    from actors.serve_config import load_serve_file
+    from pipelines.caption import CaptionJobConfig
+    from specvlm.config import load_config
+
+    env = {**os.environ, "RAY_ADDRESS": "127.0.0.1:9"}  # never reached
+    job = ROOT / "configs" / "caption-llava-1.5-7b.yaml"
+    cap = run([str(BIN / "specvlm"), "caption", "--config", str(job), "--batch-size", "3", "--print-config"], env)
+    assert cap.returncode == 0, cap.stderr[-3000:]
+    (tmp_path / "job.yaml").write_text(cap.stdout)
+    assert load_config(tmp_path / "job.yaml", CaptionJobConfig) == load_config(job, CaptionJobConfig).model_copy(
+        update={"batch_size": 3}
+    )
+    srv = run([str(BIN / "specvlm"), "serve", "--port", "8123", "--print-config"], env)
+    assert srv.returncode == 0, srv.stderr[-3000:]
+    (tmp_path / "serve.yaml").write_text(srv.stdout)
+    assert yaml.safe_load(srv.stdout)["http_options"]["port"] == load_serve_file(tmp_path / "serve.yaml").port == 8123
+
+
 def test_make_demo_as_the_readme_says(tmp_path):
     """``make demo`` on an empty $SPECVLM_HOME (the shipped demo model) with a stale Ray cluster file around:
     the job starts its own Ray instead of joining the dead address, captions the examples and exits 0."""

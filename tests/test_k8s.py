@@ -184,10 +184,10 @@ def test_rayservice_differs_from_configs_serve_yaml_only_by_the_overlay():
     base = yaml.safe_load((ROOT / "configs" / "serve.yaml").read_text())
     svc = service_config()
     assert [a["name"] for a in svc["applications"]] == [a["name"] for a in base["applications"]]
+    overlay = yaml.safe_load((K8S / "serve-gpu.yaml").read_text())
     for mine, theirs in zip(svc["applications"], base["applications"]):
         assert {k: v for k, v in mine.items() if k != "args"} == {k: v for k, v in theirs.items() if k != "args"}
-        assert set(mine["args"]) == set(theirs["args"])
-    overlay = yaml.safe_load((K8S / "serve-gpu.yaml").read_text())
+        assert set(mine["args"]) == set(theirs["args"]) | set(overlay["applications"][theirs["name"]]["args"])
     assert set(overlay) <= {"http_options", "applications", "proxy_location"}
     assert svc["applications"][0]["args"]["deployment"]["ray_actor_options"]["num_gpus"] == 1
 
@@ -211,6 +211,7 @@ def test_merge():
         "a": {"c": 2, "e": 4},
         "d": [1],
     }
+    assert render.merge({}, {"a": {"b": None, "c": 1}}) == {"a": {"c": 1}}  # a null under a new key deletes nothing
 
 
 def test_dockerfile_base_image_matches_ray_requirement():

@@ -18,7 +18,7 @@ from PIL import Image
 from actors.chat_runner import ChatRunner, EngineQueue, RowUpdate
 from actors.image_urls import check_url, decode_data_url, fetch_image_bytes, image_bytes, is_public
 from actors.openai_protocol import OpenAIError, TextStream, parse_chat_request
-from actors.serve_config import ImageFetchConfig, ServeAppConfig, ServeLimits, load_serve_file
+from actors.serve_config import ImageFetchConfig, ServeAppConfig, ServeFile, ServeLimits, load_serve_file
 from specvlm.config import ConfigError, parse_config
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -481,22 +481,38 @@ def test_serve_yaml_is_a_serve_config_with_the_default_app():
     builder = getattr(__import__(module, fromlist=[attr]), attr)
     built = call_user_app_builder_with_args_if_necessary(builder, app.args)
     assert type(built).__name__ == "Application"
-    assert parse_config(app.args, ServeAppConfig) == ServeAppConfig()
     spec = load_serve_file(CONFIGS / "serve.yaml")
-    assert spec.app == ServeAppConfig() and (spec.name, spec.host, spec.port) == ("specvlm", "127.0.0.1", 8000)
+    assert spec == ServeFile()  # `specvlm serve` without --config runs this file
+    assert (spec.name, spec.host, spec.port) == ("specvlm", "127.0.0.1", 8000)
+
+
+@pytest.mark.parametrize("args", [[], ["--config", str(CONFIGS / "serve.yaml")], ["--host", "0.0.0.0", "--port", "9"]])
+def test_print_config_is_a_serve_config_that_loads_back_equal(args, tmp_path, capsys):
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from pipelines.serve import main
+
+    assert main([*args, "--print-config"]) == 0
+    printed = tmp_path / "full.yaml"
+    printed.write_text(capsys.readouterr().out)
+    ServeDeploySchema.model_validate(yaml.safe_load(printed.read_text()))  # `serve run` reads it too
+    want = ServeFile(host="0.0.0.0", port=9) if "--host" in args else load_serve_file(CONFIGS / "serve.yaml")
+    assert load_serve_file(printed) == want
+    (app,) = yaml.safe_load(printed.read_text())["applications"]
+    assert app["args"] == want.app.model_dump(mode="json")  # every default is printed
 
 
 def test_bare_app_config_file(tmp_path):
     f = tmp_path / "app.yaml"
     f.write_text("served_model_name: mine\nbatching: {max_batch_size: 4}\n")
     spec = load_serve_file(f)
-    assert spec.app.served_model_name == "mine" and spec.app.batching.max_batch_size == 4 and spec.port is None
+    assert spec.app.served_model_name == "mine" and spec.app.batching.max_batch_size == 4 and spec.port == 8000
 
 
 @pytest.mark.parametrize(
     "data, field",
     [
-        ({"batching": {"max_batch_size": 32}}, "(top level)"),  # > engine.max_batch_size
         ({"deployment": {"max_ongoing_requests": 4}}, "(top level)"),  # batches could never fill
         ({"deployment": {"num_replicas": 2, "autoscaling_config": {"max_replicas": 2}}}, "deployment"),
         ({"deployment": {"autoscaling_config": {"min_replicas": 3, "max_replicas": 1}}}, "deployment.autoscaling"),

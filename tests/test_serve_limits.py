@@ -199,10 +199,10 @@ def test_queue_bounds_in_the_config(tmp_path):
         with pytest.raises(ConfigError, match="max_active_requests"):
             parse_config({"limits": {"max_active_requests": active}}, ServeAppConfig)
     spec = load_serve_file(ROOT / "configs" / "serve.yaml")
-    assert spec.http_options("127.0.0.1", 8000) == {"host": "127.0.0.1", "port": 8000, "request_timeout_s": 300}
+    assert spec.http_options() == {"host": "127.0.0.1", "port": 8000, "request_timeout_s": 300}
     bare = tmp_path / "app.yaml"
     bare.write_text("served_model_name: x\n")
-    assert load_serve_file(bare).request_timeout_s == 300  # a bare app file (or none) gets serve.yaml's bound
+    assert load_serve_file(bare).request_timeout_s == 300  # a bare app file (or none) gets the bound serve.yaml sets
 
 
 # ----------------------------------------------------------------------------- body read time

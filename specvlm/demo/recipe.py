@@ -52,21 +52,18 @@ class DemoRecipe:
     target_lr: float = 1.5e-3
     warmup: int = 60
     draft_steps: int = 900
-    # the draft layer's MLP width (None = the target's, 640). At 256 the eagle draft accepts as many tokens as a
-    # full-width one and runs 1-9% faster on CPU (median 6% over 14 side-by-side runs; its MLP is most of a draft
-    # step's weight traffic), and the compressed specvlm draft started from it keeps its accept length. At 128
-    # the compressed draft lost 11-14% accept length against the uncompressed narrow one (README, "Why 256 wide")
+    # the draft layer's MLP width (None = the target's, 640): most of a draft step's weight traffic, so narrower
+    # is faster on CPU; 256 keeps the full-width draft's accept length, compressed too (README, "Why 256 wide")
     draft_intermediate: int | None = 256
     draft_batch: int = 16
     draft_lr: float = 1e-3
     draft_responses: str = "target"  # the target's own greedy outputs (what the draft sees at inference) | "dataset"
-    # distinct examples the drafts train on: 900 x 16 draws are ~1.8 epochs, ~3.6 with the specvlm stage.
-    # On 3000 (~5 epochs) the eagle draft accepted 3% fewer tokens on held-out inputs (overfitting)
+    # distinct examples the drafts train on: 900 x 16 draws are ~1.8 epochs, ~3.6 with the specvlm stage (a
+    # smaller pool overfits: README, Benchmarks)
     draft_pool: int = 8000
     eval_samples: int = 120
     # the specvlm draft's elastic set: learned pruning keeping 16 or 4 of the 64 patches, one per input by the
-    # gate. With conv16 and text in the set the draft lost 3-4% accept length; with this set it keeps eagle's
-    # (benchmarks/results/compressor.md). On the 256-wide draft the gate picks prune4 every time
+    # gate (README, Benchmarks, "Visual compressor", compares sets and primitives)
     compressor_primitives: tuple[str, ...] = ("prune4", "prune16")
     compressor_cost_weight: float = 0.0  # the specvlm draft's gate cost term (CompressorConfig.cost_weight)
     # autocast the target's training forward to bfloat16. None: only where the CPU has native bf16
@@ -152,7 +149,7 @@ def train_target(model, processor, recipe: DemoRecipe, progress: bool = True) ->
         return 0.5 * (1 + math.cos(math.pi * (step - recipe.warmup) / max(total - recipe.warmup, 1)))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-    # on CPU at these lengths (~110 tokens) eager attention trains ~30% faster than SDPA, whose backward dominates
+    # eager attention while training: on CPU at these lengths (~110 tokens) SDPA's backward costs more
     attn = model.config._attn_implementation
     model.set_attn_implementation("eager")
     model.train()
