@@ -102,18 +102,6 @@ def test_main_reports_bad_arguments(tmp_path):
         main([])
 
 
-def test_job_env_forwards_s3_and_cache_settings_not_set_by_a_submission(monkeypatch):
-    for k in storage.FORWARDED_ENV:
-        monkeypatch.delenv(k, raising=False)
-    monkeypatch.setenv("SPECVLM_HOME", "/cache")
-    monkeypatch.setenv("AWS_REGION", "eu-west-1")
-    monkeypatch.setenv("UNRELATED", "x")
-    assert storage.job_env() == {"SPECVLM_HOME": "/cache", "AWS_REGION": "eu-west-1"}
-    submitted = {"runtime_env": {"working_dir": ".", "env_vars": {"AWS_REGION": "eu-west-1"}}}
-    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(submitted))  # under `ray job submit`
-    assert storage.job_env() == {"SPECVLM_HOME": "/cache"}
-
-
 def test_actor_module_does_not_import_torch():
     """The engine's heavy imports happen inside the actor, not where the job is planned."""
     code = "import sys, actors.captioner; print([m for m in ('torch', 'transformers') if m in sys.modules])"
