@@ -1,6 +1,6 @@
 """Ray Train job: online-logit distillation of the EAGLE draft against a frozen target.
 
-``specvlm distill [--config FILE] [--workers N] [--max-steps N] [--output DIR]``
+``specvlm distill [--config FILE] [--workers N] [--max-steps N] [--output DIR] [--print-config]``
 
 What runs where::
 
@@ -352,6 +352,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(config_yaml(cfg), end="")
         return 0
+    try:
+        resolve_model(cfg.model, cfg.mode, fresh_draft=True)  # a missing model fails before Ray starts
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"specvlm distill: {e}")
     started = init_ray(args.address)
     try:
         run(cfg)

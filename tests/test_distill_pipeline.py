@@ -90,6 +90,13 @@ def test_main_reports_bad_config(tmp_path, capsys):
         main(["--config", str(bad)])
     with pytest.raises(SystemExit, match="max_steps"):
         main(["--max-steps", "0"])
+    missing = tmp_path / "missing.yaml"
+    missing.write_text(yaml.safe_dump({"model": {"target": str(tmp_path / "none")}}))
+    with pytest.raises(SystemExit, match=r"specvlm distill: model.target .*none does not exist"):
+        main(["--config", str(missing)])  # before Ray starts
+    missing.write_text(yaml.safe_dump({"model": {"draft": "demo"}}))
+    with pytest.raises(SystemExit, match="not 'demo'"):
+        main(["--config", str(missing)])
 
 
 # ----------------------------------------------------------------------------- Ray Train end to end
