@@ -124,8 +124,8 @@ def main(argv: list[str] | None = None) -> None:
     import ray
     import ray.data
 
-    from pipelines import caption_io as cio
     from pipelines.caption import CaptionJobConfig
+    from specvlm import storage
     from specvlm.config import parse_config
 
     base = parse_config({"sampling": {"max_new_tokens": args.max_new_tokens}, "batch_size": args.batch_size},
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
         for mode in ("ar", "eagle", "specvlm"):
             rows.append(direct(variant(base, mode, 1), paths))
             print(to_markdown(rows[-1:], COLS).splitlines()[-1], flush=True)
-        env = {"env_vars": e} if (e := cio.job_env()) else None
+        env = {"env_vars": e} if (e := storage.job_env()) else None
         ray.init(num_cpus=2, include_dashboard=False, runtime_env=env, _node_ip_address="127.0.0.1")
         ray.data.DataContext.get_current().enable_progress_bars = False
         for mode, actors in (("eagle", 1), ("eagle", 2), ("ar", 1), ("specvlm", 1)):

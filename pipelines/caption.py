@@ -41,6 +41,7 @@ from pathlib import Path
 
 from pydantic import Field, field_validator, model_validator
 
+from specvlm import storage
 from specvlm.config import (
     CPU_TREE,
     ConfigError,
@@ -52,6 +53,7 @@ from specvlm.config import (
     load_config,
     parse_config,
 )
+from specvlm.loading import resolve_model
 
 from . import caption_io as cio
 from .ray_cluster import add_address_flag, init_ray
@@ -112,11 +114,9 @@ class CaptionJobConfig(StrictModel):
 
 # ----------------------------------------------------------------------------- dataset
 def _check_model(cfg: CaptionJobConfig) -> None:
-    """Fail on the driver, before any actor starts, for a missing local target or draft ('demo' ships with the
-    package)."""
-    for p in (cfg.model.target, cfg.model.draft):
-        if p and p != "demo" and "://" not in p and not Path(p).expanduser().exists():
-            raise FileNotFoundError(f"model path {p} does not exist (a local HF folder, an s3:// prefix, or 'demo')")
+    """Fail on the driver, before any actor starts, for a model the actors could not load
+    (`specvlm.loading.resolve_model`: a missing local folder, a mode without a draft)."""
+    resolve_model(cfg.model, cfg.engine.mode)
 
 
 def resource_warning(cfg: CaptionJobConfig, gpus: float, nodes: list[dict]) -> str | None:
@@ -166,14 +166,14 @@ def build_dataset(cfg: CaptionJobConfig, inputs: cio.Inputs, done, captioner=Non
                             fn_kwargs={"max_bytes": cfg.decode.limits.max_bytes})  # fmt: skip
         parts.append(ds.map_batches(cio.drop_done, batch_format="pyarrow", fn_kwargs={"done": done}))
     if inputs.manifest:
-        fs, path = cio.filesystem(inputs.manifest)
+        fs, path = storage.filesystem(inputs.manifest)
         if path.lower().endswith(".parquet"):
-            missing = {"id", "uri"} - set(cio.manifest_columns(inputs.manifest))
+            missing = {"id", "uri"} - set(storage.manifest_columns(inputs.manifest))
             if missing:
                 raise ValueError(f"manifest {inputs.manifest} lacks column(s) {', '.join(sorted(missing))}; "
                                  f"it needs id, uri and optionally prompt")  # fmt: skip
             ds = ray.data.read_parquet(path, filesystem=fs)
-            base = cio.manifest_base(inputs.manifest)
+            base = storage.manifest_base(inputs.manifest)
             ds = ds.map_batches(cio.normalize_manifest, batch_format="pyarrow", fn_kwargs={"base": base})
         else:  # JSON lines, parsed line by line so that one bad line is one error row
             if fs.get_file_info(path).type != cio.pafs.FileType.File:
@@ -268,7 +268,7 @@ def run(cfg: CaptionJobConfig) -> dict:
     run_id = time.strftime("run-%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
     ds = build_dataset(cfg, inputs, state.done)
     if ds is not None:
-        fs, path = cio.filesystem(cfg.output)
+        fs, path = storage.filesystem(cfg.output)
         ds.write_parquet(path, filesystem=fs, filename_provider=FilenameProvider(run_id, "parquet"),
                          min_rows_per_file=cfg.rows_per_file)  # fmt: skip
     removed = cio.dedupe_output(cfg.output)
@@ -360,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     if not cfg.input or not cfg.output:
         sys.exit("specvlm caption: --input and --output are required (or input:/output: in the config)")
     # the job's tasks and actors get the driver's S3 / model-cache environment
-    started = init_ray(args.address, runtime_env={"env_vars": e} if (e := cio.job_env()) else None)
+    started = init_ray(args.address, runtime_env={"env_vars": e} if (e := storage.job_env()) else None)
     try:
         summary = run(cfg)
     except FileNotFoundError as e:

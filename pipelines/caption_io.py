@@ -19,9 +19,7 @@ Rows between the stages (`LISTED_SCHEMA`)::
 `decode_rows` turns them into `actors.captioner.Captioner`'s input: raw RGB
 ``pixels`` + ``width``/``height``, or ``error`` = ``"kind: message"``.
 
-Filesystems: local paths, and ``s3://`` through pyarrow's S3 filesystem with
-the standard AWS environment (credentials, ``AWS_REGION``/``AWS_DEFAULT_REGION``,
-``AWS_ENDPOINT_URL_S3``/``AWS_ENDPOINT_URL`` for S3-compatible stores).
+Local paths and ``s3://`` URIs are read and written through `specvlm.storage`.
 """
 
 from __future__ import annotations
@@ -33,8 +31,7 @@ import tarfile
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
-from urllib.parse import quote, unquote_to_bytes, urlsplit
+from urllib.parse import quote
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -44,14 +41,9 @@ from pydantic import Field, model_validator
 
 from specvlm.config import StrictModel
 from specvlm.media import MediaError, MediaLimits, media_kind
+from specvlm.storage import ReadError, filesystem, is_manifest, manifest_base, read_bytes, to_uri
 
 SHARD_SUFFIX = ".tar"
-MANIFEST_SUFFIXES = (".parquet", ".jsonl")
-# environment the job's tasks and actors get from the driver (S3 access, the model cache)
-FORWARDED_ENV = (
-    "SPECVLM_HOME", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
-    "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",
-)  # fmt: skip
 
 LISTED_SCHEMA = pa.schema(
     [("id", pa.string()), ("uri", pa.string()), ("prompt", pa.string()), ("name", pa.string()),
@@ -61,92 +53,6 @@ DECODED_SCHEMA = pa.schema(
     [("id", pa.string()), ("uri", pa.string()), ("prompt", pa.string()), ("pixels", pa.binary()),
      ("width", pa.int32()), ("height", pa.int32()), ("error", pa.string())]
 )  # fmt: skip
-
-
-# ----------------------------------------------------------------------------- filesystems
-_FILESYSTEMS: dict[str, pafs.FileSystem] = {}
-
-
-def job_env() -> dict[str, str]:
-    """The driver's `FORWARDED_ENV` variables that are set, for the job's ``runtime_env``.
-
-    Under ``ray job submit`` the variables the submission's runtime_env already sets are left
-    out (Ray refuses to merge the same key twice).
-    """
-    env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
-    submitted = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
-    if submitted:
-        taken = (json.loads(submitted).get("runtime_env") or {}).get("env_vars") or {}
-        env = {k: v for k, v in env.items() if k not in taken}
-    return env
-
-
-def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
-    """``(filesystem, path)`` for a local path or an ``s3://bucket/key`` URI (filesystems cached per process)."""
-    if uri.startswith("s3://"):
-        if "s3" not in _FILESYSTEMS:
-            kw = {}
-            endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-            if endpoint:
-                u = urlsplit(endpoint)
-                kw = {"endpoint_override": u.netloc or u.path, "scheme": u.scheme or "https"}
-            region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-            if region or endpoint:
-                kw["region"] = region or "us-east-1"  # a custom endpoint has no region to look up
-            _FILESYSTEMS["s3"] = pafs.S3FileSystem(**kw)
-        return _FILESYSTEMS["s3"], uri[len("s3://") :].rstrip("/")
-    if "://" in uri:
-        raise ValueError(f"unsupported URI scheme in {uri!r}: use a local path or s3://")
-    return pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
-
-
-def to_uri(uri_like: str, path: str) -> str:
-    """A filesystem path back to a URI of the same kind as ``uri_like``."""
-    return f"s3://{path}" if uri_like.startswith("s3://") else path
-
-
-class ReadError(Exception):
-    """The bytes of one input could not be fetched; ``str`` is the message after ``read: ``."""
-
-
-def read_bytes(uri: str, max_bytes: int) -> bytes:
-    """All bytes of ``uri``; raises `ReadError` (missing, forbidden, not a file) or `MediaError` (too large).
-
-    ``uri`` is a local path, ``s3://bucket/key``, or a ``file://`` URI (`local_uri`: a percent-encoded
-    name that is not UTF-8, read through Python's own file API since pyarrow takes UTF-8 paths only).
-    """
-    try:
-        if uri.startswith("file://"):
-            path = os.fsdecode(unquote_to_bytes(uri[len("file://") :]))
-            if not os.path.exists(path):
-                raise ReadError(f"not found: {uri}")
-            if not os.path.isfile(path):
-                raise ReadError(f"not a file: {uri}")
-            if os.path.getsize(path) > max_bytes:
-                raise MediaError("too_large", f"{os.path.getsize(path)} bytes > max_bytes={max_bytes}")
-            with open(path, "rb") as f:
-                data = f.read(max_bytes + 1)
-        else:
-            fs, path = filesystem(uri)
-            info = fs.get_file_info(path)
-            if info.type == pafs.FileType.NotFound:
-                raise ReadError(f"not found: {uri}")
-            if info.type != pafs.FileType.File:
-                raise ReadError(f"not a file: {uri}")
-            if info.size is not None and info.size > max_bytes:
-                raise MediaError("too_large", f"{info.size} bytes > max_bytes={max_bytes}")
-            with fs.open_input_stream(path) as f:
-                data = f.read(max_bytes + 1)
-    except (ReadError, MediaError):
-        raise
-    except Exception as e:  # pyarrow raises OSError subclasses with the store's message (e.g. ACCESS_DENIED)
-        text = str(e)
-        if isinstance(e, PermissionError) or "ACCESS_DENIED" in text or "AccessDenied" in text:
-            raise ReadError(f"access denied: {uri}") from e
-        raise ReadError(f"{uri}: {type(e).__name__}: {text}") from e
-    if len(data) > max_bytes:
-        raise MediaError("too_large", f"more than max_bytes={max_bytes} bytes")
-    return data
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -247,7 +153,7 @@ def list_inputs(uri: str, skip: str | None = None) -> Inputs:
     output folder, when it lies inside the input) is left out silently.
     """
     fs, root = filesystem(uri)
-    if uri.lower().endswith(MANIFEST_SUFFIXES):
+    if is_manifest(uri):
         return Inputs(manifest=to_uri(uri, root))
     skip = filesystem(skip)[1] if skip else None
     info = fs.get_file_info(root)
@@ -332,20 +238,6 @@ def expand_shards(batch: pa.Table, max_bytes: int, chunk_rows: int = 32) -> Iter
 
 
 # ----------------------------------------------------------------------------- manifests
-def manifest_base(uri: str) -> str:
-    """The folder relative manifest uris are resolved against: the manifest's own (absolute on the driver)."""
-    fs, path = filesystem(uri)
-    return to_uri(uri, posixpath.dirname(path))
-
-
-def manifest_columns(uri: str) -> list[str]:
-    """Column names of a parquet manifest (its footer), read on the driver; raises FileNotFoundError."""
-    fs, path = filesystem(uri)
-    if fs.get_file_info(path).type != pafs.FileType.File:
-        raise FileNotFoundError(f"manifest {uri} does not exist")
-    return pq.read_schema(path, filesystem=fs).names
-
-
 def manifest_id(value) -> str | None:
     """A manifest id as the output's string id: strings as they are, other JSON values as JSON text
     (``1`` -> ``"1"``, ``1.5`` -> ``"1.5"``, ``true`` -> ``"true"``); None or ``""`` -> None (the uri is the id)."""

@@ -1,11 +1,12 @@
 """Ray Train job: online-logit distillation of the EAGLE draft against a frozen target.
 
-``specvlm distill [--config FILE] [--workers N] [--max-steps N] [--output DIR]``
+``specvlm distill [--config FILE] [--workers N] [--max-steps N] [--output DIR] [--print-config]``
 
 What runs where::
 
-    driver      validate DistillJobConfig, build the Ray Dataset (demo world rows with PNG bytes, or a
-                .jsonl/.parquet manifest), start TorchTrainer, copy the final draft to <output>/draft/
+    driver      validate DistillJobConfig, check the model (`specvlm.loading.resolve_model`), build the Ray
+                Dataset (`pipelines.distill_data`: demo world rows with PNG bytes, or a .jsonl/.parquet
+                manifest), start TorchTrainer, copy the final draft to <output>/draft/
     worker i    load the frozen target once (requires_grad False), build or restore the draft, wrap ONLY
                 the draft in DDP, then per step: batch_size rows from its shard -> decode (bad rows
                 skipped and counted) -> [target's own greedy responses] -> `specvlm.distill.distill_step`
@@ -32,9 +33,7 @@ Legend: B batch rows, T tokens, D hidden, V vocab.
 from __future__ import annotations
 
 import argparse
-import io
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -48,62 +47,29 @@ from specvlm.config import (
     CPU_TREE,
     CompressorConfig,
     ConfigError,
+    ModelConfig,
     StrictModel,
     TreeConfig,
+    config_yaml,
     load_config,
     parse_config,
 )
+from specvlm.loading import resolve_model
 
+from .distill_data import DemoData, ManifestData, build_datasets, chunks
 from .ray_cluster import add_address_flag, init_ray
-
-DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "distill-demo.yaml"
-MANIFEST_SUFFIXES = (".jsonl", ".json", ".parquet")
-
-
-class DemoData(StrictModel):
-    """ShapesWorld samples drawn on the driver (videos as tiled frames, as the demo target saw them); PNG bytes."""
-
-    source: Literal["demo"] = "demo"
-    num_samples: int = Field(2048, ge=1, description="training rows drawn from ShapesWorld(seed)")
-    seed: int = Field(0, description="world seed of the training rows")
-    eval_seed: int = Field(1, description="world seed of the held-out eval samples")
-    p_video: float = Field(0.2, ge=0, le=1, description="share of videos (frames tiled into one image)")
-    p_qa: float = Field(0.4, ge=0, le=1, description="share of questions; the rest are captions")
-    video_frames: int = Field(4, ge=2, description="frames tiled per video")
-
-    @model_validator(mode="after")
-    def _shares(self):
-        if self.p_video + self.p_qa > 1:
-            raise ValueError(f"p_video + p_qa = {self.p_video + self.p_qa} > 1")
-        return self
-
-
-class ManifestData(StrictModel):
-    """A manifest with columns ``image`` (local path or s3:// URI; or encoded bytes), ``prompt``, ``response``."""
-
-    source: Literal["manifest"]
-    path: str = Field(description=".jsonl or .parquet manifest, local or s3://; relative image paths are resolved "
-                      "against a local manifest's folder")  # fmt: skip
-    eval_path: str | None = Field(None, description="held-out manifest; default: the last eval_samples rows of path")
-
-    @field_validator("path", "eval_path")
-    @classmethod
-    def _manifest_suffix(cls, v: str | None) -> str | None:
-        if v is not None and not v.lower().endswith(MANIFEST_SUFFIXES):
-            raise ValueError(f"{v!r} is not a manifest; expected a file ending in {', '.join(MANIFEST_SUFFIXES)}")
-        return v
 
 
 class DistillJobConfig(StrictModel):
-    """Everything `specvlm distill` takes. Defaults are ``configs/distill-demo.yaml``."""
+    """Everything `specvlm distill` takes, every default included (the demo job; ``--print-config`` prints it)."""
 
-    target: str = Field("demo", description="target HF folder (local or s3://) holding model + processor, or 'demo'")
-    dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
-        None, description="target dtype; None = as saved (float32 for emulated half on CPU)"
+    model: ModelConfig = Field(
+        ModelConfig(),
+        description="model.target (+ model.dtype): the frozen target; model.draft: the draft to start from (a "
+        "folder or s3:// prefix), None = a fresh EagleDraft.from_target(seed), also for target demo",
     )
-    draft_init: str | None = Field(None, description="draft folder to start from; None = EagleDraft.from_target(seed)")
     draft_intermediate_size: int | None = Field(
-        None, ge=1, description="a fresh draft layer's MLP width; None = the target's (ignored with draft_init)"
+        None, ge=1, description="a fresh draft layer's MLP width; None = the target's (ignored with model.draft)"
     )
     mode: Literal["eagle", "specvlm"] = Field(
         "eagle", description="eagle: the draft alone; specvlm: the draft + elastic visual compressor, trained jointly"
@@ -149,10 +115,17 @@ class DistillJobConfig(StrictModel):
             raise ValueError(f"output must be a local folder, got {v!r}; put remote storage in storage_path")
         return v
 
+    @model_validator(mode="before")
+    @classmethod
+    def _moved(cls, data):
+        if isinstance(data, dict) and (old := [k for k in ("target", "dtype", "draft_init") if k in data]):
+            raise ValueError(f"{', '.join(old)}: now model.target, model.dtype and model.draft (a ModelConfig)")
+        return data
+
     @model_validator(mode="after")
     def _checks(self):
-        if self.draft_init is not None and self.draft_init == "demo":
-            raise ValueError("draft_init takes a draft folder (local or s3://), not 'demo'")
+        if self.model.device is not None:
+            raise ValueError("model.device: the job places the target on each worker's device (use_gpu)")
         return self
 
     @property
@@ -161,152 +134,26 @@ class DistillJobConfig(StrictModel):
 
 
 # ----------------------------------------------------------------------------- target / draft (workers)
-def load_job_target(target: str, dtype: str | None = None, device=None):
-    """``(model, processor)`` for a folder, an ``s3://`` prefix, or ``demo`` (`specvlm.demo.load_demo`: a rebuild
-    in ``$SPECVLM_HOME/demo``, else the build shipped with the package)."""
-    from specvlm.demo import load_demo
-    from specvlm.loading import load_target, resolve_dtype
-
-    if target != "demo":
-        return load_target(target, dtype=dtype, device=str(device) if device is not None else None)
-    demo = load_demo()
-    model, processor = demo.target, demo.processor
-    model = model.to(device=device, dtype=resolve_dtype(dtype) or next(model.parameters()).dtype)
-    processor.tokenizer.padding_side = "left"
-    return model.eval(), processor
-
-
-def init_draft(
-    model,
-    draft_init: str | None,
-    seed: int,
-    compressor: CompressorConfig | None = None,
-    intermediate_size: int | None = None,
-):
-    """An `EagleDraft` bound to ``model``: from ``draft_init`` when given, else
-    ``from_target(model, seed, intermediate_size=intermediate_size)``.
-
-    ``compressor`` (mode specvlm): the draft gets a fresh `ElasticCompressor` with this config,
-    unless ``draft_init`` already carries one (which is kept).
-    """
+def load_models(cfg: DistillJobConfig, device=None):
+    """``(target, processor, draft)`` for a worker: the frozen target (`resolve_model` names it; requires_grad
+    False) on ``device``, and the draft bound to it (`EagleDraft.for_target`: ``model.draft`` or a fresh one;
+    with a compressor in mode specvlm)."""
     from specvlm import EagleDraft
-    from specvlm.compressor import ElasticCompressor
-    from specvlm.loading import load_draft
-    from specvlm.target import TargetAdapter
+    from specvlm.loading import load_draft, load_target
 
-    if draft_init is None:
-        return EagleDraft.from_target(model, seed=seed, compressor=compressor, intermediate_size=intermediate_size)
-    target = TargetAdapter(model)
-    draft = load_draft(draft_init)
-    if compressor is not None and draft.compressor is None:  # start specvlm from a trained eagle draft
-        import torch
-
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            draft.compressor = ElasticCompressor(compressor, draft.config.hidden_size, draft.config.num_attention_heads)
-    if draft.config.hidden_size != target.text_config.hidden_size:
-        raise ValueError(
-            f"draft_init {draft_init}: hidden size {draft.config.hidden_size} != target's "
-            f"{target.text_config.hidden_size}; it was trained for another target"
-        )
-    return draft.to(device=target.device, dtype=target.dtype).bind(target.embed_tokens, target.lm_head)
-
-
-# ----------------------------------------------------------------------------- data (driver)
-def _demo_rows(data: DemoData, num: int, seed: int) -> list[dict]:
-    """``num`` ShapesWorld samples as rows ``{"image": PNG bytes, "prompt", "response"}``."""
-    from specvlm.demo import ShapesWorld
-    from specvlm.demo.recipe import to_example
-
-    world = ShapesWorld(seed)
-    rows = []
-    for _ in range(num):
-        s = to_example(world.sample(p_video=data.p_video, p_qa=data.p_qa), data.video_frames)
-        buf = io.BytesIO()
-        s["image"].save(buf, format="PNG")
-        rows.append({"image": buf.getvalue(), "prompt": s["prompt"], "response": s["response"]})
-    return rows
-
-
-def _s3_filesystem():
-    """A pyarrow S3 filesystem honouring ``AWS_ENDPOINT_URL(_S3)`` (S3-compatible stores), else None."""
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    if not endpoint:
-        return None
-    from urllib.parse import urlsplit
-
-    import pyarrow.fs
-
-    u = urlsplit(endpoint)
-    return pyarrow.fs.S3FileSystem(endpoint_override=u.netloc or u.path, scheme=u.scheme or "https")
-
-
-def read_manifest(path: str, need_response: bool):
-    """A Ray Dataset over a .jsonl/.parquet manifest, columns ``image, prompt[, response]``."""
-    import ray.data
-
-    kw = {}
-    if path.startswith("s3://"):
-        if (fs := _s3_filesystem()) is not None:
-            kw["filesystem"] = fs
-            path = path[len("s3://") :]
-    else:
-        if not Path(path).expanduser().is_file():
-            raise FileNotFoundError(f"manifest not found: {path}")
-        path = str(Path(path).expanduser().resolve())
-    reader = ray.data.read_parquet if path.lower().endswith(".parquet") else ray.data.read_json
-    ds = reader(path, **kw)
-    need = ["image", "prompt"] + (["response"] if need_response else [])
-    names = ds.schema().names
-    missing = [c for c in need if c not in names]
-    if missing:
-        raise ValueError(f"manifest {path} lacks column(s) {', '.join(missing)}; it has {', '.join(names)}")
-    return ds.select_columns([c for c in ("image", "prompt", "response") if c in names])
-
-
-def build_datasets(cfg: DistillJobConfig):
-    """``(train Ray Dataset, held-out eval rows, base folder for relative image paths or None)``."""
-    import ray.data
-
-    need_response = cfg.response_source == "dataset"
-    n_eval = cfg.eval_samples if cfg.evaluates else 0
-    if isinstance(cfg.data, DemoData):
-        train = ray.data.from_items(_demo_rows(cfg.data, cfg.data.num_samples, cfg.data.seed))
-        return train, _demo_rows(cfg.data, n_eval, cfg.data.eval_seed), None
-    path = cfg.data.path
-    base = None if "://" in path else str(Path(path).expanduser().resolve().parent)
-    train = read_manifest(path, need_response)
-    if n_eval == 0:
-        return train, [], base
-    if cfg.data.eval_path is not None:
-        # eval rows are read on the driver: relative paths in eval_path resolve against its own folder
-        ev = cfg.data.eval_path
-        ev_base = None if "://" in ev else str(Path(ev).expanduser().resolve().parent)
-        rows = read_manifest(ev, need_response=False).take(n_eval)
-        return train, [_absolute(r, ev_base) for r in rows], base
-    train, held_out = train.train_test_split(test_size=n_eval)
-    return train, [_absolute(r, base) for r in held_out.take_all()], base
-
-
-def _absolute(row: dict, base: str | None) -> dict:
-    img = row.get("image")
-    if base is not None and isinstance(img, str) and "://" not in img and not Path(img).expanduser().is_absolute():
-        row = {**row, "image": str(Path(base) / img)}
-    return row
+    folders = resolve_model(cfg.model, cfg.mode, fresh_draft=True)
+    model, processor = load_target(folders.target, cfg.model.dtype or folders.dtype,
+                                   str(device) if device is not None else None)  # fmt: skip
+    for p in model.parameters():
+        p.requires_grad_(False)
+    draft = EagleDraft.for_target(
+        model, load_draft(folders.draft) if folders.draft else None, seed=cfg.seed,
+        compressor=cfg.compressor if cfg.mode == "specvlm" else None, intermediate_size=cfg.draft_intermediate_size,
+    )  # fmt: skip
+    return model, processor, draft
 
 
 # ----------------------------------------------------------------------------- the per-worker loop
-def _chunks(shard, batch_size: int):
-    """Endless ``batch_size``-row chunks (lists of dicts) of a dataset shard, epoch after epoch."""
-    while True:
-        n = 0
-        for table in shard.iter_batches(batch_size=batch_size, batch_format="pyarrow"):
-            n += 1
-            yield table.to_pylist()
-        if n == 0:
-            raise RuntimeError("this worker's data shard is empty: use fewer workers or more data")
-
-
 def _append_jsonl(path: Path, record: dict) -> None:
     with path.open("a") as f:
         f.write(json.dumps(record) + "\n")
@@ -343,12 +190,8 @@ def train_loop_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.seed + rank)  # feature noise differs per worker; the draft init does not (seeded)
 
-    model, processor = load_job_target(cfg.target, cfg.dtype, device)
-    for p in model.parameters():
-        p.requires_grad_(False)
+    model, processor, draft = load_models(cfg, device)
     target = TargetAdapter(model)
-    draft = init_draft(model, cfg.draft_init, cfg.seed, cfg.compressor if cfg.mode == "specvlm" else None,
-                       cfg.draft_intermediate_size)  # fmt: skip
     optimizer = make_optimizer(draft, lr=cfg.lr, weight_decay=cfg.weight_decay)
     state = {"step": 0, "skipped_rows": 0}
     checkpoint = ray.train.get_checkpoint()
@@ -370,14 +213,14 @@ def train_loop_per_worker(config: dict) -> None:
         except BadSample as e:
             print(f"[distill] held-out row skipped ({e})", flush=True)
     blank = {"image": Image.new("RGB", (64, 64)), "prompt": "describe the image.", "response": ""}
-    chunks = _chunks(ray.train.get_dataset_shard("train"), cfg.batch_size)
+    rows = chunks(ray.train.get_dataset_shard("train"), cfg.batch_size)
     skipped = 0  # this worker, this attempt
     metrics_path = output / "metrics.jsonl"
     t0 = time.perf_counter()
 
     for step in range(state["step"] + 1, cfg.max_steps + 1):
         samples = []
-        for row in next(chunks):
+        for row in next(rows):
             try:
                 samples.append(sample_from_row(row, base, need_response=need_response))
             except BadSample as e:
@@ -446,21 +289,16 @@ def train_loop_per_worker(config: dict) -> None:
 
 
 # ----------------------------------------------------------------------------- driver
-def _check_target(cfg: DistillJobConfig) -> None:
-    """Fail on the driver, before workers start, for a missing local target."""
-    if cfg.target != "demo" and "://" not in cfg.target and not Path(cfg.target).expanduser().exists():
-        raise FileNotFoundError(f"target {cfg.target} does not exist (a local HF folder, an s3:// prefix, or 'demo')")
-
-
 def run(cfg: DistillJobConfig) -> Path:
     """Run the distillation on the connected Ray cluster; returns ``<output>/draft`` (the final draft)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    _check_target(cfg)
+    resolve_model(cfg.model, cfg.mode, fresh_draft=True)  # fails here, before workers start, for a missing folder
     output = Path(cfg.output).expanduser().resolve()
     output.mkdir(parents=True, exist_ok=True)
-    train_ds, eval_rows, base = build_datasets(cfg)
+    n_eval = cfg.eval_samples if cfg.evaluates else 0
+    train_ds, eval_rows, base = build_datasets(cfg.data, cfg.response_source == "dataset", n_eval)
     resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -492,13 +330,15 @@ def run(cfg: DistillJobConfig) -> Path:
     return final
 
 
-def main(argv: list[str] | None = None) -> None:
-    """``specvlm distill``: parse args, connect to (or start) Ray, run the job."""
+def main(argv: list[str] | None = None) -> int:
+    """``specvlm distill``: parse args, connect to (or start) Ray, run the job; 0 when done."""
     ap = argparse.ArgumentParser(prog="specvlm distill", description="distill the EAGLE draft with Ray Train")
-    ap.add_argument("--config", type=Path, help=f"job YAML (default: the demo job, {DEMO_CONFIG.name})")
+    ap.add_argument("--config", type=Path, help="job YAML over DistillJobConfig's defaults (default: the demo job)")
     ap.add_argument("--workers", type=int, help="override workers")
     ap.add_argument("--max-steps", type=int, help="override max_steps")
     ap.add_argument("--output", help="override output")
+    ap.add_argument("--print-config", action="store_true",
+                    help="print the full config (defaults, --config and flags applied) as YAML and exit")  # fmt: skip
     add_address_flag(ap)
     args = ap.parse_args(argv)
     try:
@@ -509,6 +349,13 @@ def main(argv: list[str] | None = None) -> None:
             cfg = parse_config({**cfg.model_dump(), **overrides}, DistillJobConfig, source="command line")
     except ConfigError as e:
         sys.exit(str(e))
+    if args.print_config:
+        print(config_yaml(cfg), end="")
+        return 0
+    try:
+        resolve_model(cfg.model, cfg.mode, fresh_draft=True)  # a missing model fails before Ray starts
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"specvlm distill: {e}")
     started = init_ray(args.address)
     try:
         run(cfg)
@@ -517,6 +364,7 @@ def main(argv: list[str] | None = None) -> None:
             import ray
 
             ray.shutdown()
+    return 0
 
 
 if __name__ == "__main__":

@@ -246,7 +246,7 @@ class BadSample(ValueError):
 def read_uri(uri: str, base: str | None = None) -> bytes:
     """Bytes of a local path (relative ones resolved against ``base``) or an ``s3://bucket/key`` object."""
     if uri.startswith("s3://"):
-        from .loading import s3_client, split_s3
+        from .storage import s3_client, split_s3
 
         bucket, key = split_s3(uri)
         return s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()

@@ -36,6 +36,7 @@ from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
 from .compressor import ElasticCompressor
 from .config import CompressorConfig, parse_config
 from .decoder import causal_mask, fast_path_ok, linear, run_layer
+from .target import TargetAdapter
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -100,8 +101,6 @@ class EagleDraft(nn.Module):
         ``intermediate_size``: the draft layer's MLP width (default: the target's). EAGLE's one layer
         is ~1/32 of a 7B target; against a shallow target a narrower MLP keeps the draft cheap.
         """
-        from .target import TargetAdapter
-
         target = TargetAdapter(model)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -110,6 +109,43 @@ class EagleDraft(nn.Module):
         draft.to(device=param.device, dtype=param.dtype)
         draft.bind(target.embed_tokens, target.lm_head)
         return draft
+
+    @classmethod
+    def for_target(
+        cls,
+        model: nn.Module,
+        draft: EagleDraft | None = None,
+        seed: int = 0,
+        compressor: CompressorConfig | None = None,
+        intermediate_size: int | None = None,
+    ) -> EagleDraft:
+        """A draft to distill for ``model``, bound to it in its dtype/device: ``draft`` (e.g. a trained one to
+        continue from; `check_fits` first), else `from_target` (``seed``, ``intermediate_size``).
+
+        ``compressor`` (mode specvlm): a fresh `ElasticCompressor` with this config (seeded), unless ``draft``
+        already carries one, which is kept.
+        """
+        if draft is None:
+            return cls.from_target(model, seed=seed, compressor=compressor, intermediate_size=intermediate_size)
+        target = TargetAdapter(model)
+        draft.check_fits(target)
+        if compressor is not None and draft.compressor is None:  # start specvlm from a trained eagle draft
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                draft.compressor = ElasticCompressor(compressor, draft.config.hidden_size,
+                                                     draft.config.num_attention_heads)  # fmt: skip
+        return draft.to(device=target.device, dtype=target.dtype).bind(target.embed_tokens, target.lm_head)
+
+    def check_fits(self, target) -> None:
+        """Raise ValueError unless this draft can run on ``target`` (a `TargetAdapter` or an HF VLM): its hidden
+        size must be the target's, since it reads the target's features, embedding and LM head."""
+        if not isinstance(target, TargetAdapter):
+            target = TargetAdapter(target)
+        if self.config.hidden_size != target.text_config.hidden_size:
+            raise ValueError(
+                f"draft hidden size {self.config.hidden_size} != target's {target.text_config.hidden_size}: "
+                "the draft was trained for another target"
+            )
 
     def bind(self, embed_tokens: nn.Module, lm_head: nn.Module) -> EagleDraft:
         """Share the target's (frozen) token embedding and LM head."""

@@ -135,11 +135,7 @@ class SpecVLMEngine:
                     "mode 'specvlm' needs a draft with a visual compressor (distilled with `mode: specvlm`); "
                     "this draft has none: use mode 'eagle'"
                 )
-            if draft.config.hidden_size != self.target.text_config.hidden_size:
-                raise ValueError(
-                    f"draft hidden size {draft.config.hidden_size} != target's "
-                    f"{self.target.text_config.hidden_size}; was it trained for another model?"
-                )
+            draft.check_fits(self.target)
             draft.to(device=self.target.device, dtype=self.target.dtype).eval()
             draft.bind(self.target.embed_tokens, self.target.lm_head)
         self.draft = draft

@@ -1,20 +1,29 @@
-"""Load targets and drafts from local folders or ``s3://`` prefixes (never a model hub at run time).
+"""Name and load targets and drafts: ``demo``, local folders or ``s3://`` prefixes (never a model hub at run time).
 
-An ``s3://bucket/prefix`` is mirrored once into ``$SPECVLM_HOME/s3/bucket/prefix``
-with boto3 (standard AWS environment; ``AWS_ENDPOINT_URL`` /
-``AWS_ENDPOINT_URL_S3`` for S3-compatible stores) and loaded from there.
-The word ``demo`` names the project's own demo model (`specvlm.demo`).
+`resolve_model` turns a `ModelConfig` and an engine mode into `ModelFolders` (every caller resolves
+names here: the engine loader, `specvlm.demo.load_demo`, the jobs' driver-side checks, the distill job).
+``demo`` names the project's demo build: the one shipped in ``specvlm/demo/model``, or a rebuild in
+``$SPECVLM_HOME/demo``. An ``s3://bucket/prefix`` is mirrored once into ``$SPECVLM_HOME/s3/bucket/prefix``
+(`specvlm.storage.mirror`) and loaded from there.
 """
 
 from __future__ import annotations
 
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from .config import ModelConfig
+
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+MODES = ("ar", "eagle", "specvlm")
+SHIPPED_DEMO_DIR = Path(__file__).parent / "demo" / "model"  # the build `DemoRecipe()` made, shipped (fp16)
+DEMO_DRAFTS = {"eagle": "draft", "specvlm": "draft-specvlm"}  # the demo build's draft folder per engine mode
+DEMO_PARTS = ("target", *DEMO_DRAFTS.values())
+DEMO_NAME = "specvlm-demo"  # the demo target's name in outputs (``model``)
 
 
 def specvlm_home() -> Path:
@@ -22,11 +31,29 @@ def specvlm_home() -> Path:
     return Path(os.environ.get("SPECVLM_HOME") or Path.home() / ".cache" / "specvlm")
 
 
+def demo_dir() -> Path:
+    """Where ``make demo-model`` puts a rebuild: ``$SPECVLM_HOME/demo`` (default ``~/.cache/specvlm/demo``)."""
+    return specvlm_home() / "demo"
+
+
+def _demo_complete(root: Path) -> bool:
+    return all((root / p / "config.json").is_file() for p in DEMO_PARTS)
+
+
+def demo_path() -> Path:
+    """The demo build in use: a rebuild in `demo_dir()` when there is one, else the shipped `SHIPPED_DEMO_DIR`."""
+    return demo_dir() if _demo_complete(demo_dir()) else SHIPPED_DEMO_DIR
+
+
+class DemoNotBuiltError(FileNotFoundError):
+    """No demo build at the given path."""
+
+
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX); ``$SPECVLM_CPU_BF16=0|1`` overrides.
 
-    Elsewhere (AVX2-only x86, most laptops and VMs) torch emulates bf16 on the CPU: a 1024x1024 matmul ran at
-    0.3 GFLOP/s in bf16 against 33 GFLOP/s in float32 on an AVX2 EPYC, so bf16 is only worth it where it is native.
+    Elsewhere (AVX2-only x86, most laptops and VMs) torch emulates bf16 on the CPU, many times slower than
+    float32, so bf16 is only used where it is native.
     """
     forced = os.environ.get("SPECVLM_CPU_BF16")
     if forced in ("0", "1"):
@@ -45,25 +72,81 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     return DTYPES[dtype]
 
 
-def s3_client():
-    import boto3
+# ----------------------------------------------------------------------------- names -> folders
+@dataclass(frozen=True)
+class ModelFolders:
+    """What a `ModelConfig` names, for one engine mode (`resolve_model`). The processor is the target folder's."""
 
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    return boto3.client("s3", endpoint_url=endpoint) if endpoint else boto3.client("s3")
+    target: str  # local folder or s3:// prefix holding the target model and its processor
+    draft: str | None  # the draft for the mode; None in mode ar (or, with fresh_draft, when none is named)
+    demo: Path | None  # the demo build in use when the target is 'demo', else None
+    target_name: str  # how outputs name the target: 'specvlm-demo', else model.target as given
+    draft_name: str | None  # how outputs name the draft (draft_version)
+    dtype: str | None = None  # the target's dtype when the config sets none (the demo, fp16 on disk: float32)
 
 
-def split_s3(uri: str) -> tuple[str, str]:
-    """``s3://bucket/key/prefix`` -> ``(bucket, "key/prefix")``."""
-    if not uri.startswith("s3://"):
-        raise ValueError(f"not an s3:// URI: {uri!r}")
-    bucket, _, key = uri[5:].partition("/")
-    if not bucket:
-        raise ValueError(f"s3 URI has no bucket: {uri!r}")
-    return bucket, key.strip("/")
+def _folder(field: str, value: str, hint: str) -> str:
+    """``value`` when it is an s3:// prefix (checked when mirrored) or a local model folder; else a
+    FileNotFoundError naming ``field``."""
+    if value.startswith("s3://"):
+        return value
+    if "://" in value:
+        raise ValueError(f"{field} {value!r}: use {hint}")
+    path = Path(value).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(f"{field} {value} does not exist (use {hint})")
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{field} {value} is not a model folder: it has no config.json")
+    return str(path)
+
+
+def resolve_model(
+    model: ModelConfig, mode: str = "eagle", *, fresh_draft: bool = False, demo_root: str | Path | None = None
+) -> ModelFolders:
+    """The folders ``model`` names for engine ``mode``, checked without loading anything (s3:// prefixes are
+    taken as given).
+
+    ``target: demo`` is the demo build (``demo_root``, else `demo_path()`), and without ``model.draft`` its
+    draft for the mode (``draft`` for eagle, ``draft-specvlm`` for specvlm). Mode ``ar`` needs no draft; the
+    others need one, except with ``fresh_draft`` (a draft to be distilled: ``model.draft`` is where it starts,
+    None a fresh one, also for the demo). Raises FileNotFoundError (`DemoNotBuiltError` for the demo) for a
+    missing or non-model local folder, ValueError for a missing draft.
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; one of {', '.join(MODES)}")
+    demo, dtype = None, None
+    if model.target == "demo":
+        demo, dtype = Path(demo_root) if demo_root else demo_path(), "float32"
+        if not _demo_complete(demo):
+            hint = "run `make demo-model` (or `specvlm demo-model --output DIR`)"
+            raise DemoNotBuiltError(f"no demo model in {demo}: {hint}")
+        target, target_name = str(demo / "target"), DEMO_NAME
+    else:
+        target = _folder("model.target", model.target, "a local HF folder, an s3:// prefix, or 'demo'")
+        target_name = model.target
+    draft = draft_name = None
+    if mode == "ar":
+        pass
+    elif model.draft == "demo":
+        raise ValueError("model.draft takes a draft folder or s3:// prefix, not 'demo' (target: demo brings the "
+                         "demo's drafts)")  # fmt: skip
+    elif model.draft is not None:
+        draft = _folder("model.draft", model.draft, "a draft folder or an s3:// prefix")
+        draft_name = model.draft
+    elif fresh_draft:
+        pass
+    elif demo is not None:
+        draft = str(demo / DEMO_DRAFTS[mode])
+        draft_name = f"{DEMO_NAME}-{DEMO_DRAFTS[mode]}@{demo}"
+    else:
+        raise ValueError(f"mode {mode!r} needs a draft: set model.draft (a folder or s3:// prefix)")
+    return ModelFolders(target, draft, demo, target_name, draft_name, dtype)
 
 
 def local_path(path_or_uri: str | Path) -> Path:
-    """A local folder for a local path or an ``s3://`` prefix (downloaded once, then reused)."""
+    """A local folder for a local path or an ``s3://`` prefix (mirrored once into the cache, then reused)."""
+    from .storage import mirror, split_s3
+
     s = str(path_or_uri)
     if not s.startswith("s3://"):
         p = Path(s).expanduser()
@@ -73,22 +156,9 @@ def local_path(path_or_uri: str | Path) -> Path:
     bucket, prefix = split_s3(s)
     dest = specvlm_home() / "s3" / bucket / prefix
     marker = dest / ".complete"
-    if marker.exists():
-        return dest
-    client = s3_client()
-    n = 0
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/" if prefix else ""):
-        for obj in page.get("Contents", []):
-            rel = obj["Key"][len(prefix) :].lstrip("/")
-            if not rel or rel.endswith("/"):
-                continue
-            out = dest / rel
-            out.parent.mkdir(parents=True, exist_ok=True)
-            client.download_file(bucket, obj["Key"], str(out))
-            n += 1
-    if n == 0:
-        raise FileNotFoundError(f"no objects under {s}")
-    marker.touch()
+    if not marker.exists():
+        mirror(s, dest)
+        marker.touch()
     return dest
 
 
@@ -136,8 +206,8 @@ def load_draft(path_or_uri: str | Path):
     return EagleDraft.from_pretrained(local_path(path_or_uri))
 
 
-def load_engine(model_cfg, engine_cfg=None):
-    """Build a `SpecVLMEngine` from a `ModelConfig` (+ `EngineConfig`).
+def load_engine(model_cfg: ModelConfig, engine_cfg=None):
+    """Build a `SpecVLMEngine` from a `ModelConfig` (+ `EngineConfig`), names resolved by `resolve_model`.
 
     Returns ``(engine, processor, info)`` where ``info`` has ``model`` (the target's
     name/path) and ``draft_version`` (the draft's name/path, or None in ``ar`` mode).
@@ -146,23 +216,9 @@ def load_engine(model_cfg, engine_cfg=None):
     from .engine import SpecVLMEngine
 
     engine_cfg = engine_cfg or EngineConfig()
+    folders = resolve_model(model_cfg, engine_cfg.mode)
     device = model_cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if model_cfg.target == "demo":
-        from .demo import load_demo
-
-        demo = load_demo()
-        model, processor, draft = demo.target, demo.processor, demo.draft_for(engine_cfg.mode)
-        sub = "draft-specvlm" if engine_cfg.mode == "specvlm" else "draft"
-        target_name, draft_name = "specvlm-demo", f"specvlm-demo-{sub}@{demo.path}"
-        if model_cfg.dtype or device != "cpu":
-            model = model.to(device=device, dtype=resolve_dtype(model_cfg.dtype) or model.dtype)
-    else:
-        model, processor = load_target(model_cfg.target, model_cfg.dtype, device)
-        draft, target_name, draft_name = None, model_cfg.target, None
-    if model_cfg.draft:
-        draft, draft_name = load_draft(model_cfg.draft), model_cfg.draft
-    if engine_cfg.mode == "ar":
-        draft, draft_name = None, None
-    elif draft is None:
-        raise ValueError(f"mode {engine_cfg.mode!r} needs a draft: set model.draft (a folder or s3:// prefix)")
-    return SpecVLMEngine(model, draft, engine_cfg), processor, {"model": target_name, "draft_version": draft_name}
+    model, processor = load_target(folders.target, model_cfg.dtype or folders.dtype, device)
+    draft = load_draft(folders.draft) if folders.draft else None
+    info = {"model": folders.target_name, "draft_version": folders.draft_name}
+    return SpecVLMEngine(model, draft, engine_cfg), processor, info

@@ -25,6 +25,7 @@ from PIL import Image
 
 from pipelines import caption_io as cio
 from pipelines.caption import CaptionJobConfig, parse_args, resource_warning, run
+from specvlm import storage
 from specvlm.config import ConfigError, EngineConfig, ModelConfig, SamplingConfig, load_config, parse_config
 from specvlm.demo.world import IMAGE_SIZE
 from specvlm.media import MediaError
@@ -113,18 +114,6 @@ def test_main_reports_bad_arguments(tmp_path):
         main(["--actors", "3:1", "--input", "x", "--output", "y"])
     with pytest.raises(SystemExit, match="--input and --output"):
         main([])
-
-
-def test_job_env_forwards_s3_and_cache_settings_not_set_by_a_submission(monkeypatch):
-    for k in cio.FORWARDED_ENV:
-        monkeypatch.delenv(k, raising=False)
-    monkeypatch.setenv("SPECVLM_HOME", "/cache")
-    monkeypatch.setenv("AWS_REGION", "eu-west-1")
-    monkeypatch.setenv("UNRELATED", "x")
-    assert cio.job_env() == {"SPECVLM_HOME": "/cache", "AWS_REGION": "eu-west-1"}
-    submitted = {"runtime_env": {"working_dir": ".", "env_vars": {"AWS_REGION": "eu-west-1"}}}
-    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(submitted))  # under `ray job submit`
-    assert cio.job_env() == {"SPECVLM_HOME": "/cache"}
 
 
 def test_actor_module_does_not_import_torch():
@@ -281,7 +270,7 @@ def test_manifest_given_by_bare_name_resolves_against_its_folder(tmp_path, monke
     monkeypatch.chdir(tmp_path / "data")
     inputs = cio.list_inputs("m.jsonl")
     assert inputs.manifest == str(tmp_path / "data" / "m.jsonl")  # absolute on the driver
-    assert cio.manifest_base("m.jsonl") == str(tmp_path / "data")
+    assert storage.manifest_base("m.jsonl") == str(tmp_path / "data")
     monkeypatch.chdir(tmp_path)  # a worker's working directory does not matter
     [row] = next(cio.expand_manifest(cio.listed_table([{"id": "m", "uri": inputs.manifest}]))).to_pylist()
     assert row["uri"] == str(tmp_path / "data" / "a.png")
@@ -300,11 +289,11 @@ def test_resource_warning_when_the_pool_and_a_decode_task_do_not_fit():
 def test_s3_reads_fail_their_row_when_missing_or_forbidden(moto_s3, monkeypatch):
     for k, v in moto_s3.env.items():
         monkeypatch.setenv(k, v)
-    monkeypatch.setattr(cio, "_FILESYSTEMS", {})
+    monkeypatch.setattr(storage, "_FILESYSTEMS", {})
     s3, b = moto_s3.client(), moto_s3.bucket
     s3.put_object(Bucket=b, Key="unit/ok.png", Body=save(Image.new("RGB", (4, 4)), "PNG"))
     s3.put_object(Bucket=b, Key="forbidden/secret.png", Body=b"x")
-    assert cio.read_bytes(f"s3://{b}/unit/ok.png", 1000).startswith(b"\x89PNG")
+    assert storage.read_bytes(f"s3://{b}/unit/ok.png", 1000).startswith(b"\x89PNG")
     keys = ("unit/ok.png", "unit/missing.png", "forbidden/secret.png")
     rows = cio.decode_rows(cio.listed_table([{"id": k, "uri": f"s3://{b}/{k}"} for k in keys]), OPTS).to_pylist()
     assert rows[0]["error"] is None and rows[0]["width"] == 4

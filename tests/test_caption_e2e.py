@@ -16,6 +16,7 @@ import yaml
 from caption_inputs import encode_video, noise, save, shapes, shapes_video
 
 from pipelines import caption_io as cio
+from specvlm import storage
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples" / "inputs"
@@ -62,7 +63,7 @@ def test_s3_in_and_out_with_forbidden_and_bad_objects(ray_head, moto_s3, job_yam
 
     for k, v in moto_s3.env.items():
         monkeypatch.setenv(k, v)
-    monkeypatch.setattr(cio, "_FILESYSTEMS", {})
+    monkeypatch.setattr(storage, "_FILESYSTEMS", {})
     rows = {r["id"]: r for r in cio.read_output(f"s3://{b}/e2e/out").to_pylist()}
     assert sorted(rows) == sorted(k[len("e2e/in/") :] for k in objects)
     assert rows["forbidden/secret.png"]["error"] == f"read: access denied: s3://{b}/e2e/in/forbidden/secret.png"

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from pipelines.distill import DistillJobConfig, ManifestData
+from pipelines.distill import DistillJobConfig
+from pipelines.distill_data import ManifestData
 from specvlm.config import ConfigError, load_config, parse_config
 from specvlm.demo.world import IMAGE_SIZE
 
@@ -17,8 +19,26 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
 # ----------------------------------------------------------------------------- config
-def test_demo_config_is_the_default():
+@pytest.mark.parametrize("name", ["distill-demo.yaml", "distill-demo-specvlm.yaml", "distill-llava-1.5-7b.yaml"])
+def test_example_configs_validate_and_print_config_loads_back_equal(name, tmp_path, capsys):
+    """Every example validates; ``--print-config`` prints it with every default, and that YAML loads back equal."""
+    from pipelines.distill import main
+
+    cfg = load_config(CONFIGS / name, DistillJobConfig)
+    assert main(["--config", str(CONFIGS / name), "--print-config"]) == 0
+    printed = tmp_path / "full.yaml"
+    printed.write_text(capsys.readouterr().out)
+    assert load_config(printed, DistillJobConfig) == cfg
+    assert set(yaml.safe_load(printed.read_text())) == set(DistillJobConfig.model_fields)
+
+
+def test_demo_config_sets_nothing_and_print_config_applies_flags(capsys):
+    from pipelines.distill import main
+
     assert load_config(CONFIGS / "distill-demo.yaml", DistillJobConfig) == DistillJobConfig()
+    assert main(["--print-config", "--workers", "3", "--output", "runs/x"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert parse_config(printed, DistillJobConfig) == DistillJobConfig(workers=3, output="runs/x")
 
 
 def test_specvlm_demo_config_validates():
@@ -32,6 +52,7 @@ def test_specvlm_demo_config_validates():
 def test_llava_config_validates():
     cfg = load_config(CONFIGS / "distill-llava-1.5-7b.yaml", DistillJobConfig)
     assert isinstance(cfg.data, ManifestData) and cfg.use_gpu
+    assert cfg.model.target.startswith("s3://") and cfg.model.dtype == "bfloat16" and cfg.model.draft is None
     assert cfg.lr == 8e-5 and cfg.weight_decay == 0.0
     assert cfg.workers * cfg.batch_size == 128  # the paper's batch
     assert (cfg.tree.top_k, cfg.tree.total_tokens, cfg.tree.depth) == (10, 60, 7)
@@ -50,10 +71,13 @@ def test_llava_config_validates():
         ({"tree": {"top_k": 2, "total_tokens": 60, "depth": 2}}, "tree"),
         ({"output": "s3://bucket/run"}, "output"),
         ({"workers": 0}, "workers"),
+        ({"model": {"target": "demo", "bogus": 1}}, "model.bogus"),
+        ({"model": {"device": "cuda:0"}}, "(top level)"),
+        ({"target": "demo"}, "(top level)"),
     ],
 )
 def test_config_errors_name_the_field(data, field):
-    with pytest.raises(ConfigError, match=rf"(?m)^  {field}(\.| *:)"):
+    with pytest.raises(ConfigError, match=rf"(?m)^  {re.escape(field)}(\.| *:)"):
         parse_config(data, DistillJobConfig, source="job.yaml")
 
 
@@ -66,6 +90,13 @@ def test_main_reports_bad_config(tmp_path, capsys):
         main(["--config", str(bad)])
     with pytest.raises(SystemExit, match="max_steps"):
         main(["--max-steps", "0"])
+    missing = tmp_path / "missing.yaml"
+    missing.write_text(yaml.safe_dump({"model": {"target": str(tmp_path / "none")}}))
+    with pytest.raises(SystemExit, match=r"specvlm distill: model.target .*none does not exist"):
+        main(["--config", str(missing)])  # before Ray starts
+    missing.write_text(yaml.safe_dump({"model": {"draft": "demo"}}))
+    with pytest.raises(SystemExit, match="not 'demo'"):
+        main(["--config", str(missing)])
 
 
 # ----------------------------------------------------------------------------- Ray Train end to end
@@ -117,7 +148,7 @@ def test_ray_train_run_checkpoints_skips_bad_rows_and_resumes(ray_local, tiny_ta
 
     output = tmp_path / "out"
     job = {
-        "target": str(tiny_target_dir),
+        "model": {"target": str(tiny_target_dir)},
         "data": {"source": "manifest", "path": str(manifest)},
         "max_steps": 4,
         "batch_size": 2,
@@ -164,7 +195,8 @@ def test_ray_train_specvlm_mode_trains_the_compressor(ray_local, tiny_target_dir
 
     output = tmp_path / "out"
     job = {
-        "target": str(tiny_target_dir), "data": {"source": "manifest", "path": str(manifest)}, "mode": "specvlm",
+        "model": {"target": str(tiny_target_dir)}, "data": {"source": "manifest", "path": str(manifest)},
+        "mode": "specvlm",
         "compressor": {"primitives": [{"kind": "pool", "ratio": 4}, {"kind": "resampler"}, {"kind": "text"}],
                        "cost_weight": 0.05},
         "max_steps": 2, "batch_size": 2, "workers": 2, "checkpoint_every": 2, "eval_every": 2, "eval_samples": 1,
@@ -185,11 +217,11 @@ def test_ray_train_specvlm_mode_trains_the_compressor(ray_local, tiny_target_dir
 
 def test_demo_data_rows_hold_png_bytes(ray_local):
     """The demo source: ShapesWorld rows with PNG bytes in a Ray Dataset, held-out rows from another seed."""
-    from pipelines.distill import build_datasets
+    from pipelines.distill_data import build_datasets
     from specvlm.distill import sample_from_row
 
     cfg = parse_config({"data": {"source": "demo", "num_samples": 3}, "eval_samples": 2}, DistillJobConfig)
-    train, eval_rows, base = build_datasets(cfg)
+    train, eval_rows, base = build_datasets(cfg.data, need_response=False, n_eval=2)
     rows = train.take_all()
     assert len(rows) == 3 and len(eval_rows) == 2 and base is None
     assert rows[0]["image"].startswith(b"\x89PNG") and rows[0]["image"] != eval_rows[0]["image"]
@@ -197,10 +229,34 @@ def test_demo_data_rows_hold_png_bytes(ray_local):
     assert sample["image"].size == (IMAGE_SIZE, IMAGE_SIZE) and sample["response"] == rows[0]["response"]
 
 
-def test_demo_target_is_the_shipped_build_on_an_empty_cache(tmp_path, monkeypatch):
-    from pipelines.distill import load_job_target
+def test_demo_target_is_the_shipped_build_on_an_empty_cache_with_a_fresh_draft(tmp_path, monkeypatch):
+    from pipelines.distill import load_models
 
     monkeypatch.setenv("SPECVLM_HOME", str(tmp_path))
-    model, processor = load_job_target("demo")
+    model, processor, draft = load_models(DistillJobConfig(draft_intermediate_size=32, seed=3))
     assert model.config.text_config.hidden_size == 256 and next(model.parameters()).dtype == torch.float32
+    assert not any(p.requires_grad for p in model.parameters())
     assert processor.tokenizer.padding_side == "left"
+    assert draft.config.intermediate_size == 32 and draft.compressor is None  # fresh, not the demo's trained draft
+
+
+def test_a_trained_draft_continues_in_specvlm_mode_with_a_fresh_compressor(tiny_target_dir, tmp_path):
+    """model.draft: a saved eagle draft starts a specvlm run (compressor added, seeded); a draft for another
+    target is refused by `EagleDraft.check_fits` before anything trains."""
+    from pipelines.distill import load_models
+    from specvlm import EagleDraft
+    from specvlm.tiny import tiny_llava
+
+    model, _, fresh = load_models(DistillJobConfig(model={"target": str(tiny_target_dir)}))
+    fresh.save_pretrained(tmp_path / "eagle")
+    job = {"model": {"target": str(tiny_target_dir), "draft": str(tmp_path / "eagle")}, "mode": "specvlm",
+           "compressor": {"primitives": [{"kind": "pool", "ratio": 4}]}}  # fmt: skip
+    _, _, a = load_models(parse_config(job, DistillJobConfig))
+    _, _, b = load_models(parse_config(job, DistillJobConfig))
+    assert a.compressor.names == ["pool4"] and torch.equal(a.fc.weight, fresh.fc.weight)
+    assert all(
+        torch.equal(x, y) for x, y in zip(a.compressor.state_dict().values(), b.compressor.state_dict().values())
+    )
+    EagleDraft.from_target(tiny_llava(hidden=32, layers=1)).save_pretrained(tmp_path / "narrow")
+    with pytest.raises(ValueError, match="draft hidden size 32 != target's 64"):
+        load_models(DistillJobConfig(model={"target": str(tiny_target_dir), "draft": str(tmp_path / "narrow")}))

@@ -14,10 +14,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..config import ModelConfig
+from ..loading import SHIPPED_DEMO_DIR as SHIPPED_DIR
+from ..loading import DemoNotBuiltError, demo_dir, demo_path, load_target, resolve_model
 from .text import build_processor, build_tokenizer, format_example, prompt
 from .world import ShapesWorld
 
 __all__ = [
+    "SHIPPED_DIR",
     "DemoBundle",
     "DemoNotBuiltError",
     "ShapesWorld",
@@ -29,30 +33,6 @@ __all__ = [
     "load_demo",
     "prompt",
 ]
-
-
-PARTS = ("target", "draft", "draft-specvlm")
-SHIPPED_DIR = Path(__file__).parent / "model"  # the build `DemoRecipe()` made, shipped with the package (fp16)
-
-
-class DemoNotBuiltError(FileNotFoundError):
-    """No demo model at the given path."""
-
-
-def demo_dir() -> Path:
-    """Where ``make demo-model`` puts a rebuild: ``$SPECVLM_HOME/demo`` (default ``~/.cache/specvlm/demo``)."""
-    from ..loading import specvlm_home
-
-    return specvlm_home() / "demo"
-
-
-def _complete(root: Path) -> bool:
-    return all((root / p / "config.json").is_file() for p in PARTS)
-
-
-def demo_path() -> Path:
-    """The demo model in use: a rebuild in `demo_dir()` when there is one, else the shipped `SHIPPED_DIR`."""
-    return demo_dir() if _complete(demo_dir()) else SHIPPED_DIR
 
 
 @dataclass
@@ -73,17 +53,12 @@ class DemoBundle:
 def load_demo(path: str | Path | None = None) -> DemoBundle:
     """Load a demo build in float32: ``path``, else `demo_path()` (a rebuild in the cache, else the shipped one).
 
-    Raises `DemoNotBuiltError` when ``path`` holds no complete build.
+    The folders come from `specvlm.loading.resolve_model` (``target: demo``); raises `DemoNotBuiltError` when
+    ``path`` holds no complete build.
     """
-    import torch
-
     from ..draft import EagleDraft
-    from ..loading import load_target
 
-    root = Path(path) if path else demo_path()
-    if not _complete(root):
-        hint = "run `make demo-model` (or `specvlm demo-model --output DIR`)"
-        raise DemoNotBuiltError(f"no demo model in {root}: {hint}")
-    model, processor = load_target(root / "target", torch.float32)
-    drafts = [EagleDraft.from_pretrained(root / p).float() for p in PARTS[1:]]
-    return DemoBundle(model, processor, drafts[0], root, drafts[1])
+    eagle, specvlm = (resolve_model(ModelConfig(target="demo"), m, demo_root=path) for m in ("eagle", "specvlm"))
+    model, processor = load_target(eagle.target, eagle.dtype)
+    drafts = [EagleDraft.from_pretrained(f.draft).float() for f in (eagle, specvlm)]
+    return DemoBundle(model, processor, drafts[0], eagle.demo, drafts[1])
