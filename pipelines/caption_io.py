@@ -41,7 +41,7 @@ from pydantic import Field, model_validator
 
 from specvlm.config import StrictModel
 from specvlm.media import MediaError, MediaLimits, media_kind
-from specvlm.storage import ReadError, filesystem, is_manifest, manifest_base, read_bytes, to_uri
+from specvlm.storage import ReadError, filesystem, is_manifest, manifest_base, read_bytes, resolve, to_uri
 
 SHARD_SUFFIX = ".tar"
 
@@ -254,8 +254,7 @@ def manifest_row(r: dict, base: str, where: str) -> dict:
     """One manifest record (``id``, ``uri``, optional ``prompt``) as a listed row; ``where`` names it in errors."""
     uri = r.get("uri")
     uri = str(uri).strip() if uri is not None else ""
-    if uri and "://" not in uri and not posixpath.isabs(uri):
-        uri = posixpath.join(base, uri)
+    uri = resolve(uri, base) if uri else uri
     prompt = r.get("prompt")
     row = {"id": manifest_id(r.get("id")) or uri or where, "uri": uri,
            "prompt": str(prompt) if prompt not in (None, "") else None}  # fmt: skip

@@ -243,30 +243,18 @@ class BadSample(ValueError):
     """A data row that cannot become a training sample; ``str`` is ``"kind: message"`` (counted, then skipped)."""
 
 
-def read_uri(uri: str, base: str | None = None) -> bytes:
-    """Bytes of a local path (relative ones resolved against ``base``) or an ``s3://bucket/key`` object."""
-    if uri.startswith("s3://"):
-        from .storage import s3_client, split_s3
-
-        bucket, key = split_s3(uri)
-        return s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
-    from pathlib import Path
-
-    path = Path(uri).expanduser()
-    if base is not None and not path.is_absolute():
-        path = Path(base) / path
-    return path.read_bytes()
-
-
 def sample_from_row(row: dict, base: str | None = None, need_response: bool = True, limits=None) -> dict:
     """A data row -> a sample for `collate`: ``{"image": PIL RGB, "prompt": str, "response": str}``.
 
     ``row["image"]`` holds encoded image bytes or a URI (local path or ``s3://``,
-    relative paths resolved against ``base``). Raises `BadSample` for an
-    unreadable or undecodable image, a missing prompt, or (``need_response``)
-    an empty response.
+    relative paths resolved against ``base``), read up to ``limits.max_bytes``.
+    Raises `BadSample` for an unreadable, too large or undecodable image, a
+    missing prompt, or (``need_response``) an empty response.
     """
     from .media import DEFAULT_LIMITS, MediaError, decode_image
+    from .storage import read_bytes, resolve
+
+    limits = limits or DEFAULT_LIMITS
 
     image, prompt, response = row.get("image"), row.get("prompt"), row.get("response")
     if not isinstance(prompt, str) or not prompt.strip():
@@ -275,13 +263,15 @@ def sample_from_row(row: dict, base: str | None = None, need_response: bool = Tr
         raise BadSample("empty: no response")
     if isinstance(image, str):
         try:
-            image = read_uri(image, base)
-        except Exception as e:  # OSError, botocore errors: bad data, not a bug
+            image = read_bytes(resolve(image, base), limits.max_bytes)
+        except MediaError as e:  # too large
+            raise BadSample(str(e)) from e
+        except Exception as e:  # ReadError, OSError: bad data, not a bug
             raise BadSample(f"read: {row.get('image')}: {e or type(e).__name__}") from e
     if not isinstance(image, (bytes, bytearray, memoryview)):
         raise BadSample(f"read: image column holds {type(image).__name__}, expected bytes or a URI")
     try:
-        pil = decode_image(bytes(image), limits or DEFAULT_LIMITS)
+        pil = decode_image(bytes(image), limits)
     except MediaError as e:
         raise BadSample(str(e)) from e
     return {"image": pil, "prompt": prompt, "response": response if isinstance(response, str) else ""}

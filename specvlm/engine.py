@@ -192,7 +192,7 @@ class SpecVLMEngine:
             )
         m = attention_mask.long()
         if (m[:, 1:] < m[:, :-1]).any():
-            raise ValueError("attention_mask must be left-padded (set tokenizer.padding_side='left')")
+            raise ValueError("attention_mask must be left-padded (specvlm.inputs.encode / collate pad on the left)")
         if (m.sum(1) == 0).any():
             raise ValueError("a row of attention_mask is all padding")
         if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:

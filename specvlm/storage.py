@@ -57,14 +57,6 @@ def s3_endpoint() -> str | None:
     return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
 
 
-def s3_client():
-    """A boto3 S3 client for `s3_endpoint` (AWS itself when unset)."""
-    import boto3
-
-    endpoint = s3_endpoint()
-    return boto3.client("s3", endpoint_url=endpoint) if endpoint else boto3.client("s3")
-
-
 def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     """``(filesystem, path)`` for a local path or an ``s3://bucket/key`` URI (filesystems cached per process)."""
     if uri.startswith("s3://"):
@@ -163,6 +155,14 @@ def check_manifest(uri: str) -> str:
     if not is_manifest(uri):
         raise ValueError(f"{uri!r} is not a manifest; expected a file ending in {', '.join(MANIFEST_SUFFIXES)}")
     return uri
+
+
+def resolve(uri: str, base: str | None) -> str:
+    """``uri`` as it is, or, when it is a relative path and ``base`` is given, joined to ``base`` (a folder's
+    path or URI, e.g. `manifest_base`)."""
+    if base is None or "://" in uri or posixpath.isabs(uri):
+        return uri
+    return posixpath.join(base, uri)
 
 
 def manifest_base(uri: str) -> str:
