@@ -38,11 +38,9 @@ TREES = {
     "k2-n14-d8 bounded": CPU_TREE,
     "paper k10-n60-d7": TreeConfig(),
 }
-# the CPU-best fixed tree for the demo's 256-wide drafts (a side-by-side sweep of 15 shapes): a draft step costs
-# ~0.2 of a target forward, so a deep, narrow tree wins; the paper's wide tree is for GPUs, where verify is ~free
+# The trees compared: the CPU tree's shape without its confidence bounds (FIXED_TREE, what the compressor benchmark
+# runs), the CPU tree itself (specvlm.config.CPU_TREE), and the paper's GPU tree
 FIXED_TREE = "k2-n14-d8"
-# ... with confidence bounds (TreeConfig.depth_min_prob / node_min_prob): rounds where the draft is unsure stop
-# growing early and verify fewer nodes; specvlm.config.CPU_TREE, the CPU default
 CPU_TREE_NAME = "k2-n14-d8 bounded"
 SPECVLM_TREES = (CPU_TREE_NAME,)  # specvlm (elastic compressor draft) runs on the CPU default
 COLS = ["task", "method", "tokens", "tokens_per_s", "speedup", "accept_length", "draft_visual_tokens", "prefill_ms",
