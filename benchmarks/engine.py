@@ -20,6 +20,7 @@ import torch
 
 from benchmarks.report import RESULTS, to_markdown, write_results
 from specvlm import EagleDraft, EngineConfig, SpecVLMEngine, TreeConfig
+from specvlm.config import CPU_TREE
 from specvlm.tiny import IMAGE, tiny_inputs, tiny_llava
 
 COLS = ["method", "batch", "tokens_per_s", "speedup", "accept_length", "prefill_ms", "draft_ms", "verify_ms",
@@ -47,8 +48,7 @@ def _time(fn, repeats: int) -> tuple[float, object]:
     return statistics.median(times), out
 
 
-def run(batch_sizes=(1, 8), max_new_tokens: int = 64, repeats: int = 3, tree: TreeConfig | None = None) -> list[dict]:
-    tree = tree or TreeConfig(top_k=4, total_tokens=16, depth=4)
+def run(batch_sizes=(1, 8), max_new_tokens: int = 64, repeats: int = 3, tree: TreeConfig = CPU_TREE) -> list[dict]:
     model = bench_target()
     draft = EagleDraft.from_target(model, seed=0)
     engines = {
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     header = (
         f"## Engine: 8x512 random target, untrained draft, CPU ({torch.get_num_threads()} threads), "
-        f"greedy, {args.max_new_tokens} new tokens, tree top_k=4 total=16 depth=4"
+        f"greedy, {args.max_new_tokens} new tokens, the CPU tree ({CPU_TREE!r})"
     )
     print(header, flush=True)
     rows = run(tuple(int(b) for b in args.batch_sizes.split(",")), args.max_new_tokens, args.repeats)
