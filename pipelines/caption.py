@@ -111,6 +111,14 @@ class CaptionJobConfig(StrictModel):
             raise ValueError(f"{v!r}: use a local path or an s3:// URI")
         return v
 
+    @model_validator(mode="before")
+    @classmethod
+    def _moved(cls, data):
+        """Configs written before ``decode:`` existed name their keys' new place instead of 'extra inputs'."""
+        if isinstance(data, dict) and (old := [k for k in cio.DecodeOptions.model_fields if k in data]):
+            raise ValueError(f"{', '.join(old)}: now under decode: (decode.{old[0]}, ...; see --print-config)")
+        return data
+
 
 # ----------------------------------------------------------------------------- dataset
 def _check_model(cfg: CaptionJobConfig) -> None:

@@ -93,6 +93,11 @@ def test_config_errors_name_the_field(data, field):
         parse_config(data, CaptionJobConfig, source="job.yaml")
 
 
+def test_a_decode_key_at_the_top_level_says_where_it_moved():
+    with pytest.raises(ConfigError, match=r"prompt, limits: now under decode: \(decode\.prompt"):
+        parse_config({"prompt": "what is it?", "limits": {"max_pixels": 10}}, CaptionJobConfig, source="job.yaml")
+
+
 def test_cli_flags_override_the_config(tmp_path):
     cfg_file = tmp_path / "job.yaml"
     job_yaml = {"batch_size": 2, "decode": {"prompt": "what is it?"}, "engine": {"mode": "ar"}}
