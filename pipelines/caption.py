@@ -58,7 +58,6 @@ from specvlm.loading import resolve_model
 from . import caption_io as cio
 from .ray_cluster import add_address_flag, init_ray
 
-DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "caption-demo.yaml"
 MAX_INPUT_BLOCKS = 1000  # listed files are cut into at most this many blocks (small jobs: one row per block)
 
 
@@ -121,12 +120,6 @@ class CaptionJobConfig(StrictModel):
 
 
 # ----------------------------------------------------------------------------- dataset
-def _check_model(cfg: CaptionJobConfig) -> None:
-    """Fail on the driver, before any actor starts, for a model the actors could not load
-    (`specvlm.loading.resolve_model`: a missing local folder, a mode without a draft)."""
-    resolve_model(cfg.model, cfg.engine.mode)
-
-
 def resource_warning(cfg: CaptionJobConfig, gpus: float, nodes: list[dict]) -> str | None:
     """A warning when the cluster (``ray.nodes()``-style entries with ``Alive`` and ``Resources``) cannot hold
     ``actors.min`` actors plus one decode task: the job would then wait without progress. None when it fits."""
@@ -259,7 +252,7 @@ def run(cfg: CaptionJobConfig) -> dict:
 
     if not cfg.input or not cfg.output:
         raise ValueError("both input and output are needed (--input / --output, or input:/output: in the config)")
-    _check_model(cfg)
+    resolve_model(cfg.model, cfg.engine.mode)  # a model the actors could not load fails here, on the driver
     t0 = time.perf_counter()
     inputs = cio.list_inputs(cfg.input, skip=cfg.output)
     state = cio.scan_output(cfg.output)
@@ -320,7 +313,9 @@ def _parser() -> argparse.ArgumentParser:
                     "are results, in the output's error column)")  # fmt: skip
     ap.add_argument("--input", help="folder, s3:// prefix, .tar shard, .parquet/.jsonl manifest, or one file")
     ap.add_argument("--output", help="output folder or s3:// prefix")
-    ap.add_argument("--config", type=Path, help=f"job YAML (default: the demo job, {DEMO_CONFIG.name})")
+    ap.add_argument(
+        "--config", type=Path, help="job YAML (default: the built-in defaults, the demo job; --print-config shows them)"
+    )
     ap.add_argument("--prompt", help="prompt for rows without their own (default: per image/video)")
     ap.add_argument("--max-new-tokens", type=int, help="sampling.max_new_tokens")
     ap.add_argument("--actors", type=_actors, help="actor pool MIN:MAX (or N)")

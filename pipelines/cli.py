@@ -27,7 +27,6 @@ def _job_main(name: str):
 
 def _demo_model(args: argparse.Namespace) -> None:
     import shutil
-    from pathlib import Path
 
     from specvlm.demo import demo_dir
     from specvlm.demo.recipe import DemoRecipe, build_demo, is_built
