@@ -2,7 +2,8 @@
 
 Used by the tests, the engine benchmark and anyone who wants to try the
 engine without a checkpoint. Token ids: 0 pad, 1 bos, 2 eos, 3 image
-placeholder, the rest text.
+placeholder; Qwen-VL models also 4 video placeholder, 5 vision start, 6 vision
+end; the rest text.
 
 Legend: B batch rows, T tokens, N images, C channels, H/W pixels.
 """
@@ -22,6 +23,8 @@ from transformers import (
 from .inputs import left_pad
 
 PAD, BOS, EOS, IMAGE = 0, 1, 2, 3
+VIDEO, VISION_START, VISION_END = 4, 5, 6  # Qwen-VL only
+QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 
 def tiny_llava(
@@ -111,4 +114,110 @@ def tiny_inputs(model, text_lengths: list[int], seed: int = 0, image_sizes: list
         text = torch.randint(IMAGE + 1, vocab, (L,), generator=g).tolist()
         rows.append([BOS] + [IMAGE] * n + text)
     out.update(left_pad(rows, PAD))
+    return out
+
+
+def tiny_qwen(
+    family: str = "qwen2_5_vl",
+    hidden: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+    vocab: int = 96,
+    patch: int = 4,
+    intermediate: int | None = None,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+):
+    """A random-init Qwen2-VL / Qwen2.5-VL / Qwen3-VL (``family``: one of `QWEN_FAMILIES`).
+
+    The vision tower is 2 blocks wide 32 with ``patch``-pixel patches, 2x2 merge and 2-frame temporal
+    patches; the text model's M-RoPE sections split its head dim (``hidden // heads``) 2:1:1 (Qwen2.x,
+    contiguous) or interleaved (Qwen3-VL, which also feeds DeepStack features into its first 2 layers).
+    """
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    if family not in QWEN_FAMILIES:
+        raise ValueError(f"family must be one of {QWEN_FAMILIES}, got {family!r}")
+    half = hidden // heads // 2
+    section = [half - 2 * (half // 4), half // 4, half // 4]  # t, h, w frequencies: sums to head_dim / 2
+    text = dict(
+        hidden_size=hidden, intermediate_size=intermediate or 2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab, max_position_embeddings=4096,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section},
+        pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS,
+    )  # fmt: skip
+    vision = dict(depth=2, num_heads=2, patch_size=patch, spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
+    if family == "qwen2_vl":
+        vision.update(embed_dim=32, hidden_size=hidden, mlp_ratio=2)
+    elif family == "qwen2_5_vl":
+        vision.update(hidden_size=32, intermediate_size=64, out_hidden_size=hidden, window_size=4 * patch,
+                      fullatt_block_indexes=[1], tokens_per_second=2)  # fmt: skip
+    else:
+        vision.update(hidden_size=32, intermediate_size=64, out_hidden_size=hidden, num_position_embeddings=64,
+                      deepstack_visual_indexes=[0, 1])  # fmt: skip
+        text["head_dim"] = hidden // heads
+    cfg = AutoConfig.for_model(
+        family, text_config=text, vision_config=vision, image_token_id=IMAGE, video_token_id=VIDEO,
+        vision_start_token_id=VISION_START, vision_end_token_id=VISION_END, tie_word_embeddings=False,
+    )  # fmt: skip
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForImageTextToText.from_config(cfg)
+    model.generation_config.eos_token_id = EOS
+    model.generation_config.pad_token_id = PAD
+    model.generation_config.bos_token_id = BOS
+    return model.to(dtype).eval()
+
+
+def tiny_qwen_inputs(model, rows: list[tuple], seed: int = 0) -> dict:
+    """Left-padded Qwen-VL prompts with random pixels, as the Qwen processor lays them out.
+
+    Each row is ``(media, text_length)`` with media ``None`` (text only), ``("image", h, w)`` or
+    ``("video", frames, h, w)`` (pixels; multiples of ``2 * patch``, frames of 2). A row reads
+    ``[bos, <vision_start>, <pad> * n, <vision_end>, text...]``; Qwen3-VL videos put each temporal
+    patch in its own ``<vision_start> ... <vision_end>`` after a timestamp token, as its processor does.
+
+    Returns ``input_ids``, ``attention_mask``, ``mm_token_type_ids`` ``[B, T]``; ``pixel_values``
+    ``[patches, C * 2 * p * p]`` + ``image_grid_thw [N, 3]`` and ``pixel_values_videos`` +
+    ``video_grid_thw`` (+ ``second_per_grid_ts`` for Qwen2.5-VL) when present.
+    """
+    g = torch.Generator().manual_seed(seed)
+    vc = model.config.vision_config
+    p, m, tp = vc.patch_size, vc.spatial_merge_size, vc.temporal_patch_size
+    dtype = next(model.parameters()).dtype
+    vocab = model.config.text_config.vocab_size
+    family = model.config.model_type
+    first_text = VISION_END + 1
+    ids, pix = [], {"image": [], "video": []}
+    grids = {"image": [], "video": []}
+    for media, length in rows:
+        row = [BOS]
+        if media is not None:
+            kind, *shape = media
+            frames, h, w = (tp, *shape) if kind == "image" else shape
+            t, gh, gw = frames // tp, h // p, w // p
+            grids[kind].append([t, gh, gw])
+            pix[kind].append(torch.randn(t * gh * gw, 3 * tp * p * p, generator=g))
+            per = gh * gw // (m * m)  # merged tokens per temporal patch
+            pad = IMAGE if kind == "image" else VIDEO
+            if kind == "video" and family == "qwen3_vl":
+                for _ in range(t):  # "<t seconds>" timestamp text, then the frame
+                    row += [int(torch.randint(first_text, vocab, (1,), generator=g)), VISION_START]
+                    row += [pad] * per + [VISION_END]
+            else:
+                row += [VISION_START] + [pad] * (t * per) + [VISION_END]
+        row += torch.randint(first_text, vocab, (length,), generator=g).tolist()
+        ids.append(row)
+    out = left_pad(ids, PAD)
+    ii = out["input_ids"]
+    out["mm_token_type_ids"] = ((ii == IMAGE).long() + 2 * (ii == VIDEO).long()).int()
+    if grids["image"]:
+        out["pixel_values"] = torch.cat(pix["image"]).to(dtype)
+        out["image_grid_thw"] = torch.tensor(grids["image"])
+    if grids["video"]:
+        out["pixel_values_videos"] = torch.cat(pix["video"]).to(dtype)
+        out["video_grid_thw"] = torch.tensor(grids["video"])
+        if family == "qwen2_5_vl":
+            out["second_per_grid_ts"] = torch.ones(len(grids["video"]))
     return out
