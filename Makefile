@@ -30,9 +30,11 @@ dev: $(VENV)/.dev
 
 DEMO_OUT ?= out/caption-demo
 
-# rebuilds the demo model from its recipe into $$SPECVLM_HOME/demo (the package ships the same build)
+# rebuilds the demo model from its recipe into $$SPECVLM_HOME/demo (the package ships the same build);
+# FAMILY=qwen2_5_vl builds the Qwen2.5-VL-shaped demo into $$SPECVLM_HOME/demo-qwen2_5_vl
+FAMILY ?= llava
 demo-model: $(VENV)/.installed
-	$(BIN)/specvlm demo-model $(DEMO_MODEL_ARGS)
+	$(BIN)/specvlm demo-model --family $(FAMILY) $(DEMO_MODEL_ARGS)
 
 demo: $(VENV)/.installed
 	$(BIN)/specvlm caption --input examples/inputs --output $(DEMO_OUT)

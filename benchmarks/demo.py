@@ -3,11 +3,14 @@
 Run with ``make bench`` / ``specvlm bench demo`` / ``python -m benchmarks.demo``.
 
 1. Speed (greedy, batch 1, CPU): for held-out ShapesWorld questions (image
-   captions, QA, 4-frame videos) the target's HF ``generate``, the engine's
-   ``ar`` loop, ``eagle`` with a few tree shapes and ``specvlm`` (the draft
-   with the elastic visual compressor), all on the same inputs in one
-   process. Reports tokens/s, speedup over HF generate, accept length, the
-   time split, and whether the tokens are identical to HF's.
+   captions, QA, 4-frame videos) the target's HF ``generate``, HF's own
+   speculation (``generate(prompt_lookup_num_tokens=10)``, prompt lookup),
+   the engine's ``ar`` loop, ``eagle`` with a few tree shapes and ``specvlm``
+   (the draft with the elastic visual compressor), all on the same inputs in
+   one process, interleaved. Reports tokens/s and speedup over HF generate
+   as the median of ``--repeats`` rounds with their range, accept length,
+   the time split, and whether the tokens are identical to HF's.
+   ``--family qwen2_5_vl`` runs the Qwen2.5-VL demo (videos as video input).
 2. Training-time scaling (SpecVLM paper §4: longer online distillation ->
    longer accepted runs): a fresh draft is distilled on the demo target and
    its real accept length measured every few steps; the curve is written to
@@ -27,10 +30,9 @@ from benchmarks.report import RESULTS, to_markdown, write_results
 from specvlm import EngineConfig, SpecVLMEngine, TreeConfig
 from specvlm.config import CPU_TREE
 from specvlm.demo import load_demo
-from specvlm.demo.recipe import DemoRecipe, distill_demo_draft, examples
-from specvlm.distill import evaluate_accept_length
+from specvlm.demo.recipe import DEMO_FAMILIES, DemoRecipe, distill_demo_draft, examples
+from specvlm.distill import encode_samples, evaluate_accept_length
 from specvlm.engine import pooled_accept_length
-from specvlm.inputs import encode
 
 ROOT = Path(__file__).resolve().parent.parent
 TREES = {
@@ -43,8 +45,9 @@ TREES = {
 FIXED_TREE = "k2-n14-d8"
 CPU_TREE_NAME = "k2-n14-d8 bounded"
 SPECVLM_TREES = (CPU_TREE_NAME,)  # specvlm (elastic compressor draft) runs on the CPU default
-COLS = ["task", "method", "tokens", "tokens_per_s", "speedup", "accept_length", "draft_visual_tokens", "prefill_ms",
-        "draft_prefill_ms", "draft_ms", "verify_ms", "identical_to_hf"]  # fmt: skip
+COLS = ["task", "method", "tokens", "tokens_per_s", "speedup", "speedup_range", "accept_length", "draft_visual_tokens",
+        "prefill_ms", "draft_prefill_ms", "draft_ms", "verify_ms", "identical_to_hf"]  # fmt: skip
+PROMPT_LOOKUP = 10  # HF generate's prompt_lookup_num_tokens: the speculation a user gets for free
 
 
 KINDS = {
@@ -54,26 +57,28 @@ KINDS = {
 }
 
 
-def hf_generate(model, max_new_tokens: int):
-    """The target's own HF ``generate`` (greedy, image tokens suppressed) as a method for `measure`."""
-    image_id = model.config.image_token_id
+def hf_generate(model, max_new_tokens: int, **kw):
+    """The target's own HF ``generate`` (greedy, image and video placeholders suppressed; ``kw``: more
+    generate options, e.g. ``prompt_lookup_num_tokens``) as a method for `measure`."""
+    placeholders = [t for t in (model.config.image_token_id, getattr(model.config, "video_token_id", None)) if t]
     eos = model.generation_config.eos_token_id
 
     def run(enc):
-        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, suppress_tokens=[image_id])
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, suppress_tokens=placeholders,
+                             **kw)  # fmt: skip
         seq = out[0, enc["input_ids"].shape[1] :].tolist()
         return (seq[: seq.index(eos) + 1] if eos in seq else seq), None
 
     return run
 
 
-def measure(methods: dict, inputs: list, max_new_tokens: int, repeats: int) -> dict:
+def measure(methods: dict, inputs: list, max_new_tokens: int, rounds: int) -> dict:
     """Run every method (an engine, or a callable ``enc -> (tokens, stats)``) over the same batch-1 inputs.
 
-    Returns ``name -> (seconds, sequences, stats)``: for each input every method runs ``repeats``
-    times, interleaved with the others, and keeps its fastest time on that input; ``seconds`` sums
-    those minima (after one warm-up call each). Per-input minima drop the VM's one-off stalls that
-    would otherwise land on whichever method happened to run then.
+    Returns ``name -> (round_seconds, sequences, stats)``: ``rounds`` rounds (after one warm-up call
+    each), every round runs each input through every method back to back (interleaved, the order
+    rotating per round so no method always runs first), and ``round_seconds[r]`` sums a method's
+    times in round r. Greedy: every round gives the same tokens.
     """
 
     def call(method, enc):
@@ -84,26 +89,30 @@ def measure(methods: dict, inputs: list, max_new_tokens: int, repeats: int) -> d
 
     for method in methods.values():
         call(method, inputs[0])  # warm-up
-    results = {name: [0.0, [], []] for name in methods}
-    for enc in inputs:
-        best, out = dict.fromkeys(methods, float("inf")), {}
-        for _ in range(repeats):
-            for name, method in methods.items():
+    names = list(methods)
+    secs = {name: [0.0] * rounds for name in names}
+    out = {name: ([], []) for name in names}
+    for r in range(rounds):
+        order = names[r % len(names) :] + names[: r % len(names)]
+        for enc in inputs:
+            for name in order:
                 t0 = time.perf_counter()
-                out[name] = call(method, enc)  # greedy: the same tokens every repeat
-                best[name] = min(best[name], time.perf_counter() - t0)
-        for name, res in results.items():
-            res[0] += best[name]
-            res[1].append(out[name][0])
-            res[2].append(out[name][1])
-    return {name: tuple(r) for name, r in results.items()}
+                tokens, stats = call(methods[name], enc)
+                secs[name][r] += time.perf_counter() - t0
+                if r == 0:
+                    out[name][0].append(tokens)
+                    out[name][1].append(stats)
+    return {name: (secs[name], *out[name]) for name in names}
 
 
 def speed_row(name: str, result, hf_result, **extra) -> dict:
-    """One table row: tokens/s, speedup over HF generate, mean stats, and whether the tokens equal HF's."""
-    sec, seqs, stats = result
+    """One table row: median tokens/s and speedup over HF generate across rounds (each round's speedup
+    from the same round's HF time) with the speedup's range, mean stats, and whether the tokens equal HF's."""
+    secs, seqs, stats = result
     n_tok = sum(len(s) for s in seqs)
-    row = dict(**extra, method=name, tokens=n_tok, tokens_per_s=n_tok / sec, speedup=hf_result[0] / sec,
+    ratios = [h / m for h, m in zip(hf_result[0], secs)]
+    row = dict(**extra, method=name, tokens=n_tok, tokens_per_s=statistics.median(n_tok / t for t in secs),
+               speedup=statistics.median(ratios), speedup_range=f"{min(ratios):.2f}-{max(ratios):.2f}",
                identical_to_hf=seqs == hf_result[1])  # fmt: skip
     if stats[0] is not None:
         keys = ("prefill_ms", "draft_prefill_ms", "draft_ms", "verify_ms", "draft_visual_tokens")
@@ -112,11 +121,15 @@ def speed_row(name: str, result, hf_result, **extra) -> dict:
     return row
 
 
-def speed(demo, n: int = 16, max_new_tokens: int = 48, repeats: int = 3, device: str = "cpu") -> list[dict]:
+def speed(demo, n: int = 16, max_new_tokens: int = 48, repeats: int = 3, device: str = "cpu",
+          native_video: bool = False) -> list[dict]:  # fmt: skip
     """Per task kind and method: tokens/s over ``n`` held-out inputs at batch 1 (see `measure`)."""
     proc, model = demo.processor, demo.target
     methods = {
         "hf_generate": hf_generate(model, max_new_tokens),
+        f"hf_generate prompt_lookup={PROMPT_LOOKUP}": hf_generate(
+            model, max_new_tokens, prompt_lookup_num_tokens=PROMPT_LOOKUP
+        ),
         "ar": SpecVLMEngine(model, None, EngineConfig(mode="ar")),
     }
     for name, tree in TREES.items():
@@ -127,7 +140,8 @@ def speed(demo, n: int = 16, max_new_tokens: int = 48, repeats: int = 3, device:
         )
     rows = []
     for kind, mix in KINDS.items():
-        inputs = [encode(proc, [s["prompt"]], [s["image"]]).to(device) for s in examples(seed=777, n=n, **mix)]
+        samples = examples(seed=777, n=n, native_video=native_video, **mix)
+        inputs = [encode_samples(proc, [s]).to(device) for s in samples]
         results = measure(methods, inputs, max_new_tokens, repeats)
         for name, result in results.items():
             rows.append(speed_row(name, result, results["hf_generate"], task=kind))
@@ -176,7 +190,8 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="specvlm bench demo", description=__doc__.splitlines()[0])
     ap.add_argument("--num", type=int, default=16, help="held-out inputs per task kind for the speed table")
     ap.add_argument("--max-new-tokens", type=int, default=48)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved rounds; tables quote their median and range")
+    ap.add_argument("--family", default="llava", choices=DEMO_FAMILIES, help="which demo build to run")
     ap.add_argument("--curve-steps", type=int, default=400, help="0 skips the accept-vs-steps curve")
     ap.add_argument(
         "--threads",
@@ -188,7 +203,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    demo = load_demo()
+    demo = load_demo(family=args.family)
+    native_video = args.family != "llava"
     where = f"CPU ({torch.get_num_threads()} thread(s))"
     if args.device != "cpu":
         for model in (demo.target, demo.draft, demo.specvlm_draft):
@@ -196,15 +212,18 @@ def main(argv: list[str] | None = None) -> None:
         where = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else args.device
         args.curve_steps = 0  # the training curve is a CPU figure
     header = (
-        f"## Demo model: greedy, batch 1, {where}, {args.num} held-out inputs "
-        f"per task, max {args.max_new_tokens} new tokens; speedup = HF generate time / method time"
+        f"## Demo model ({args.family}): greedy, batch 1, {where}, {args.num} held-out inputs per task, max "
+        f"{args.max_new_tokens} new tokens; speedup = HF generate time / method time, median of {args.repeats} "
+        "interleaved rounds (range)"
     )
     print(header, flush=True)
     print("| " + " | ".join(COLS) + " |", flush=True)
-    rows = speed(demo, args.num, args.max_new_tokens, args.repeats, args.device)
+    rows = speed(demo, args.num, args.max_new_tokens, args.repeats, args.device, native_video)
     table = to_markdown(rows, COLS)
     report = header + "\n\n" + table + "\n"
     result = {"speed": rows}
+    if args.family != "llava":
+        args.curve_steps = 0  # the training curve is the LLaVA demo's figure
     if args.curve_steps:
         print("\n## Accept length vs distillation steps (fresh draft, seed 1)", flush=True)
         at = tuple(s for s in (0, 25, 50, 100, 200, 300, 400, 600, 800) if s <= args.curve_steps)
@@ -213,7 +232,8 @@ def main(argv: list[str] | None = None) -> None:
         report += "\n## Accept length vs distillation steps\n\n" + to_markdown(curve, ["step", "accept_length"]) + "\n"
         result["accept_vs_steps"] = curve
         print(f"wrote {ROOT / 'docs' / 'accept_vs_steps.png'}")
-    name = "demo" if args.device == "cpu" else f"demo-{torch.device(args.device).type}"  # CPU results stay
+    name = "demo" if args.family == "llava" else f"demo-{args.family}"
+    name = name if args.device == "cpu" else f"{name}-{torch.device(args.device).type}"  # CPU results stay
     write_results(args.out, name, report, result)
 
 

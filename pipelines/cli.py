@@ -12,6 +12,7 @@ from pathlib import Path
 
 JOBS = ("caption", "distill", "serve")  # subcommands with their own argument parsers (pipelines/<name>.py)
 BENCHES = ("engine", "demo", "compressor", "caption", "serve")
+DEMO_FAMILIES = ("llava", "qwen2_5_vl")  # specvlm.demo.recipe.DEMO_FAMILIES (not imported: the CLI starts fast)
 
 
 def _job_main(name: str):
@@ -31,8 +32,9 @@ def _demo_model(args: argparse.Namespace) -> None:
     from specvlm.demo import demo_dir
     from specvlm.demo.recipe import DemoRecipe, build_demo, is_built
 
-    out = Path(args.output) if args.output else demo_dir()
-    recipe = DemoRecipe().small() if args.small else DemoRecipe()
+    out = Path(args.output) if args.output else demo_dir(args.family)
+    recipe = DemoRecipe.for_family(args.family)
+    recipe = recipe.small() if args.small else recipe
     work = out.parent / f".{out.name}-build"  # an interrupted build resumes from its finished stages
     if is_built(out, recipe) and not args.force:
         print(f"demo model already built in {out} (use --force to rebuild)")
@@ -134,7 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     dm.add_argument("--force", action="store_true", help="rebuild even if present")
     dm.add_argument("--small", action="store_true", help="the reduced recipe the tests use (seconds)")
-    dm.add_argument("--output", help="folder (default: $SPECVLM_HOME/demo)")
+    dm.add_argument("--output", help="folder (default: $SPECVLM_HOME/demo, or demo-<family>)")
+    dm.add_argument("--family", default="llava", choices=DEMO_FAMILIES,
+                    help="the demo target's family: llava (the default, shipped) or qwen2_5_vl")  # fmt: skip
     dm.set_defaults(func=_demo_model)
     # subcommands with their own argument parsers: everything after the name is theirs
     sub.add_parser("caption", help="batch-caption images/videos with Ray Data (demo model by default)", add_help=False)

@@ -184,7 +184,8 @@ class ModelConfig(StrictModel):
     """Which target and draft to load: ``demo`` (the project's own demo model), a local HF
     folder holding model + processor, or an ``s3://`` prefix."""
 
-    target: str = Field("demo", description="'demo', a local folder or s3:// prefix (model + processor)")
+    target: str = Field("demo", description="'demo' (the LLaVA demo), 'demo-qwen2_5_vl' (the Qwen2.5-VL demo, once "
+                        "built), a local folder or s3:// prefix (model + processor)")  # fmt: skip
     draft: str | None = Field(None, description="draft folder or s3:// prefix; None = the demo's draft for 'demo'")
     dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
         None, description="None = as saved, but float32 for half precision this CPU would emulate"

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from .decoder import causal_mask
 from .draft import EagleDraft
 from .engine import pooled_accept_length
-from .inputs import IGNORE_INDEX, encode, left_pad, pad_token_id
+from .inputs import IGNORE_INDEX, encode, left_pad, pad_token_id, question_chat
 from .target import TargetAdapter
 
 NOT_MEDIA = ("input_ids", "attention_mask", "pixel_values", "mm_token_type_ids")  # processor outputs besides media
@@ -184,19 +184,24 @@ def make_optimizer(draft: EagleDraft, lr: float = 8e-5, weight_decay: float = 0.
 
 
 # ----------------------------------------------------------------------------- data
-def _encode(processor, samples: list[dict]):
-    """`specvlm.inputs.encode` of samples ``{"image": PIL, "prompt": question}``."""
-    return encode(processor, [s["prompt"] for s in samples], [s["image"] for s in samples])
+def encode_samples(processor, samples: list[dict]):
+    """`specvlm.inputs.encode` of samples ``{"image": PIL | "video": [frames], "prompt": question}`` (a batch may
+    mix images and videos; videos need a Qwen-VL processor)."""
+    chats = [question_chat(s["prompt"], num_images=int("image" in s), num_videos=int("video" in s)) for s in samples]
+    images = [s["image"] for s in samples if "image" in s]
+    videos = [s["video"] for s in samples if "video" in s]
+    return encode(processor, chats, images or None, videos or None)
 
 
 def collate(processor, samples: list[dict], responses: list[list[int]] | None = None) -> DistillBatch:
-    """Samples ``{"image": PIL, "prompt": question, "response": text}`` -> a left-padded `DistillBatch`.
+    """Samples ``{"image": PIL | "video": [frames], "prompt": question, "response": text}`` -> a left-padded
+    `DistillBatch`.
 
     ``responses`` (token ids, e.g. the target's own greedy output) replace the
     samples' response text when given. Text responses get the EOS token appended.
     """
     tok = processor.tokenizer
-    enc = _encode(processor, samples)
+    enc = encode_samples(processor, samples)
     if responses is None:
         responses = [tok(" " + s["response"].strip(), add_special_tokens=False).input_ids + [tok.eos_token_id]
                      for s in samples]  # fmt: skip
@@ -207,13 +212,13 @@ def collate(processor, samples: list[dict], responses: list[list[int]] | None = 
 
 def target_responses(engine, processor, samples: list[dict], max_new_tokens: int) -> list[list[int]]:
     """The target's own greedy continuations (``response_source: target``), via an ``ar`` engine."""
-    return engine.generate(**_encode(processor, samples), max_new_tokens=max_new_tokens).sequences
+    return engine.generate(**encode_samples(processor, samples), max_new_tokens=max_new_tokens).sequences
 
 
 def evaluate_accept_length(engine, processor, samples: list[dict], max_new_tokens: int = 48) -> float:
     """Accept length of ``engine`` (``eagle``/``specvlm`` mode) over held-out samples, greedy, batch 1,
     pooled over the samples (`engine.pooled_accept_length`)."""
-    stats = [engine.generate(**_encode(processor, [s]), max_new_tokens=max_new_tokens).stats[0] for s in samples]
+    stats = [engine.generate(**encode_samples(processor, [s]), max_new_tokens=max_new_tokens).stats[0] for s in samples]
     return pooled_accept_length(stats)
 
 

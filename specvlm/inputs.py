@@ -41,6 +41,12 @@ LLAVA_CHAT_TEMPLATE = (
 )
 
 
+def question_chat(question: str, num_images: int = 1, num_videos: int = 0) -> list[dict]:
+    """A question as chat messages: one user turn of ``num_images`` images, ``num_videos`` videos, then the text."""
+    media = [{"type": "image"}] * num_images + [{"type": "video"}] * num_videos
+    return [{"role": "user", "content": media + [{"type": "text", "text": question}]}]
+
+
 def chat_prompt(processor, chat: str | list[dict], num_images: int = 1) -> str:
     """The prompt text for a chat, ending where the assistant's answer starts.
 

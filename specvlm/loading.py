@@ -24,6 +24,7 @@ SHIPPED_DEMO_DIR = Path(__file__).parent / "demo" / "model"  # the build `DemoRe
 DEMO_DRAFTS = {"eagle": "draft", "specvlm": "draft-specvlm"}  # the demo build's draft folder per engine mode
 DEMO_PARTS = ("target", *DEMO_DRAFTS.values())
 DEMO_NAME = "specvlm-demo"  # the demo target's name in outputs (``model``)
+DEMO_TARGETS = {"demo": "llava", "demo-qwen2_5_vl": "qwen2_5_vl"}  # model names of the demo builds -> family
 
 
 def specvlm_home() -> Path:
@@ -31,18 +32,22 @@ def specvlm_home() -> Path:
     return Path(os.environ.get("SPECVLM_HOME") or Path.home() / ".cache" / "specvlm")
 
 
-def demo_dir() -> Path:
-    """Where ``make demo-model`` puts a rebuild: ``$SPECVLM_HOME/demo`` (default ``~/.cache/specvlm/demo``)."""
-    return specvlm_home() / "demo"
+def demo_dir(family: str = "llava") -> Path:
+    """Where ``make demo-model`` puts a rebuild: ``$SPECVLM_HOME/demo`` (default ``~/.cache/specvlm/demo``);
+    other families' demos (``--family qwen2_5_vl``) in ``$SPECVLM_HOME/demo-<family>``."""
+    return specvlm_home() / ("demo" if family == "llava" else f"demo-{family}")
 
 
 def _demo_complete(root: Path) -> bool:
     return all((root / p / "config.json").is_file() for p in DEMO_PARTS)
 
 
-def demo_path() -> Path:
-    """The demo build in use: a rebuild in `demo_dir()` when there is one, else the shipped `SHIPPED_DEMO_DIR`."""
-    return demo_dir() if _demo_complete(demo_dir()) else SHIPPED_DEMO_DIR
+def demo_path(family: str = "llava") -> Path:
+    """The demo build in use: a rebuild in `demo_dir()` when there is one, else the shipped `SHIPPED_DEMO_DIR`
+    (LLaVA; other families ship no build: their `demo_dir`)."""
+    if family != "llava" or _demo_complete(demo_dir()):
+        return demo_dir(family)
+    return SHIPPED_DEMO_DIR
 
 
 class DemoNotBuiltError(FileNotFoundError):
@@ -106,30 +111,33 @@ def resolve_model(
     """The folders ``model`` names for engine ``mode``, checked without loading anything (s3:// prefixes are
     taken as given).
 
-    ``target: demo`` is the demo build (``demo_root``, else `demo_path()`), and without ``model.draft`` its
-    draft for the mode (``draft`` for eagle, ``draft-specvlm`` for specvlm). Mode ``ar`` needs no draft; the
-    others need one, except with ``fresh_draft`` (a draft to be distilled: ``model.draft`` is where it starts,
-    None a fresh one, also for the demo). Raises FileNotFoundError (`DemoNotBuiltError` for the demo) for a
-    missing or non-model local folder, ValueError for a missing draft.
+    ``target: demo`` (or ``demo-qwen2_5_vl``) is the demo build (``demo_root``, else `demo_path()`), and
+    without ``model.draft`` its draft for the mode (``draft`` for eagle, ``draft-specvlm`` for specvlm).
+    Mode ``ar`` needs no draft; the others need one, except with ``fresh_draft`` (a draft to be distilled:
+    ``model.draft`` is where it starts, None a fresh one, also for the demo). Raises FileNotFoundError
+    (`DemoNotBuiltError` for the demo) for a missing or non-model local folder, ValueError for a missing draft.
     """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; one of {', '.join(MODES)}")
     demo, dtype = None, None
-    if model.target == "demo":
-        demo, dtype = Path(demo_root) if demo_root else demo_path(), "float32"
+    if model.target in DEMO_TARGETS:
+        family = DEMO_TARGETS[model.target]
+        demo, dtype = Path(demo_root) if demo_root else demo_path(family), "float32"
         if not _demo_complete(demo):
-            hint = "run `make demo-model` (or `specvlm demo-model --output DIR`)"
+            flag = "" if family == "llava" else f" --family {family}"
+            hint = f"run `specvlm demo-model{flag}` (or `make demo-model{' FAMILY=' + family if flag else ''}`)"
             raise DemoNotBuiltError(f"no demo model in {demo}: {hint}")
-        target, target_name = str(demo / "target"), DEMO_NAME
+        target = str(demo / "target")
+        target_name = DEMO_NAME if family == "llava" else f"{DEMO_NAME}-{family}"
     else:
         target = _folder("model.target", model.target, "a local HF folder, an s3:// prefix, or 'demo'")
         target_name = model.target
     draft = draft_name = None
     if mode == "ar":
         pass
-    elif model.draft == "demo":
-        raise ValueError("model.draft takes a draft folder or s3:// prefix, not 'demo' (target: demo brings the "
-                         "demo's drafts)")  # fmt: skip
+    elif model.draft in DEMO_TARGETS:
+        raise ValueError(f"model.draft takes a draft folder or s3:// prefix, not {model.draft!r} (target: "
+                         f"{model.draft} brings the demo's drafts)")  # fmt: skip
     elif model.draft is not None:
         draft = _folder("model.draft", model.draft, "a draft folder or an s3:// prefix")
         draft_name = model.draft
@@ -137,7 +145,7 @@ def resolve_model(
         pass
     elif demo is not None:
         draft = str(demo / DEMO_DRAFTS[mode])
-        draft_name = f"{DEMO_NAME}-{DEMO_DRAFTS[mode]}@{demo}"
+        draft_name = f"{target_name}-{DEMO_DRAFTS[mode]}@{demo}"
     else:
         raise ValueError(f"mode {mode!r} needs a draft: set model.draft (a folder or s3:// prefix)")
     return ModelFolders(target, draft, demo, target_name, draft_name, dtype)

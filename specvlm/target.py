@@ -47,6 +47,12 @@ CLASSES = (
 )
 
 
+def mm_token_type_ids(config, input_ids: torch.Tensor) -> torch.Tensor:
+    """Qwen-VL's token types ``[B, T]`` (int32): 0 text, 1 image placeholder, 2 video placeholder, as its
+    processor returns them; its ``get_rope_index`` (and HF forward) read them."""
+    return (input_ids == config.image_token_id).int() + 2 * (input_ids == config.video_token_id).int()
+
+
 @dataclass
 class Prompt:
     """A batch of prompts ready for the prefill (`TargetAdapter.prompt`)."""
@@ -199,9 +205,8 @@ class TargetAdapter:
             if getattr(out, "deepstack_features", None):  # Qwen3-VL: per layer, per image/video
                 deep[kind] = [torch.cat(list(f), dim=0).to(embeds.dtype) for f in out.deepstack_features]
         mask = attention_mask.long()
-        types = (input_ids == self.image_token_id).int() + 2 * (input_ids == self.video_token_id).int()
         positions, _ = m.get_rope_index(
-            input_ids, types, mm.get("image_grid_thw"), mm.get("video_grid_thw"),
+            input_ids, mm_token_type_ids(self.config, input_ids), mm.get("image_grid_thw"), mm.get("video_grid_thw"),
             second_per_grid_ts=mm.get("second_per_grid_ts"), attention_mask=mask,
         )  # fmt: skip  # [3, B, T]
         # every axis of the first generated token: one past the prompt's largest position (HF's rope delta)

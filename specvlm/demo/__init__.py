@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import ModelConfig
+from ..loading import DEMO_TARGETS, DemoNotBuiltError, demo_dir, demo_path, load_target, resolve_model
 from ..loading import SHIPPED_DEMO_DIR as SHIPPED_DIR
-from ..loading import DemoNotBuiltError, demo_dir, demo_path, load_target, resolve_model
 from .text import build_processor, build_tokenizer, format_example, prompt
 from .world import ShapesWorld
 
@@ -50,15 +50,17 @@ class DemoBundle:
         return self.specvlm_draft if mode == "specvlm" else self.draft
 
 
-def load_demo(path: str | Path | None = None) -> DemoBundle:
-    """Load a demo build in float32: ``path``, else `demo_path()` (a rebuild in the cache, else the shipped one).
+def load_demo(path: str | Path | None = None, family: str = "llava") -> DemoBundle:
+    """Load a demo build in float32: ``path``, else `demo_path(family)` (LLaVA: a rebuild in the cache, else the
+    shipped one; other families: their rebuild in the cache).
 
-    The folders come from `specvlm.loading.resolve_model` (``target: demo``); raises `DemoNotBuiltError` when
-    ``path`` holds no complete build.
+    The folders come from `specvlm.loading.resolve_model` (``target: demo`` / ``demo-<family>``); raises
+    `DemoNotBuiltError` when there is no complete build.
     """
     from ..draft import EagleDraft
 
-    eagle, specvlm = (resolve_model(ModelConfig(target="demo"), m, demo_root=path) for m in ("eagle", "specvlm"))
+    name = next(n for n, f in DEMO_TARGETS.items() if f == family)
+    eagle, specvlm = (resolve_model(ModelConfig(target=name), m, demo_root=path) for m in ("eagle", "specvlm"))
     model, processor = load_target(eagle.target, eagle.dtype)
     drafts = [EagleDraft.from_pretrained(f.draft).float() for f in (eagle, specvlm)]
     return DemoBundle(model, processor, drafts[0], eagle.demo, drafts[1])

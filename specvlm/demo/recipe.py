@@ -2,15 +2,19 @@
 
 Legend: B batch rows, T tokens, V vocab.
 
-The target is a real HF `LlavaForConditionalGeneration` (a small CLIP vision
-tower + a 6-layer Llama decoder) trained from scratch to caption shapes
-scenes, answer questions about them and describe short videos (4 frames
-tiled 2x2 into one image, since LLaVA-1.5 reads images only). The draft is
-then distilled onto the trained target with `specvlm.distill` on the
-target's own greedy outputs. Everything is seeded, so a rebuild gives the
-same weights on the same machine.
+The target is a real HF VLM trained from scratch to caption shapes scenes,
+answer questions about them and describe short videos. ``family: llava``
+(the default, shipped): a `LlavaForConditionalGeneration` (a small CLIP
+vision tower + a 6-layer Llama decoder) that reads a video as its 4 frames
+tiled 2x2 into one image. ``family: qwen2_5_vl``: a
+`Qwen2_5_VLForConditionalGeneration` of the same decoder size that reads
+images at native resolution through its own windowed vision tower and videos
+as real video input (frames in temporal patches, M-RoPE positions). The
+drafts are then distilled onto the trained target with `specvlm.distill` on
+the target's own greedy outputs. Everything is seeded, so a rebuild gives
+the same weights on the same machine.
 
-`build_demo()` writes ``$SPECVLM_HOME/demo/{target,draft}`` (HF folders) and
+`build_demo()` writes ``<out>/{target,draft,draft-specvlm}`` (HF folders) and
 ``metrics.json``; `specvlm.demo.load_demo()` reads them back.
 """
 
@@ -37,8 +41,9 @@ class DemoRecipe:
     """Sizes and schedule of the demo build (defaults: target ~11 min, each draft ~4 min on 2 CPU cores)."""
 
     seed: int = 0
+    family: str = "llava"  # llava | qwen2_5_vl (`DemoRecipe.for_family`)
     image_size: int = 96
-    patch: int = 12  # 8 x 8 = 64 visual tokens
+    patch: int = 12  # llava: 8 x 8 = 64 visual tokens; qwen2_5_vl: 6 (16 x 16 patches, merged 2 x 2 -> 64 tokens)
     vision_hidden: int = 128
     vision_layers: int = 3
     hidden: int = 256
@@ -70,6 +75,19 @@ class DemoRecipe:
     # (`specvlm.loading.cpu_has_native_bf16`); elsewhere bf16 is emulated and far slower than float32
     bf16: bool | None = None
 
+    @classmethod
+    def for_family(cls, family: str = "llava", **overrides) -> DemoRecipe:
+        """The recipe for a demo of ``family`` (`DEMO_FAMILIES`): Qwen2.5-VL's 6-pixel patches merge 2 x 2 into
+        the same 64 visual tokens per image as LLaVA's 12-pixel ones."""
+        if family not in DEMO_FAMILIES:
+            raise ValueError(f"demo family must be one of {', '.join(DEMO_FAMILIES)}, got {family!r}")
+        return cls(**{**({"family": family, "patch": 6} if family != "llava" else {}), **overrides})
+
+    @property
+    def native_video(self) -> bool:
+        """Whether the target reads videos as video (Qwen) rather than as tiled frames (LLaVA)."""
+        return self.family != "llava"
+
     def target_bf16(self) -> bool:
         """Whether the target trains under bf16 autocast on this machine (``bf16``, or native support if None)."""
         return cpu_has_native_bf16() if self.bf16 is None else self.bf16
@@ -87,11 +105,26 @@ class DemoRecipe:
         return DemoRecipe(**{**asdict(self), **small})
 
 
-def build_target(recipe: DemoRecipe, vocab_size: int):
-    """A random-init demo `LlavaForConditionalGeneration` matching the demo processor."""
+def build_processor_for(recipe: DemoRecipe):
+    """The demo processor for ``recipe.family``: LLaVA's (fixed crops) or Qwen2.5-VL's (native resolution)."""
+    if recipe.family == "llava":
+        return build_processor(recipe.image_size, recipe.patch)
+    from .text import build_qwen_processor
+
+    side = recipe.image_size
+    return build_qwen_processor(recipe.family, patch_size=recipe.patch, min_pixels=side * side // 4,
+                                max_pixels=side * side)  # fmt: skip
+
+
+def build_target(recipe: DemoRecipe, processor):
+    """A random-init demo target matching the demo ``processor`` (`build_processor_for`)."""
+    if recipe.family != "llava":
+        return _build_qwen_target(recipe, processor)
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     from .text import BOS_ID, EOS_ID, IMAGE_ID, PAD_ID
+
+    vocab_size = len(processor.tokenizer)
 
     vision = CLIPVisionConfig(
         hidden_size=recipe.vision_hidden, intermediate_size=2 * recipe.vision_hidden,
@@ -114,19 +147,69 @@ def build_target(recipe: DemoRecipe, vocab_size: int):
     return model
 
 
-def to_example(sample: dict, frames: int = 4) -> dict:
-    """A ShapesWorld sample as ``{"image", "prompt", "response"}``; videos become tiled frames."""
+def _build_qwen_target(recipe: DemoRecipe, processor):
+    """A random-init demo `Qwen2_5_VLForConditionalGeneration`: the LLaVA demo's decoder sizes, a windowed
+    vision tower of ``vision_layers`` blocks (the last one full attention), M-RoPE sections 2:1:1."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    tok = processor.tokenizer
+    ids = {name: tok.convert_tokens_to_ids(t) for name, t in (("image_token_id", "<|image_pad|>"),
+           ("video_token_id", "<|video_pad|>"), ("vision_start_token_id", "<|vision_start|>"),
+           ("vision_end_token_id", "<|vision_end|>"))}  # fmt: skip
+    half = recipe.hidden // recipe.heads // 2
+    section = [half // 2, half // 4, half // 4]  # temporal, height, width frequencies (sums to head_dim / 2)
+    text = dict(
+        hidden_size=recipe.hidden, intermediate_size=recipe.intermediate, num_hidden_layers=recipe.layers,
+        num_attention_heads=recipe.heads, num_key_value_heads=recipe.kv_heads, vocab_size=len(tok),
+        max_position_embeddings=1024, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section},
+    )  # fmt: skip
+    vision = dict(
+        depth=recipe.vision_layers, hidden_size=recipe.vision_hidden, intermediate_size=2 * recipe.vision_hidden,
+        num_heads=4, patch_size=recipe.patch, spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
+        out_hidden_size=recipe.hidden, window_size=recipe.image_size, fullatt_block_indexes=[recipe.vision_layers - 1],
+        tokens_per_second=2,
+    )  # fmt: skip
+    cfg = AutoConfig.for_model(recipe.family, text_config=text, vision_config=vision, tie_word_embeddings=False, **ids)
+    torch.manual_seed(recipe.seed)
+    model = AutoModelForImageTextToText.from_config(cfg)
+    gc = model.generation_config
+    gc.eos_token_id, gc.pad_token_id, gc.bos_token_id = tok.eos_token_id, tok.pad_token_id, None
+    return model
+
+
+def to_example(sample: dict, frames: int = 4, native_video: bool = False) -> dict:
+    """A ShapesWorld sample as ``{"image" | "video", "prompt", "response"}``: a video's ``frames`` frames
+    (sampled uniformly, first and last included) tiled into one image, or kept as a list with ``native_video``."""
+    out = {"prompt": sample["prompt"], "response": sample["response"]}
     if "frames" in sample:
         fr = sample["frames"]
-        idx = [round(i * (len(fr) - 1) / (frames - 1)) for i in range(frames)]
-        return {"image": tile_frames([fr[i] for i in idx]), "prompt": sample["prompt"], "response": sample["response"]}
-    return {"image": sample["image"], "prompt": sample["prompt"], "response": sample["response"]}
+        picked = [fr[round(i * (len(fr) - 1) / (frames - 1))] for i in range(frames)]
+        return {"video": picked, **out} if native_video else {"image": tile_frames(picked), **out}
+    return {"image": sample["image"], **out}
 
 
-def examples(seed: int, n: int, frames: int = 4, image_size: int = IMAGE_SIZE, **kw) -> list[dict]:
-    """``n`` examples from ``ShapesWorld(seed, image_size)``."""
+def examples(seed: int, n: int, frames: int = 4, image_size: int = IMAGE_SIZE, native_video: bool = False,
+             **kw) -> list[dict]:  # fmt: skip
+    """``n`` examples from ``ShapesWorld(seed, image_size)`` (`to_example`)."""
     world = ShapesWorld(seed, image_size)
-    return [to_example(world.sample(**kw), frames) for _ in range(n)]
+    return [to_example(world.sample(**kw), frames, native_video) for _ in range(n)]
+
+
+DEMO_FAMILIES = ("llava", "qwen2_5_vl")
+
+
+def hf_inputs(model, batch) -> dict:
+    """A `DistillBatch` as keyword arguments of the HF model's forward (Qwen-VL also needs
+    ``mm_token_type_ids``, derived from the ids)."""
+    from ..target import mm_token_type_ids
+
+    kw = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, **batch.media}
+    if batch.pixel_values is not None:
+        kw["pixel_values"] = batch.pixel_values
+    if getattr(model.config, "video_token_id", None) is not None:
+        kw["mm_token_type_ids"] = mm_token_type_ids(model.config, batch.input_ids)
+    return kw
 
 
 def _progress(total: int, desc: str):
@@ -158,10 +241,11 @@ def train_target(model, processor, recipe: DemoRecipe, progress: bool = True) ->
         print(f"demo target: training in {'bfloat16 autocast (native on this CPU)' if bf16 else 'float32'}", flush=True)
     log, bar = [], _progress(total, "demo target") if progress else None
     for step in range(total):
-        samples = [to_example(world.sample(), recipe.video_frames) for _ in range(recipe.target_batch)]
+        samples = [to_example(world.sample(), recipe.video_frames, recipe.native_video)
+                   for _ in range(recipe.target_batch)]  # fmt: skip
         batch = collate(processor, samples)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, pixel_values=batch.pixel_values)
+            out = model(**hf_inputs(model, batch))
         logits = out.logits[:, :-1].float()  # [B, T-1, V] predicts token t+1
         labels = batch.input_ids[:, 1:].masked_fill(~batch.loss_mask[:, 1:].bool(), -100)  # [B, T-1]
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
@@ -191,13 +275,11 @@ def _finish(model, log):
 @torch.no_grad()
 def evaluate_target(model, processor, samples: list[dict], max_new_tokens: int = 48) -> dict:
     """Held-out quality: teacher-forced token accuracy and greedy exact match, per kind and overall."""
-    from ..distill import collate
+    from ..distill import collate, encode_samples
     from ..engine import EngineConfig, SpecVLMEngine
-    from ..inputs import encode
 
     batch = collate(processor, samples)
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                   pixel_values=batch.pixel_values).logits[:, :-1]  # fmt: skip
+    logits = model(**hf_inputs(model, batch)).logits[:, :-1]
     sel = batch.loss_mask[:, 1:].bool()
     correct = (logits.argmax(-1) == batch.input_ids[:, 1:]) & sel
     engine = SpecVLMEngine(model, None, EngineConfig(mode="ar"))
@@ -205,7 +287,7 @@ def evaluate_target(model, processor, samples: list[dict], max_new_tokens: int =
     exact = 0
     for i in range(0, len(samples), 16):
         chunk = samples[i : i + 16]
-        enc = encode(processor, [s["prompt"] for s in chunk], [s["image"] for s in chunk])
+        enc = encode_samples(processor, chunk)
         for s, seq in zip(chunk, engine.generate(**enc, max_new_tokens=max_new_tokens).sequences):
             exact += tok.decode(seq, skip_special_tokens=True).strip() == s["response"].strip()
     return {
@@ -222,7 +304,7 @@ def draft_data(model, processor, recipe: DemoRecipe) -> tuple[list[dict], list |
     from ..engine import EngineConfig, SpecVLMEngine
 
     world = ShapesWorld(recipe.seed + 2, recipe.image_size)
-    pool = [to_example(world.sample(), recipe.video_frames) for _ in range(recipe.draft_pool)]
+    pool = [to_example(world.sample(), recipe.video_frames, recipe.native_video) for _ in range(recipe.draft_pool)]
     if recipe.draft_responses != "target":
         return pool, None
     ar = SpecVLMEngine(model, None, EngineConfig(mode="ar"))
@@ -331,9 +413,9 @@ def build_demo(out: Path, recipe: DemoRecipe | None = None, progress: bool = Tru
     target_metrics = _stage(out, "target", recipe)
     if target_metrics is None:
         torch.manual_seed(recipe.seed)
-        processor = build_processor(recipe.image_size, recipe.patch)
+        processor = build_processor_for(recipe)
         t0 = time.perf_counter()
-        model = build_target(recipe, vocab_size=len(processor.tokenizer))
+        model = build_target(recipe, processor)
         target_log = train_target(model, processor, recipe, progress)
         t_target = time.perf_counter() - t0
         tdir.mkdir(parents=True, exist_ok=True)
@@ -341,12 +423,11 @@ def build_demo(out: Path, recipe: DemoRecipe | None = None, progress: bool = Tru
         processor.save_pretrained(tdir)
         # evaluated (and the drafts distilled) on the weights as stored, so the metrics describe what ships
         model, processor = load_target(tdir, torch.float32)
-        quality = evaluate_target(
-            model, processor, examples(recipe.seed + 1000, recipe.eval_samples, recipe.video_frames, recipe.image_size)
-        )
-        captions = examples(
-            recipe.seed + 2000, recipe.eval_samples, recipe.video_frames, recipe.image_size, p_video=0, p_qa=0
-        )
+        held_out = examples(recipe.seed + 1000, recipe.eval_samples, recipe.video_frames, recipe.image_size,
+                            recipe.native_video)  # fmt: skip
+        quality = evaluate_target(model, processor, held_out)
+        captions = examples(recipe.seed + 2000, recipe.eval_samples, recipe.video_frames, recipe.image_size,
+                            p_video=0, p_qa=0)  # fmt: skip
         quality["caption_exact_match"] = evaluate_target(model, processor, captions)["exact_match"]
         target_metrics = {"recipe": asdict(recipe), "target_train_s": t_target, "target": quality,
                           "target_bf16": recipe.target_bf16(), "target_log": target_log}  # fmt: skip
