@@ -271,7 +271,7 @@ class Compressed:
     """A draft input sequence with each image's span replaced by its compressed tokens (left-padded)."""
 
     embeds: torch.Tensor  # [B, T', D]
-    positions: torch.Tensor  # [B, T'] rotary positions (the target's, for every kept text entry)
+    positions: torch.Tensor  # [B, T'] or [3, B, T'] (M-RoPE) rotary positions (the target's, for every kept entry)
     valid: torch.Tensor  # [B, T'] bool, False on left padding
     source: torch.Tensor  # [B, T'] original entry index of kept text entries, -1 for visual tokens and padding
     choice: torch.Tensor  # [B] the primitive each row was compressed with (the gate's argmax unless forced)
@@ -356,7 +356,7 @@ class ElasticCompressor(nn.Module):
     def compress(
         self,
         h: torch.Tensor,  # [B, T, D] the draft's input entries (after its fc)
-        positions: torch.Tensor,  # [B, T]
+        positions: torch.Tensor,  # [B, T], or [3, B, T] (M-RoPE: a kept token keeps all three axes of its source)
         valid: torch.Tensor,  # [B, T] bool, left padding False
         span: torch.Tensor,  # [B, T] bool, entries whose next token is a visual placeholder
         layouts: list[Layout],  # one per image, in the order the images fill the placeholders (row-major)
@@ -391,32 +391,32 @@ class ElasticCompressor(nn.Module):
                     raise ValueError(f"row {b}: visual span at entry {start} is not {P} contiguous tokens ({layout})")
                 if start > cursor:
                     pieces_e.append(h[b, cursor:start])
-                    pieces_p.append(positions[b, cursor:start])
+                    pieces_p.append(positions[..., b, cursor:start])
                     pieces_s.append(torch.arange(cursor, start, device=dev))
                 y, src = self.compress_image(h[b : b + 1, start : start + P], layout, weights[b])
                 pieces_e.append(y)
-                pieces_p.append(positions[b, start + src])
+                pieces_p.append(positions[..., b, start + src])
                 pieces_s.append(torch.full((y.shape[0],), -1, dtype=torch.long, device=dev))
                 vis += y.shape[0]
                 cursor, used, img = start + P, used + P, img + 1
             pieces_e.append(h[b, cursor:])
-            pieces_p.append(positions[b, cursor:])
+            pieces_p.append(positions[..., b, cursor:])
             pieces_s.append(torch.arange(cursor, T, device=dev))
             rows_e.append(torch.cat(pieces_e))
-            rows_p.append(torch.cat(pieces_p))
+            rows_p.append(torch.cat(pieces_p, dim=-1))
             rows_s.append(torch.cat(pieces_s))
             n_visual.append(vis)
         if img != len(layouts):
             raise ValueError(f"{len(layouts)} image layouts but the prompts' visual spans cover only {img}")
         T2 = max(e.shape[0] for e in rows_e)
         embeds = h.new_zeros(B, T2, D)
-        pos = torch.zeros(B, T2, dtype=torch.long, device=dev)
+        pos = positions.new_zeros(*positions.shape[:-2], B, T2)
         source = torch.full((B, T2), -1, dtype=torch.long, device=dev)
         ok = torch.zeros(B, T2, dtype=torch.bool, device=dev)
         for b, (e, p, s) in enumerate(zip(rows_e, rows_p, rows_s)):
             n = e.shape[0]
             embeds[b, T2 - n :] = e
-            pos[b, T2 - n :] = p
+            pos[..., b, T2 - n :] = p
             source[b, T2 - n :] = s
             ok[b, T2 - n :] = True
         return Compressed(embeds, pos, ok, source, choice, torch.tensor(n_visual, device=dev), logits)

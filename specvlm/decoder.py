@@ -3,10 +3,12 @@
 Legend: B batch rows, Q query tokens, V cache view, H heads, Hk kv heads, d head dim, D hidden.
 
 `run_layer` calls an HF decoder layer. For the Llama family (Llama, Mistral
-without sliding window: LLaVA-1.5 / LLaVA-NeXT language models) it computes
-the layer's own math directly from its weights (`_llama_layer`): the same
-RMSNorm, rotary, scaled-dot-product attention and SwiGLU formulas in the same
-order, without the per-module and per-call wrapper work of the HF forward.
+without sliding window: LLaVA-1.5 / LLaVA-NeXT language models; the Qwen2-VL
+and Qwen2.5-VL decoders, which add q/k/v biases; Qwen3-VL's, which adds a
+per-head RMSNorm on q and k) it computes the layer's own math directly from
+its weights (`_llama_layer`): the same RMSNorm, rotary, scaled-dot-product
+attention and SwiGLU formulas in the same order, without the per-module and
+per-call wrapper work of the HF forward.
 At batch 1 on small models that wrapper work is a large share of a decode
 step; the lossless tests compare every path with HF `generate`. Small layers
 (where per-op overhead dominates) run their projections over cached packed
@@ -22,7 +24,10 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-FAST_LAYERS = ("LlamaDecoderLayer", "MistralDecoderLayer")
+FAST_LAYERS = (
+    "LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer",
+    "Qwen2VLDecoderLayer", "Qwen2_5_VLDecoderLayer", "Qwen3VLTextDecoderLayer",
+)  # fmt: skip
 _SDPA_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)  # enable_gqa: no kv-head copies
 
 
@@ -39,10 +44,13 @@ def causal_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tenso
 
 def fast_path_ok(layer) -> bool:
     """Whether `_llama_layer` reproduces this HF layer exactly."""
-    cfg = getattr(layer.self_attn, "config", None)
+    attn = layer.self_attn
+    cfg = getattr(attn, "config", None)
+    # Qwen attentions carry their own (per-layer) window; Mistral's is the config's
+    window = attn.sliding_window if hasattr(attn, "sliding_window") else getattr(cfg, "sliding_window", None)
     return (
         type(layer).__name__ in FAST_LAYERS
-        and getattr(cfg, "sliding_window", None) is None
+        and window is None
         and getattr(cfg, "hidden_act", "silu") == "silu"
         and not getattr(layer.self_attn, "training", False)
     )
@@ -147,15 +155,22 @@ def _llama_layer(layer, h, cos, sin, mask, cache):
     d = attn.head_dim
     x = _rms_norm(h, layer.input_layernorm)
     packed = _packed(layer)
+    qk_norm = getattr(attn, "q_norm", None) is not None  # Qwen3: RMSNorm per head on q and k, before rotary
     if packed is not None:
         nq, nk = attn.q_proj.out_features // d, attn.k_proj.out_features // d
         qkv = _project(x, packed[0], packed[1]).view(B, Q, -1, d).transpose(1, 2)  # [B, H + 2 Hk, Q, d]
-        q, k = _rotate(qkv[:, : nq + nk], cos, sin).split([nq, nk], dim=1)  # [B, H, Q, d], [B, Hk, Q, d]
-        v = qkv[:, nq + nk :]  # [B, Hk, Q, d]
+        if qk_norm:
+            q, k, v = qkv.split([nq, nk, nk], dim=1)
+            q, k = _rotate(_rms_norm(q, attn.q_norm), cos, sin), _rotate(_rms_norm(k, attn.k_norm), cos, sin)
+        else:
+            q, k = _rotate(qkv[:, : nq + nk], cos, sin).split([nq, nk], dim=1)  # [B, H, Q, d], [B, Hk, Q, d]
+            v = qkv[:, nq + nk :]  # [B, Hk, Q, d]
     else:
         q = F.linear(x, attn.q_proj.weight, attn.q_proj.bias).view(B, Q, -1, d).transpose(1, 2)  # [B, H, Q, d]
         k = F.linear(x, attn.k_proj.weight, attn.k_proj.bias).view(B, Q, -1, d).transpose(1, 2)  # [B, Hk, Q, d]
         v = F.linear(x, attn.v_proj.weight, attn.v_proj.bias).view(B, Q, -1, d).transpose(1, 2)  # [B, Hk, Q, d]
+        if qk_norm:
+            q, k = _rms_norm(q, attn.q_norm), _rms_norm(k, attn.k_norm)
         q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
     k, v = cache.update(k, v, attn.layer_idx)  # [B, Hk, V, d]
     gqa = {}
@@ -206,7 +221,8 @@ class RotaryTable:
             self.cos, self.sin = cos[0], sin[0]  # [S, d]
 
     def __call__(self, h: torch.Tensor, position_ids: torch.Tensor):
-        """``(cos, sin)`` each ``[B, Q, d]`` for ``position_ids [B, Q]``."""
-        if not self.static:
+        """``(cos, sin)`` each ``[B, Q, d]`` for ``position_ids [B, Q]``, or ``[3, B, Q]`` (M-RoPE: the
+        embedding's own per-axis frequency split; a lookup once all axes are equal, as after the prompt)."""
+        if not self.static or position_ids.dim() == 3:
             return self.rotary_emb(h, position_ids)
         return self.cos[position_ids], self.sin[position_ids]

@@ -26,6 +26,8 @@ from .engine import pooled_accept_length
 from .inputs import IGNORE_INDEX, encode, left_pad, pad_token_id
 from .target import TargetAdapter
 
+NOT_MEDIA = ("input_ids", "attention_mask", "pixel_values", "mm_token_type_ids")  # processor outputs besides media
+
 
 @dataclass
 class DistillBatch:
@@ -35,13 +37,13 @@ class DistillBatch:
     attention_mask: torch.Tensor  # [B, T]
     loss_mask: torch.Tensor  # [B, T] 1 where the token is part of the response
     pixel_values: torch.Tensor | None = None
-    image_sizes: torch.Tensor | None = None
+    media: dict = field(default_factory=dict)  # the processor's other media outputs: image_sizes, *_grid_thw, ...
 
     @classmethod
-    def from_padded(cls, padded: dict, pixel_values=None, image_sizes=None) -> DistillBatch:
+    def from_padded(cls, padded: dict, pixel_values=None, media: dict | None = None) -> DistillBatch:
         """From `specvlm.inputs.left_pad`'s training batch: the loss covers the labelled (response) positions."""
         loss_mask = (padded["labels"] != IGNORE_INDEX).long()  # [B, T]
-        return cls(padded["input_ids"], padded["attention_mask"], loss_mask, pixel_values, image_sizes)
+        return cls(padded["input_ids"], padded["attention_mask"], loss_mask, pixel_values, dict(media or {}))
 
 
 @dataclass
@@ -51,20 +53,25 @@ class Teacher:
     embeds: torch.Tensor  # [B, T, D] input embeddings, visual features merged
     features: torch.Tensor  # [B, T, D] last hidden states (LM-head input)
     logits: torch.Tensor  # [B, T, V]
-    positions: torch.Tensor  # [B, T]
-    layouts: list = field(default_factory=list)  # one compressor.Layout per image (specvlm drafts)
+    positions: torch.Tensor  # [B, T], or [3, B, T] (M-RoPE)
+    span: torch.Tensor  # [B, T-1] bool: entry i reads a visual placeholder x_{i+1}
+    layouts: list = field(default_factory=list)  # one compressor.Layout per visual span (specvlm drafts)
 
 
 @torch.no_grad()
 def teacher_forward(target: TargetAdapter, batch: DistillBatch) -> Teacher:
     """Frozen target pass over a whole batch (no cache)."""
     mask = batch.attention_mask
-    mm = {"image_sizes": batch.image_sizes} if batch.image_sizes is not None else {}
-    embeds, layouts = target.embed_inputs(batch.input_ids, batch.pixel_values, return_layouts=True, **mm)
-    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
-    out = target.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False)
+    p = target.prompt(batch.input_ids, mask, batch.pixel_values, return_layouts=True, **batch.media)
+    extra = {}
+    if p.deepstack is not None:  # Qwen3-VL: the language model adds them after its first layers
+        extra = {"visual_pos_masks": p.deepstack[0], "deepstack_visual_embeds": p.deepstack[1]}
+    out = target.language_model(
+        inputs_embeds=p.embeds, attention_mask=mask, position_ids=p.positions, use_cache=False, **extra
+    )
     feats = out.last_hidden_state
-    return Teacher(embeds, feats, target.logits(feats), positions, layouts)
+    span = target.is_visual(batch.input_ids[:, 1:])
+    return Teacher(p.embeds, feats, target.logits(feats), p.positions, span, p.layouts)
 
 
 @dataclass
@@ -84,12 +91,11 @@ def distill_loss(
     logit_weight: float = 0.1,
     feat_weight: float = 1.0,
     feature_noise: float = 0.0,
-    image_token_id: int | None = None,
 ) -> StepResult:
     """The SpecVLM loss for one batch (teacher already computed).
 
-    A draft with a compressor (``specvlm``) reads each image's span through it
-    (``image_token_id`` marks the span). In ``select`` mode with K > 1
+    A draft with a compressor (``specvlm``) reads each visual span
+    (``teacher.span``) through it. In ``select`` mode with K > 1
     primitives every row runs under every primitive, as one forward over
     ``K * B`` rows, and `ElasticCompressor.select_loss` weights the K losses
     by the gate (with its cost term); the logged figures are those of the
@@ -104,12 +110,11 @@ def distill_loss(
     compressor = getattr(draft, "compressor", None)
     K = len(compressor.primitives) if compressor is not None and compressor.config.mode == "select" else 1
     comp = None
+    positions = teacher.positions[..., :-1]  # [(3,) B, T-1]
     if compressor is None:
-        g = draft(tok_in, f_in, teacher.positions[:, :-1], causal_mask(mask, f_in.dtype))  # [B, T-1, D]
+        g = draft(tok_in, f_in, positions, causal_mask(mask, f_in.dtype))  # [B, T-1, D]
     else:
-        if image_token_id is None:
-            raise ValueError("a draft with a compressor needs image_token_id to find the visual span")
-        span = batch.input_ids[:, 1:] == image_token_id  # [B, T-1] entry i reads visual token x_{i+1}
+        span = teacher.span  # [B, T-1] entry i reads visual token x_{i+1}
         last_prompt = (batch.loss_mask.argmax(1) - 1).clamp(min=0)  # [B] the prompt's last token
         query = teacher.features[torch.arange(B, device=span.device), last_prompt]  # [B, D]
 
@@ -119,7 +124,8 @@ def distill_loss(
         forced = torch.arange(K, device=span.device).repeat_interleave(B) if K > 1 else None  # [K * B]
         compress = dict(valid=rep(mask.bool()), span=rep(span), layouts=list(teacher.layouts) * K,
                         features=rep(teacher.features[:, :-1]), query=rep(query), choice=forced)  # fmt: skip
-        g, comp = draft(rep(tok_in), rep(f_in), rep(teacher.positions[:, :-1]), None, compress=compress)  # [KB, T-1, D]
+        rep_pos = positions.repeat(1, K, 1) if positions.dim() == 3 else rep(positions)  # [(3,) K * B, T-1]
+        g, comp = draft(rep(tok_in), rep(f_in), rep_pos, None, compress=compress)  # [KB, T-1, D]
     target_f = teacher.features[:, 1:].float()  # [B, T-1, D] f_{i+1}
     target_logits = teacher.logits[:, 1:].float()  # [B, T-1, V] predicts x_{i+2}
     # response positions: x_{i+2} is a response token
@@ -163,7 +169,7 @@ def distill_step(
     """Teacher pass, draft pass, loss, backward, clip, optimizer step."""
     teacher = teacher_forward(target, batch)
     draft.train()
-    res = distill_loss(draft, teacher, batch, image_token_id=target.image_token_id, **loss_kwargs)
+    res = distill_loss(draft, teacher, batch, **loss_kwargs)
     optimizer.zero_grad(set_to_none=True)
     res.loss.backward()
     if max_grad_norm:
@@ -195,8 +201,8 @@ def collate(processor, samples: list[dict], responses: list[list[int]] | None = 
         responses = [tok(" " + s["response"].strip(), add_special_tokens=False).input_ids + [tok.eos_token_id]
                      for s in samples]  # fmt: skip
     prompts = [ids[mask.bool()].tolist() for ids, mask in zip(enc["input_ids"], enc["attention_mask"])]
-    return DistillBatch.from_padded(left_pad(prompts, pad_token_id(tok), responses), enc["pixel_values"],
-                                    enc.get("image_sizes"))  # fmt: skip
+    media = {k: v for k, v in enc.items() if k not in NOT_MEDIA}
+    return DistillBatch.from_padded(left_pad(prompts, pad_token_id(tok), responses), enc.get("pixel_values"), media)
 
 
 def target_responses(engine, processor, samples: list[dict], max_new_tokens: int) -> list[list[int]]:
@@ -282,7 +288,7 @@ def batch_to(batch: DistillBatch, device: torch.device | str) -> DistillBatch:
     move = lambda t: t.to(device) if t is not None else None
     return DistillBatch(
         move(batch.input_ids), move(batch.attention_mask), move(batch.loss_mask),
-        move(batch.pixel_values), move(batch.image_sizes),
+        move(batch.pixel_values), {k: move(v) if torch.is_tensor(v) else v for k, v in batch.media.items()},
     )  # fmt: skip
 
 

@@ -29,6 +29,7 @@ import json
 from pathlib import Path
 
 import torch
+import transformers
 from torch import nn
 from transformers import AutoConfig, PretrainedConfig
 from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
@@ -43,17 +44,22 @@ WEIGHTS_NAME = "model.safetensors"
 
 
 def _family_classes(text_config: PretrainedConfig):
-    """The HF decoder-layer and rotary-embedding classes of a text model family."""
+    """The HF decoder-layer and rotary-embedding classes of a text model family.
+
+    Qwen-VL text models (``qwen2_vl_text`` ...) live in their VLM's module and name their layer
+    with or without the ``Text`` infix (``Qwen2VLDecoderLayer``, ``Qwen3VLTextDecoderLayer``); their
+    rotary embedding is the M-RoPE one, so the draft reads the prompt's 3-axis positions too.
+    """
     model_type = text_config.model_type
     model_cls = MODEL_MAPPING_NAMES.get(model_type)
     if model_cls is None:
         raise ValueError(f"unsupported language model family {model_type!r} for the draft layer")
-    module = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
-    prefix = model_cls.removesuffix("Model")
-    try:
-        return getattr(module, f"{prefix}DecoderLayer"), getattr(module, f"{prefix}RotaryEmbedding")
-    except AttributeError as e:
-        raise ValueError(f"language model family {model_type!r} has no decoder layer the draft can use") from e
+    module = importlib.import_module(getattr(transformers, model_cls).__module__)
+    for prefix in (model_cls.removesuffix("Model"), model_cls.removesuffix("TextModel")):
+        layer, rope = getattr(module, f"{prefix}DecoderLayer", None), getattr(module, f"{prefix}RotaryEmbedding", None)
+        if layer is not None and rope is not None:
+            return layer, rope
+    raise ValueError(f"language model family {model_type!r} has no decoder layer the draft can use")
 
 
 class EagleDraft(nn.Module):
@@ -74,6 +80,8 @@ class EagleDraft(nn.Module):
         super().__init__()
         cfg = text_config.__class__.from_dict(text_config.to_dict())
         cfg.num_hidden_layers = 1
+        if getattr(cfg, "layer_types", None):
+            cfg.layer_types = cfg.layer_types[:1]
         if intermediate_size is not None:
             cfg.intermediate_size = intermediate_size  # saved in config.json, so from_pretrained rebuilds it
         cfg._attn_implementation = text_config._attn_implementation or "sdpa"

@@ -221,29 +221,30 @@ class SpecVLMEngine:
 
         # ---- prefill: target over the prompt, first token
         specvlm = self.config.mode == "specvlm"  # only the compressor needs the images' patch layouts
-        embeds = tgt.embed_inputs(input_ids, pixel_values, return_layouts=specvlm, **mm_kwargs)  # [B, T, D]
-        embeds, layouts = embeds if specvlm else (embeds, None)
+        prompt = tgt.prompt(input_ids, mask, pixel_values, return_layouts=specvlm, **mm_kwargs)
+        embeds, positions = prompt.embeds, prompt.positions  # [B, T, D], [B, T] or [3, B, T] (M-RoPE)
         K, depth, k = tree_cfg.total_tokens, tree_cfg.depth, tree_cfg.top_k
-        kv = tgt.new_cache(B, T + max_new_tokens + (K if eagle else 1) + 1)
+        extra = max_new_tokens + (K if eagle else 1) + 1  # slots / positions a row can use after its prompt
+        kv = tgt.new_cache(B, T + extra)
         kv.valid[:, :T] = mask.bool()
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, T]
         causal = torch.ones(T, T, dtype=torch.bool, device=dev).tril()[None] & mask.bool()[:, None, :]  # [B, T, T]
-        rope = tgt.rotary_table(kv.max_len)
-        feats = tgt.forward(embeds, positions, kv.begin(T, causal), kv, rope)  # [B, T, D]
+        pos = prompt.next_position  # [B] position of the root token (every M-RoPE axis)
+        max_pos = max(kv.max_len, int(pos.max()) + extra)  # M-RoPE positions may run past the slots
+        rope = tgt.rotary_table(max_pos)
+        feats = tgt.forward(embeds, positions, kv.begin(T, causal), kv, rope, prompt.deepstack)  # [B, T, D]
         kv.advance(torch.full((B,), T, device=dev))
         root = self._choose(tgt.logits(feats[:, -1]), sampling, gen)  # [B]
-        pos = mask.sum(-1)  # [B] position of the root token
         root_hidden = None
         target_prefill_ms = clock.lap()
         if eagle:
             next_ids = torch.cat([input_ids[:, 1:], root[:, None]], dim=1)  # [B, T] token after each entry
             h = draft.project(torch.cat([embeds[:, 1:], draft.embed(root[:, None])], dim=1), feats)  # [B, T, D]
             d_pos, d_valid, d_causal = positions, mask.bool(), causal  # draft prompt = target's unless compressed
-            span = next_ids == tgt.image_token_id if tgt.image_token_id is not None else torch.zeros_like(mask.bool())
+            span = tgt.is_visual(next_ids)  # [B, T] entries whose next token is visual
             visual = span.sum(1).tolist()  # [B] visual tokens per row (the target's)
             if specvlm:
-                comp = draft.compressor.compress(h, positions, mask.bool(), span, layouts, feats, feats[:, -1])
-                h, d_pos, d_valid = comp.embeds, comp.positions, comp.valid  # [B, T', D], [B, T'], [B, T']
+                comp = draft.compressor.compress(h, positions, mask.bool(), span, prompt.layouts, feats, feats[:, -1])
+                h, d_pos, d_valid = comp.embeds, comp.positions, comp.valid  # [B, T', D], [(3,) B, T'], [B, T']
                 tril = torch.ones(h.shape[1], h.shape[1], dtype=torch.bool, device=dev).tril()  # [T', T']
                 d_causal = tril[None] & d_valid[:, None, :]  # [B, T', T']
                 visual = comp.visual_tokens.tolist()
@@ -257,7 +258,7 @@ class SpecVLMEngine:
                 T2 + max_new_tokens + (depth - 1) * k + depth + 2, tgt.dtype, dev,
             )  # fmt: skip
             dkv.valid[:, :T2] = d_valid
-            draft_rope = draft.rotary_table(max(dkv.max_len, kv.max_len), embeds)
+            draft_rope = draft.rotary_table(max(dkv.max_len, max_pos), embeds)
             suppress = torch.zeros(tgt.lm_head.out_features, dtype=torch.float32, device=dev)  # [V] additive
             suppress[tgt.placeholder_ids] = float("-inf")
             g = draft.decode(h, d_pos, dkv.begin(T2, d_causal), dkv, draft_rope)  # [B, T', D]

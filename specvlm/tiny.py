@@ -129,6 +129,7 @@ def tiny_qwen(
     intermediate: int | None = None,
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
+    init_std: float = 0.02,
 ):
     """A random-init Qwen2-VL / Qwen2.5-VL / Qwen3-VL (``family``: one of `QWEN_FAMILIES`).
 
@@ -148,9 +149,10 @@ def tiny_qwen(
         hidden_size=hidden, intermediate_size=intermediate or 2 * hidden, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab, max_position_embeddings=4096,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section},
-        pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS,
+        pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS, initializer_range=init_std,
     )  # fmt: skip
-    vision = dict(depth=2, num_heads=2, patch_size=patch, spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
+    vision = dict(depth=2, num_heads=2, patch_size=patch, spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
+                  initializer_range=init_std)  # fmt: skip
     if family == "qwen2_vl":
         vision.update(embed_dim=32, hidden_size=hidden, mlp_ratio=2)
     elif family == "qwen2_5_vl":

@@ -34,6 +34,37 @@ def greedy_reference(model, inputs: dict, max_new_tokens: int) -> list[list[int]
 
 
 @pytest.fixture(scope="session")
+def trained_qwen_pair():
+    """A float32 tiny Qwen2.5-VL, a draft distilled on its greedy outputs over image, video and text-only
+    prompts, and the distillation's per-step losses."""
+    from specvlm import EagleDraft, EngineConfig, SpecVLMEngine
+    from specvlm.distill import NOT_MEDIA, DistillBatch, distill_step, make_optimizer
+    from specvlm.inputs import left_pad
+    from specvlm.target import TargetAdapter
+    from specvlm.tiny import PAD, tiny_qwen, tiny_qwen_inputs
+
+    model = tiny_qwen("qwen2_5_vl", seed=1)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    ar = SpecVLMEngine(model, None, EngineConfig(mode="ar"))
+    media = [("image", 16, 16), ("image", 8, 24), ("video", 4, 16, 16), None]
+    batches = []
+    for s in range(8):
+        rows = [(media[(s + i) % 4], 3 + (s + i) % 5) for i in range(8)]
+        inp = tiny_qwen_inputs(model, rows, seed=100 + s)
+        seqs = ar.generate(**inp, max_new_tokens=24).sequences
+        prompts = [ids[mask.bool()].tolist() for ids, mask in zip(inp["input_ids"], inp["attention_mask"])]
+        rest = {k: v for k, v in inp.items() if k not in NOT_MEDIA}
+        batches.append(DistillBatch.from_padded(left_pad(prompts, PAD, seqs), inp.get("pixel_values"), rest))
+    draft = EagleDraft.from_target(model, seed=0)
+    target = TargetAdapter(model)
+    opt = make_optimizer(draft, lr=3e-3)
+    losses = [distill_step(target, draft, batches[step % len(batches)], opt).loss.item() for step in range(300)]
+    draft.eval()
+    return model, draft, losses
+
+
+@pytest.fixture(scope="session")
 def trained_pair():
     """A float32 tiny LLaVA and a draft distilled for a few hundred steps on its greedy outputs.
 

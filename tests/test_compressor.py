@@ -241,7 +241,8 @@ def _batch(model, sizes=None):
     inp = tiny_inputs(model, [5, 11, 2], seed=7, image_sizes=sizes)
     loss_mask = torch.zeros_like(inp["attention_mask"])
     loss_mask[:, -3:] = 1
-    return DistillBatch(inp["input_ids"], inp["attention_mask"], loss_mask, inp["pixel_values"], inp.get("image_sizes"))
+    media = {"image_sizes": inp["image_sizes"]} if "image_sizes" in inp else {}
+    return DistillBatch(inp["input_ids"], inp["attention_mask"], loss_mask, inp["pixel_values"], media)
 
 
 @pytest.mark.parametrize("next_", [False, True], ids=["llava", "llava-next"])

@@ -57,7 +57,8 @@ def test_distill_loss_matches_a_hand_computed_value():
     g = torch.tensor([[[0.0, 0.0], [ln2, 0.0], [7.0, -7.0]]], dtype=torch.float64)  # [B=1, T-1=3, D=2]
     features = torch.tensor([[[9.0, 9.0], [0.5, 0.0], [ln2, 3.0], [9.0, 9.0]]], dtype=torch.float64)  # [1, 4, 2]
     logits = torch.tensor([[[5.0, 0, 0], [1.0, 2.0, 3.0], [0, 0, ln2], [5.0, 0, 0]]], dtype=torch.float64)
-    teacher = Teacher(torch.zeros(1, 4, 2, dtype=torch.float64), features, logits, torch.arange(4)[None])
+    span = torch.zeros(1, 3, dtype=torch.bool)
+    teacher = Teacher(torch.zeros(1, 4, 2, dtype=torch.float64), features, logits, torch.arange(4)[None], span)
     batch = DistillBatch(torch.tensor([[1, 2, 3, 4]]), torch.ones(1, 4, dtype=torch.long), torch.tensor([[0, 0, 1, 1]]))
     lm_head = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]], dtype=torch.float64)
     res = distill_loss(_FixedDraft(g, lm_head), teacher, batch)

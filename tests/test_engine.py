@@ -234,7 +234,7 @@ def test_packed_projections_match_and_follow_weight_updates(monkeypatch):
     model = tiny_llava(kv_heads=2).float()
     tgt = TargetAdapter(model)
     inp = tiny_inputs(model, [5, 9])
-    embeds = tgt.embed_inputs(inp["input_ids"], inp["pixel_values"])  # [B, T, D]
+    embeds = tgt.prompt(inp["input_ids"], inp["attention_mask"], inp["pixel_values"]).embeds  # [B, T, D]
     mask = inp["attention_mask"].bool()
     B, T = mask.shape
     positions = (mask.long().cumsum(-1) - 1).clamp(min=0)

@@ -160,4 +160,4 @@ def test_distill_batch_is_prompt_then_response(proc):
         resp = tok(" " + s["response"], add_special_tokens=False).input_ids + [tok.eos_token_id]
         assert real == encode(proc, [s["prompt"]], [s["image"]])["input_ids"][0].tolist() + resp
         assert batch.input_ids[b][batch.loss_mask[b].bool()].tolist() == resp
-    assert batch.pixel_values.shape == (2, 3, 64, 64) and batch.image_sizes is None
+    assert batch.pixel_values.shape == (2, 3, 64, 64) and batch.media == {}

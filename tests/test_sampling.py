@@ -9,15 +9,17 @@ import torch
 from scipy.stats import chisquare
 
 from specvlm import EngineConfig, SpecVLMEngine, TreeConfig
-from specvlm.tiny import EOS, IMAGE, tiny_inputs
+from specvlm.tiny import EOS, IMAGE, VIDEO, tiny_inputs, tiny_qwen_inputs
 from specvlm.verify import process_logits
 
 TEMP, TOP_K = 1.0, 4  # top-k keeps the exact joint small enough to enumerate
 
 
 def _exact_joint(model, inputs, n_tokens: int) -> dict[tuple[int, ...], float]:
-    """P(first n tokens) under the target's own sampling distribution, by enumeration."""
-    suppress = torch.tensor([IMAGE])
+    """P(first n tokens) under the target's own sampling distribution, by enumeration (one prompt; media
+    inputs as its processor gives them)."""
+    suppress = torch.tensor([IMAGE, VIDEO] if "mm_token_type_ids" in inputs else [IMAGE])
+    media = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
     joint = {(): 1.0}
     for _ in range(n_tokens):
         nxt = {}
@@ -27,8 +29,10 @@ def _exact_joint(model, inputs, n_tokens: int) -> dict[tuple[int, ...], float]:
                 continue
             ids = torch.cat([inputs["input_ids"], torch.tensor([prefix], dtype=torch.long)], dim=1)
             mask = torch.ones_like(ids)
+            if "mm_token_type_ids" in inputs:  # Qwen-VL: generated tokens are text
+                media["mm_token_type_ids"] = torch.nn.functional.pad(inputs["mm_token_type_ids"], (0, len(prefix)))
             with torch.no_grad():
-                logits = model(input_ids=ids, attention_mask=mask, pixel_values=inputs["pixel_values"]).logits[0, -1]
+                logits = model(input_ids=ids, attention_mask=mask, **media).logits[0, -1]
             probs = process_logits(logits.double(), TEMP, TOP_K, 1.0, suppress)
             for t in probs.nonzero()[:, 0].tolist():
                 nxt[prefix + (t,)] = p * float(probs[t])
@@ -36,10 +40,15 @@ def _exact_joint(model, inputs, n_tokens: int) -> dict[tuple[int, ...], float]:
     return joint
 
 
-@pytest.mark.parametrize("mode", ["eagle", "eagle-bounded", "ar"])
-def test_first_tokens_follow_target_distribution(trained_pair, mode):
-    model, draft = trained_pair
-    inputs = tiny_inputs(model, [5], seed=100)
+@pytest.mark.parametrize("mode", ["eagle", "eagle-bounded", "ar", "eagle-qwen"])
+def test_first_tokens_follow_target_distribution(request, mode):
+    if mode == "eagle-qwen":  # a Qwen2.5-VL target with a video prompt: M-RoPE positions in every round
+        model, draft, _ = request.getfixturevalue("trained_qwen_pair")
+        inputs = tiny_qwen_inputs(model, [(("video", 4, 16, 16), 5)], seed=100)
+        mode = "eagle"
+    else:
+        model, draft = request.getfixturevalue("trained_pair")
+        inputs = tiny_inputs(model, [5], seed=100)
     n_tokens, rows, calls = 3, 250, 8
     exact = _exact_joint(model, inputs, n_tokens)
     # bounded: confidence bounds high enough to cut the tree on most rounds; the trees stay draft-only functions
