@@ -27,7 +27,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from specvlm.inputs import collate, encode, pad_token_id
+from specvlm.inputs import CONCAT_KEYS, collate, encode, pad_token_id
 from specvlm.media import MediaError, MediaLimits, check_dimensions, decode_image, image_size
 
 from .openai_protocol import ChatRequest, OpenAIError, TextStream, completion_tokens_budget, usage
@@ -51,7 +51,8 @@ class RowUpdate:
 class ChatJob:
     """One prepared request: its processor inputs (batch of one) and how to turn its tokens into text."""
 
-    inputs: dict  # input_ids [1, T], attention_mask [1, T], pixel_values [N, ...] | None, image_sizes [N, 2] | None
+    inputs: dict  # input_ids [1, T], attention_mask [1, T], and what collate takes: pixel_values [N, ...],
+    # image_sizes [N, 2] (LLaVA-NeXT); Qwen-VL: mm_token_type_ids [1, T], pixel_values [P, D], image_grid_thw [N, 3]
     prompt_tokens: int
     max_tokens: int
     temperature: float
@@ -133,7 +134,7 @@ class ChatRunner:
             raise OpenAIError(400, f"cannot build the prompt: {e}", param="messages", code="invalid_prompt") from None
         prompt_tokens = int(enc["input_ids"].shape[1])
         max_tokens = completion_tokens_budget(req, prompt_tokens, self.limits, self.context)
-        inputs = {k: enc[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_sizes") if k in enc}
+        inputs = {k: enc[k] for k in ("input_ids", "attention_mask", "mm_token_type_ids", *CONCAT_KEYS) if k in enc}
         stream = TextStream(self._decode_text, self.engine.target.eos_token_ids, max_tokens, req.stops)
         temperature = req.sampling_temperature()  # tiny temperatures decode greedily (MIN_TEMPERATURE)
         return ChatJob(inputs, prompt_tokens, max_tokens, temperature, req.top_p, req.top_k, req.seed, stream)
@@ -217,7 +218,9 @@ def resized_pixels(width: int, height: int, image_processor) -> int:
       ``size.longest_edge``), then a center crop: a 40000x1 image becomes 13.4M x 336 before the crop.
     - LLaVA-NeXT (``image_grid_pinpoints``): the image fitted into the best pinpoint resolution (padded to
       it) plus the whole image at ``shortest_edge`` squared.
-    - Qwen2-VL style (``merge_size``): a pixel budget, at most ``size.longest_edge`` pixels.
+    - Qwen-VL (``merge_size``, ``patch_size``): Qwen's smart resize, both sides rounded to multiples of
+      ``patch_size * merge_size`` within ``size.shortest_edge`` .. ``size.longest_edge`` pixels (min/max pixels);
+      an aspect ratio the processor refuses (over 200) counts as the source's own pixels (the prompt fails).
     - fixed ``height x width``, or fitted into ``max_height x max_width``.
     - no resize, or a processor none of these describe: the source's own pixels.
     """
@@ -233,8 +236,15 @@ def resized_pixels(width: int, height: int, image_processor) -> int:
         best_h, best_w = select_best_resolution((height, width), pinpoints)
         base = get("shortest_edge") or get("height") or 0
         return best_h * best_w + base * base
-    if getattr(image_processor, "merge_size", None) and get("longest_edge"):
-        return min(max(width * height, get("shortest_edge") or 0), get("longest_edge"))  # (before 28-px rounding)
+    merge, patch = getattr(image_processor, "merge_size", None), getattr(image_processor, "patch_size", None)
+    if merge and patch and get("longest_edge") and get("shortest_edge"):
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+        try:
+            h, w = smart_resize(height, width, patch * merge, get("shortest_edge"), get("longest_edge"))
+        except ValueError:  # aspect ratio over 200
+            return width * height
+        return h * w
     if get("shortest_edge"):
         new_short, new_long = get("shortest_edge"), get("shortest_edge") * long // short
         if get("longest_edge") and new_long > get("longest_edge"):

@@ -8,8 +8,9 @@ What runs where::
     driver        validate CaptionJobConfig, list the input (folder/prefix, shards, manifest), read the ids
                   already in the output (resume), build the dataset, print and write the summary
     CPU tasks     [expand .tar shards / JSON-lines manifest] -> drop ids already written -> read bytes (local / S3)
-                  and decode (`specvlm.media`: limits, uniform video frames tiled into one image) -> raw RGB rows,
-                  regrouped into blocks of exactly batch_size rows (so every model call but the last is full)
+                  and decode (`specvlm.media`: limits, uniform video frames: the model's video input for Qwen-VL
+                  targets, else tiled into one image) -> raw RGB rows, regrouped into blocks of exactly
+                  batch_size rows (so every model call but the last is full)
     actor pool    `actors.captioner.Captioner` (ActorPoolStrategy(min, max), num_gpus per actor): one engine
                   per actor, one batched generate per batch; rows with an error pass through
     write tasks   parquet part files named ``<run id>_<write uuid>_<task>-<i>.parquet`` under the output
@@ -53,7 +54,7 @@ from specvlm.config import (
     load_config,
     parse_config,
 )
-from specvlm.loading import resolve_model
+from specvlm.loading import VIDEO_FAMILIES, resolve_model, target_family
 
 from . import caption_io as cio
 from .ray_cluster import add_address_flag, init_ray
@@ -146,9 +147,10 @@ def resource_warning(cfg: CaptionJobConfig, gpus: float, nodes: list[dict]) -> s
     return None
 
 
-def build_dataset(cfg: CaptionJobConfig, inputs: cio.Inputs, done, captioner=None):
+def build_dataset(cfg: CaptionJobConfig, inputs: cio.Inputs, done, captioner=None, native_video: bool = False):
     """The lazy Ray Dataset of output rows (not executed). ``done``: ids to skip (a pyarrow string array);
-    ``captioner``: the actor class (default `actors.captioner.Captioner`; tests pass a stand-in)."""
+    ``captioner``: the actor class (default `actors.captioner.Captioner`; tests pass a stand-in);
+    ``native_video``: the target takes videos (`cio.decode_rows`: frames, not one tiled image)."""
     import ray
     import ray.data
 
@@ -187,7 +189,7 @@ def build_dataset(cfg: CaptionJobConfig, inputs: cio.Inputs, done, captioner=Non
     ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     ds = ds.map_batches(
         cio.decode_rows, batch_size=cfg.decode_batch_size, batch_format="pyarrow", num_cpus=cfg.cpus_per_decode_task,
-        fn_kwargs={"opts": cfg.decode},
+        fn_kwargs={"opts": cfg.decode, "native_video": native_video},
     )  # fmt: skip
     # Blocks of exactly batch_size rows: an actor call gets a bundle of whole blocks and cuts it into batches,
     # so blocks of other sizes (shards, filtered manifests, decode remainders) would leave short batches, i.e.
@@ -252,7 +254,8 @@ def run(cfg: CaptionJobConfig) -> dict:
 
     if not cfg.input or not cfg.output:
         raise ValueError("both input and output are needed (--input / --output, or input:/output: in the config)")
-    resolve_model(cfg.model, cfg.engine.mode)  # a model the actors could not load fails here, on the driver
+    folders = resolve_model(cfg.model, cfg.engine.mode)  # a model the actors could not load fails here, on the driver
+    native_video = target_family(folders.target) in VIDEO_FAMILIES  # (and so does an unsupported family)
     t0 = time.perf_counter()
     inputs = cio.list_inputs(cfg.input, skip=cfg.output)
     state = cio.scan_output(cfg.output)
@@ -267,7 +270,7 @@ def run(cfg: CaptionJobConfig) -> dict:
     for p in state.partial:
         print(f"[caption] moved aside an unreadable (partially written) part file: {p}", flush=True)
     run_id = time.strftime("run-%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
-    ds = build_dataset(cfg, inputs, state.done)
+    ds = build_dataset(cfg, inputs, state.done, native_video=native_video)
     if ds is not None:
         fs, path = storage.filesystem(cfg.output)
         ds.write_parquet(path, filesystem=fs, filename_provider=FilenameProvider(run_id, "parquet"),

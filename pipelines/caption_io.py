@@ -17,7 +17,8 @@ Rows between the stages (`LISTED_SCHEMA`)::
     error    set when a row is already known to be bad (e.g. an unreadable tar shard)
 
 `decode_rows` turns them into `actors.captioner.Captioner`'s input: raw RGB
-``pixels`` + ``width``/``height``, or ``error`` = ``"kind: message"``.
+``pixels`` + ``width``/``height`` (one image, or for a model that takes videos
+natively a video's ``frames`` frames and their ``fps``), or ``error`` = ``"kind: message"``.
 
 Local paths and ``s3://`` URIs are read and written through `specvlm.storage`.
 """
@@ -49,9 +50,11 @@ LISTED_SCHEMA = pa.schema(
     [("id", pa.string()), ("uri", pa.string()), ("prompt", pa.string()), ("name", pa.string()),
      ("data", pa.binary()), ("error", pa.string())]
 )  # fmt: skip
+# frames, fps: null for an image (a tiled video is one image); a video passed natively: pixels holds that many frames
 DECODED_SCHEMA = pa.schema(
     [("id", pa.string()), ("uri", pa.string()), ("prompt", pa.string()), ("pixels", pa.binary()),
-     ("width", pa.int32()), ("height", pa.int32()), ("error", pa.string())]
+     ("width", pa.int32()), ("height", pa.int32()), ("frames", pa.int32()), ("fps", pa.float64()),
+     ("error", pa.string())]
 )  # fmt: skip
 
 
@@ -324,7 +327,8 @@ def drop_done(batch: pa.Table, done: pa.Array) -> pa.Table:
 
 # ----------------------------------------------------------------------------- decode
 class DecodeOptions(StrictModel):
-    """How `decode_rows` turns an input's bytes into one RGB image and its prompt (the caption job's ``decode``)."""
+    """How `decode_rows` turns an input's bytes into one RGB image (or a video's frames) and its prompt (the
+    caption job's ``decode``)."""
 
     prompt: str | None = Field(
         None, description="prompt for rows without their own; None = image_prompt or video_prompt by media kind"
@@ -332,12 +336,13 @@ class DecodeOptions(StrictModel):
     image_prompt: str = Field("describe the image.", min_length=1, description="prompt for images")
     video_prompt: str = Field("describe the video.", min_length=1, description="prompt for videos")
     video_frames: int = Field(
-        4, ge=1, description="frames sampled uniformly per video (first and last included), tiled into one image"
-    )
-    video_tile_cols: int = Field(2, ge=1, description="columns of the video tile grid")
+        4, ge=1, description="frames sampled uniformly per video (first and last included): the model's video input "
+        "for targets that take videos (Qwen-VL), else tiled into one image",
+    )  # fmt: skip
+    video_tile_cols: int = Field(2, ge=1, description="columns of the video tile grid (image-only targets)")
     max_side: int | None = Field(
-        1344, ge=16, description="larger images are downscaled (aspect kept) before they travel to the actors; "
-        "None = never",
+        1344, ge=16, description="larger images and video frames are downscaled (aspect kept) before they travel "
+        "to the actors; None = never",
     )  # fmt: skip
     max_aspect_ratio: float | None = Field(
         None, ge=1.0, description="shorthand for limits.max_aspect_ratio (longer/shorter side; beyond it too_large)"
@@ -376,14 +381,22 @@ def _prompt(row: dict, opts: DecodeOptions) -> str:
     return opts.video_prompt if media_kind(row.get("name") or row["uri"]) == "video" else opts.image_prompt
 
 
+def _fit(image, max_side: int | None):
+    from PIL import Image
+
+    w, h = image.size
+    if max_side and max(w, h) > max_side:
+        scale = max_side / max(w, h)
+        image = image.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BICUBIC)
+    return image
+
+
 def decode_one(data: bytes, name: str, opts: DecodeOptions):
     """Bytes -> one RGB PIL image (a video's frames tiled, keeping the frame's aspect); raises `MediaError`.
 
     Sizes go through `specvlm.media.check_dimensions` (pixels and aspect ratio, from the header, per image
     and per video frame), and once more for the tiled grid of a video.
     """
-    from PIL import Image
-
     from specvlm.media import check_dimensions, decode_media, tile_frames
 
     kind, frames = decode_media(data, name, opts.limits, num_frames=min(opts.video_frames, opts.limits.max_frames))
@@ -392,28 +405,46 @@ def decode_one(data: bytes, name: str, opts: DecodeOptions):
         longer = max(image.size)
         image = tile_frames(frames, cols=opts.video_tile_cols, size=min(longer, opts.max_side or longer))
         check_dimensions(*image.size, opts.limits)
-    w, h = image.size
-    if opts.max_side and max(w, h) > opts.max_side:
-        scale = opts.max_side / max(w, h)
-        image = image.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BICUBIC)
-    return image
+    return _fit(image, opts.max_side)
 
 
-def decode_rows(batch: pa.Table, opts: DecodeOptions) -> pa.Table:
+def decode_frames(data: bytes, opts: DecodeOptions):
+    """A video's bytes -> ``(frames, fps)``: its ``video_frames`` sampled RGB frames (PIL, one size, each within
+    ``max_side``), the model's own video input (Qwen-VL targets), and their frames per second from their
+    timestamps (None when the stream has none, or for one frame). Raises `MediaError` (limits as `decode_one`).
+    """
+    from PIL import Image
+
+    from specvlm.media import decode_video
+
+    frames = decode_video(data, opts.limits, num_frames=min(opts.video_frames, opts.limits.max_frames))
+    times = [f.info.get("time_s") for f in frames]
+    span = times[-1] - times[0] if len(frames) > 1 and None not in times else 0.0
+    size = frames[0].size  # (a stream that changes size mid-way: every frame at the first one's)
+    frames = [_fit(f if f.size == size else f.resize(size, Image.BICUBIC), opts.max_side) for f in frames]
+    return frames, (len(frames) - 1) / span if span > 0 else None
+
+
+def decode_rows(batch: pa.Table, opts: DecodeOptions, native_video: bool = False) -> pa.Table:
     """`LISTED_SCHEMA` rows -> `DECODED_SCHEMA` rows: read (when needed) and decode; bad rows get ``error``.
 
+    ``native_video``: the target takes videos (Qwen-VL): a video row holds its ``frames`` sampled frames
+    (one size, concatenated in ``pixels``) and their ``fps`` (`decode_frames`), not one tiled image (`decode_one`).
     Whatever one input raises becomes that row's error (``read: ...``, a `MediaError`'s kind, or
     ``decode: <exception type>: ...`` for anything else, e.g. a codec or Pillow bug), never the batch's.
     """
     out = {name: [] for name in DECODED_SCHEMA.names}
     for r in batch.to_pylist():
-        pixels = width = height = None
+        pixels = width = height = frames = fps = None
         error = r.get("error")
         if error is None:
             try:
                 data = r["data"] if r.get("data") is not None else read_bytes(r["uri"], opts.limits.max_bytes)
-                image = decode_one(data, r.get("name") or r["uri"], opts)
-                pixels, (width, height) = image.tobytes(), image.size
+                name = r.get("name") or r["uri"]
+                video = native_video and media_kind(name) == "video"
+                images, rate = decode_frames(data, opts) if video else ([decode_one(data, name, opts)], None)
+                pixels, (width, height) = b"".join(im.tobytes() for im in images), images[0].size
+                frames, fps = (len(images), rate) if video else (None, None)
             except ReadError as e:
                 error = f"read: {e}"
             except MediaError as e:
@@ -421,7 +452,8 @@ def decode_rows(batch: pa.Table, opts: DecodeOptions) -> pa.Table:
             except Exception as e:  # one input must not fail the batch (and with it the job)
                 error = f"decode: {type(e).__name__}: {e}"
         for k, v in (("id", r["id"]), ("uri", r["uri"]), ("prompt", _prompt(r, opts)), ("pixels", pixels),
-                     ("width", width), ("height", height), ("error", error)):  # fmt: skip
+                     ("width", width), ("height", height), ("frames", frames), ("fps", fps),
+                     ("error", error)):  # fmt: skip
             out[k].append(v)
     return pa.Table.from_pydict(out, schema=DECODED_SCHEMA)
 

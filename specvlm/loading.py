@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from .config import ModelConfig
+from .inputs import QWEN_PROCESSORS
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 MODES = ("ar", "eagle", "specvlm")
@@ -25,6 +26,15 @@ DEMO_DRAFTS = {"eagle": "draft", "specvlm": "draft-specvlm"}  # the demo build's
 DEMO_PARTS = ("target", *DEMO_DRAFTS.values())
 DEMO_NAME = "specvlm-demo"  # the demo target's name in outputs (``model``)
 DEMO_TARGETS = {"demo": "llava", "demo-qwen2_5_vl": "qwen2_5_vl"}  # model names of the demo builds -> family
+# target model_type -> its transformers class (`load_target`); Qwen-VL targets take videos natively
+TARGET_CLASSES = {
+    "llava": "LlavaForConditionalGeneration",
+    "llava_next": "LlavaNextForConditionalGeneration",
+    "qwen2_vl": "Qwen2VLForConditionalGeneration",
+    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+    "qwen3_vl": "Qwen3VLForConditionalGeneration",
+}
+VIDEO_FAMILIES = tuple(QWEN_PROCESSORS)
 
 
 def specvlm_home() -> Path:
@@ -170,21 +180,45 @@ def local_path(path_or_uri: str | Path) -> Path:
     return dest
 
 
+def target_family(path_or_uri: str | Path) -> str:
+    """The ``model_type`` in a target folder's config.json (local, or an ``s3://`` prefix read without mirroring
+    the model); raises ValueError naming the supported families (`TARGET_CLASSES`) for any other."""
+    import json
+
+    from .storage import ReadError, read_bytes
+
+    s = str(path_or_uri)
+    try:
+        if s.startswith("s3://"):
+            raw = read_bytes(s.rstrip("/") + "/config.json", 16 * 1024**2)
+        else:
+            raw = (Path(s).expanduser() / "config.json").read_bytes()
+    except (OSError, ReadError) as e:
+        raise FileNotFoundError(f"{path_or_uri}: cannot read its config.json ({e})") from None
+    model_type = json.loads(raw).get("model_type")
+    if model_type not in TARGET_CLASSES:
+        hint = " (mixture-of-experts Qwen3-VL targets are not supported)" if model_type == "qwen3_vl_moe" else ""
+        raise ValueError(f"{path_or_uri}: unsupported model_type {model_type!r}{hint}; supported: "
+                         f"{', '.join(TARGET_CLASSES)}")  # fmt: skip
+    return model_type
+
+
 def load_target(path_or_uri: str | Path, dtype: str | torch.dtype | None = None, device: str | None = None):
     """``(model, processor)`` from an HF folder holding both (local or ``s3://``), in eval mode.
 
+    Families: `TARGET_CLASSES` (`target_family`). A Qwen-VL folder's processor is HF's class for it built by
+    `specvlm.inputs.qwen_processor_class` (videos through `specvlm.inputs.video_patches`, no torchvision needed).
     ``dtype`` None keeps the stored precision, except half precision that this CPU would only emulate
     (fp16, or bf16 without `cpu_has_native_bf16`): that loads as float32, since emulation runs many times
     slower. A half ``dtype`` asked for explicitly is kept, with a warning.
     """
-    from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
+    import transformers
+
+    from .inputs import qwen_processor_class
 
     path = local_path(path_or_uri)
-    model_type = AutoConfig.from_pretrained(path).model_type
-    classes = {"llava": LlavaForConditionalGeneration, "llava_next": LlavaNextForConditionalGeneration}
-    if model_type not in classes:
-        raise ValueError(f"{path_or_uri}: unsupported model_type {model_type!r}; supported: {', '.join(classes)}")
-    model = classes[model_type].from_pretrained(path, dtype=resolve_dtype(dtype) or "auto")
+    family = target_family(path)
+    model = getattr(transformers, TARGET_CLASSES[family]).from_pretrained(path, dtype=resolve_dtype(dtype) or "auto")
     if device:
         model = model.to(device)
     param = next(model.parameters())
@@ -201,7 +235,10 @@ def load_target(path_or_uri: str | Path, dtype: str | torch.dtype | None = None,
             "slower than float32; set dtype: float32",
             stacklevel=2,
         )
-    processor = AutoProcessor.from_pretrained(path)
+    if family in VIDEO_FAMILIES:
+        processor = qwen_processor_class(family).from_pretrained(path)
+    else:
+        processor = transformers.AutoProcessor.from_pretrained(path)
     if getattr(processor, "tokenizer", None) is not None:
         processor.tokenizer.padding_side = "left"
     return model.eval(), processor

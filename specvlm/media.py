@@ -239,7 +239,9 @@ def _decode_indices(data: bytes, wanted: list[int], limits: MediaLimits) -> tupl
         for frame in container.decode(stream):
             check_dimensions(frame.width, frame.height, limits)
             if seen in keep:
-                frames.append(frame.to_image())  # rgb24
+                image = frame.to_image()  # rgb24
+                image.info["time_s"] = float(frame.time) if frame.time is not None else None
+                frames.append(image)
             seen += 1
             if seen > wanted[-1]:
                 break
@@ -262,7 +264,8 @@ def decode_video(data: bytes, limits: MediaLimits = DEFAULT_LIMITS, num_frames: 
     caller's mistake, not a bad row). The first and last frames are included (one: the first); a
     video with fewer frames gives all of them. Decoding is strict: an FFmpeg error
     anywhere in the stream (e.g. a truncated file) fails the row. When the container
-    claims more frames than decode cleanly, sampling is redone over those that do.
+    claims more frames than decode cleanly, sampling is redone over those that do. Each frame's
+    ``info["time_s"]`` is its presentation time in seconds (None when the stream has none).
     """
     num_frames = limits.max_frames if num_frames is None else num_frames
     if not 1 <= num_frames <= limits.max_frames:

@@ -119,6 +119,7 @@ def tiny_inputs(model, text_lengths: list[int], seed: int = 0, image_sizes: list
 
 def tiny_qwen(
     family: str = "qwen2_5_vl",
+    token_ids: dict[str, int | list[int]] | None = None,
     hidden: int = 64,
     layers: int = 2,
     heads: int = 4,
@@ -135,6 +136,8 @@ def tiny_qwen(
     The vision tower is 2 blocks wide 32 with ``patch``-pixel patches, 2x2 merge and 2-frame temporal
     patches; the text model's M-RoPE sections split its head dim (``hidden // heads``) 2:1:1 (Qwen2.x,
     contiguous) or interleaved (Qwen3-VL, which also feeds DeepStack features into its first 2 layers).
+    ``token_ids`` overrides this module's special ids (keys ``pad``, ``bos``, ``eos`` (an id or a list, the
+    first one the text config's), ``image``, ``video``, ``vision_start``, ``vision_end``), e.g. a tokenizer's.
     """
     from transformers import AutoConfig, AutoModelForImageTextToText
 
@@ -159,16 +162,20 @@ def tiny_qwen(
         vision.update(hidden_size=32, intermediate_size=64, out_hidden_size=hidden, num_position_embeddings=64,
                       deepstack_visual_indexes=[0, 1])  # fmt: skip
         text["head_dim"] = hidden // heads
+    ids = {"pad": PAD, "bos": BOS, "eos": EOS, "image": IMAGE, "video": VIDEO, "vision_start": VISION_START,
+           "vision_end": VISION_END, **(token_ids or {})}  # fmt: skip
+    eos = ids["eos"] if isinstance(ids["eos"], int) else ids["eos"][0]
+    text.update(pad_token_id=ids["pad"], bos_token_id=ids["bos"], eos_token_id=eos)
     cfg = AutoConfig.for_model(
-        family, text_config=text, vision_config=vision, image_token_id=IMAGE, video_token_id=VIDEO,
-        vision_start_token_id=VISION_START, vision_end_token_id=VISION_END, tie_word_embeddings=False,
+        family, text_config=text, vision_config=vision, image_token_id=ids["image"], video_token_id=ids["video"],
+        vision_start_token_id=ids["vision_start"], vision_end_token_id=ids["vision_end"], tie_word_embeddings=False,
     )  # fmt: skip
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForImageTextToText.from_config(cfg)
-    model.generation_config.eos_token_id = EOS
-    model.generation_config.pad_token_id = PAD
-    model.generation_config.bos_token_id = BOS
+    model.generation_config.eos_token_id = ids["eos"]
+    model.generation_config.pad_token_id = ids["pad"]
+    model.generation_config.bos_token_id = ids["bos"]
     return model.to(dtype).eval()
 
 
@@ -223,3 +230,30 @@ def tiny_qwen_inputs(model, rows: list[tuple], seed: int = 0) -> dict:
         if family == "qwen2_5_vl":
             out["second_per_grid_ts"] = torch.ones(len(grids["video"]))
     return out
+
+
+def save_tiny_qwen(path, family: str = "qwen2_5_vl", seed: int = 0, **kw):
+    """Write a tiny random-init Qwen-VL target and its processor as one HF folder (what ``model.target`` names
+    for ``specvlm caption`` / ``specvlm serve``); returns the path.
+
+    The processor is `specvlm.demo.text.build_qwen_processor(family)`; the model is `tiny_qwen` sized to it:
+    its vocabulary, patch size and special token ids, eos ``<|im_end|>`` then ``</s>``. ``kw`` goes to
+    `tiny_qwen` (``hidden``, ``layers``, ...).
+    """
+    from pathlib import Path
+
+    from .demo.text import build_qwen_processor
+
+    processor = build_qwen_processor(family)
+    tok = processor.tokenizer
+    tokens = {"pad": tok.pad_token, "bos": tok.bos_token, "image": processor.image_token,
+              "video": processor.video_token, "vision_start": processor.tokenizer.vision_start_token,
+              "vision_end": processor.tokenizer.vision_end_token}  # fmt: skip
+    ids = {name: tok.convert_tokens_to_ids(token) for name, token in tokens.items()}
+    ids["eos"] = [tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("</s>")]
+    model = tiny_qwen(family, token_ids=ids, vocab=len(tok), patch=processor.image_processor.patch_size, seed=seed,
+                      **kw)  # fmt: skip
+    path = Path(path)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path

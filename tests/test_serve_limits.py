@@ -72,9 +72,13 @@ def test_resized_pixels_of_other_families():
     nxt = transformers.LlavaNextImageProcessorPil()  # anyres: best pinpoint + the base image at 224^2
     assert resized_pixels(40000, 1, nxt) <= max(h * w for h, w in nxt.image_grid_pinpoints) + 224 * 224
     assert resized_pixels(1000, 500, nxt) == 336 * 672 + 224 * 224
-    qwen = transformers.Qwen2VLImageProcessorPil()  # a pixel budget
-    assert resized_pixels(4000, 3000, qwen) == qwen.size.longest_edge
+    qwen = transformers.Qwen2VLImageProcessorPil()  # a pixel budget: smart resize, sides multiples of 28
+    for w, h in ((4000, 3000), (10, 10), (96, 96), (1000, 7)):
+        grid = qwen(images=[Image.new("RGB", (w, h))], return_tensors="pt")["image_grid_thw"][0]
+        assert resized_pixels(w, h, qwen) == int(grid[1] * grid[2]) * qwen.patch_size**2  # what it builds
+    assert resized_pixels(4000, 3000, qwen) <= qwen.size.longest_edge
     assert resized_pixels(10, 10, qwen) == qwen.size.shortest_edge
+    assert resized_pixels(4000, 10, qwen) == 4000 * 10  # over the aspect ratio Qwen takes: its own pixels
     assert resized_pixels(30, 20, SimpleNamespace(size=None)) == 600
 
 
