@@ -130,11 +130,16 @@ def tiny_qwen(
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
     init_std: float = 0.02,
+    vision_hidden: int = 32,
+    vision_layers: int = 2,
+    window: int | None = None,
 ):
-    """A random-init Qwen2-VL / Qwen2.5-VL / Qwen3-VL (``family``: one of `QWEN_FAMILIES`).
+    """A random-init Qwen2-VL / Qwen2.5-VL / Qwen3-VL (``family``: one of `QWEN_FAMILIES`); also the demo's
+    Qwen2.5-VL target (`specvlm.demo.recipe`).
 
-    The vision tower is 2 blocks wide 32 with ``patch``-pixel patches, 2x2 merge and 2-frame temporal
-    patches; the text model's M-RoPE sections split its head dim (``hidden // heads``) 2:1:1 (Qwen2.x,
+    The vision tower is ``vision_layers`` blocks wide ``vision_hidden`` with ``patch``-pixel patches, 2x2 merge
+    and 2-frame temporal patches (Qwen2.5-VL: attention windows of ``window`` pixels, default ``4 * patch``,
+    the last block global); the text model's M-RoPE sections split its head dim (``hidden // heads``) 2:1:1 (Qwen2.x,
     contiguous) or interleaved (Qwen3-VL, which also feeds DeepStack features into its first 2 layers).
     ``token_ids`` overrides this module's special ids (keys ``pad``, ``bos``, ``eos`` (an id or a list, the
     first one the text config's), ``image``, ``video``, ``vision_start``, ``vision_end``), e.g. a tokenizer's.
@@ -151,16 +156,17 @@ def tiny_qwen(
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section},
         pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS, initializer_range=init_std,
     )  # fmt: skip
-    vision = dict(depth=2, num_heads=2, patch_size=patch, spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
-                  initializer_range=init_std)  # fmt: skip
+    vision = dict(depth=vision_layers, num_heads=2, patch_size=patch, spatial_merge_size=2, temporal_patch_size=2,
+                  in_channels=3, initializer_range=init_std)  # fmt: skip
     if family == "qwen2_vl":
-        vision.update(embed_dim=32, hidden_size=hidden, mlp_ratio=2)
+        vision.update(embed_dim=vision_hidden, hidden_size=hidden, mlp_ratio=2)
     elif family == "qwen2_5_vl":
-        vision.update(hidden_size=32, intermediate_size=64, out_hidden_size=hidden, window_size=4 * patch,
-                      fullatt_block_indexes=[1], tokens_per_second=2)  # fmt: skip
+        vision.update(hidden_size=vision_hidden, intermediate_size=2 * vision_hidden, out_hidden_size=hidden,
+                      window_size=window or 4 * patch, fullatt_block_indexes=[vision_layers - 1],
+                      tokens_per_second=2)  # fmt: skip
     else:
-        vision.update(hidden_size=32, intermediate_size=64, out_hidden_size=hidden, num_position_embeddings=64,
-                      deepstack_visual_indexes=[0, 1])  # fmt: skip
+        vision.update(hidden_size=vision_hidden, intermediate_size=2 * vision_hidden, out_hidden_size=hidden,
+                      num_position_embeddings=64, deepstack_visual_indexes=[0, 1])  # fmt: skip
         text["head_dim"] = hidden // heads
     ids = {"pad": PAD, "bos": BOS, "eos": EOS, "image": IMAGE, "video": VIDEO, "vision_start": VISION_START,
            "vision_end": VISION_END, **(token_ids or {})}  # fmt: skip
