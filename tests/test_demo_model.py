@@ -131,3 +131,28 @@ def test_half_precision_on_a_cpu_without_it(tmp_path, monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         assert next(load_target(tmp_path, "bfloat16")[0].parameters()).dtype == torch.bfloat16
+
+
+def test_small_qwen_demo_builds_reads_videos_natively_and_benchmarks(tmp_path):
+    """The Qwen2.5-VL demo recipe (reduced): a Qwen target reading videos as video input, its drafts, and the
+    demo benchmark's methods (HF generate, HF prompt lookup, ar, eagle, specvlm) token-identical on it."""
+    from benchmarks.demo import speed
+
+    from specvlm.demo.recipe import build_demo
+    from specvlm.distill import encode_samples
+
+    recipe = DemoRecipe.for_family("qwen2_5_vl").small()
+    metrics = build_demo(tmp_path / "demo-qwen2_5_vl", recipe, progress=False)
+    assert metrics["target_log"][-1]["loss"] < metrics["target_log"][0]["loss"]
+    demo = load_demo(tmp_path / "demo-qwen2_5_vl", family="qwen2_5_vl")
+    assert demo.target.config.model_type == "qwen2_5_vl" and demo.specvlm_draft.compressor is not None
+    video = examples(seed=5, n=1, p_video=1.0, native_video=True)
+    assert len(video[0]["video"]) == recipe.video_frames
+    enc = encode_samples(demo.processor, video)
+    assert enc["video_grid_thw"].tolist() == [[2, 12, 12]]  # 4 frames -> 2 temporal patches of 12 x 12
+    rows = speed(demo, n=1, max_new_tokens=8, repeats=1, native_video=True)
+    assert {r["task"] for r in rows} == {"caption", "video", "qa"}
+    assert all(r["identical_to_hf"] for r in rows), [(r["task"], r["method"]) for r in rows]
+    assert any("prompt_lookup" in r["method"] for r in rows)
+    spec = [r for r in rows if r["method"].startswith("specvlm") and r["task"] == "video"]
+    assert spec and spec[0]["draft_visual_tokens"] < 72
