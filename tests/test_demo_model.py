@@ -137,7 +137,6 @@ def test_small_qwen_demo_builds_reads_videos_natively_and_benchmarks(tmp_path):
     """The Qwen2.5-VL demo recipe (reduced): a Qwen target reading videos as video input, its drafts, and the
     demo benchmark's methods (HF generate, HF prompt lookup, ar, eagle, specvlm) token-identical on it."""
     from benchmarks.demo import speed
-
     from specvlm.demo.recipe import build_demo
     from specvlm.distill import encode_samples
 
