@@ -117,6 +117,14 @@ def tiny_target_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def tiny_qwen_dir(tmp_path_factory):
+    """A tiny random Qwen2.5-VL saved with its Qwen processor (`specvlm.tiny.save_tiny_qwen`)."""
+    from specvlm.tiny import save_tiny_qwen
+
+    return save_tiny_qwen(tmp_path_factory.mktemp("tiny-qwen"), "qwen2_5_vl")
+
+
+@pytest.fixture(scope="module")
 def manifest(tmp_path_factory):
     """A .jsonl manifest of ShapesWorld PNGs (relative paths) with two bad rows first."""
     from specvlm.demo import ShapesWorld
@@ -187,16 +195,17 @@ def test_ray_train_run_checkpoints_skips_bad_rows_and_resumes(ray_local, tiny_ta
 
 
 @pytest.mark.slow
-def test_ray_train_specvlm_mode_trains_the_compressor(ray_local, tiny_target_dir, manifest, tmp_path):
-    """mode specvlm: DDP over draft + compressor + gate (unused primitives allowed), gate stats logged,
-    the final draft carries the compressor, and the held-out accept length comes from a specvlm engine."""
+def test_ray_train_specvlm_mode_trains_the_compressor(ray_local, tiny_qwen_dir, manifest, tmp_path):
+    """mode specvlm on a Qwen2.5-VL target (M-RoPE positions, native-resolution grids): DDP over draft +
+    compressor + gate (unused primitives allowed), gate stats logged, the target's own responses, the final
+    draft carries the compressor, and the held-out accept length comes from a specvlm engine."""
     from pipelines.distill import run
     from specvlm import EagleDraft
 
     output = tmp_path / "out"
     job = {
-        "model": {"target": str(tiny_target_dir)}, "data": {"source": "manifest", "path": str(manifest)},
-        "mode": "specvlm",
+        "model": {"target": str(tiny_qwen_dir)}, "data": {"source": "manifest", "path": str(manifest)},
+        "mode": "specvlm", "response_source": "target", "response_max_new_tokens": 6,
         "compressor": {"primitives": [{"kind": "pool", "ratio": 4}, {"kind": "resampler"}, {"kind": "text"}],
                        "cost_weight": 0.05},
         "max_steps": 2, "batch_size": 2, "workers": 2, "checkpoint_every": 2, "eval_every": 2, "eval_samples": 1,
