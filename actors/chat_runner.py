@@ -10,10 +10,10 @@ module owns the translation, so it is tested by calling it directly:
     run(jobs, post)                            decode a batch; post({batch index: RowUpdate}) after every round
     EngineQueue                                what waits for the engine: every waiting request joins the next batch
 
-One `SpecVLMEngine.generate` call decodes rows that share sampling settings
-(all greedy rows together; sampled rows with the same temperature, top_p,
-top_k; a seeded sampled request alone, so its output does not depend on its
-neighbours). Groups of one batch run one after another. Each row's
+One `SpecVLMEngine.generate` call decodes a batch, each row under its own
+sampling settings (`ChatJob.sampling`); a seeded request's output does not
+depend on its neighbours (the engine gives each row its own generator and
+tree). Each row's
 `TextStream` turns its new tokens into text after every round and ends the
 row early (through the engine's ``on_tokens``) at a stop string, at its own
 ``max_tokens`` or when its client has gone away.
@@ -27,6 +27,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from specvlm.config import SamplingConfig
 from specvlm.inputs import CONCAT_KEYS, collate, encode, pad_token_id
 from specvlm.media import MediaError, MediaLimits, check_dimensions, decode_image, image_size
 
@@ -63,10 +64,10 @@ class ChatJob:
     cancelled: bool = False  # set by the server when the client leaves; the row ends at the next round
     done: bool = field(default=False, init=False)
 
-    def group_key(self, index: int) -> tuple:
-        if self.temperature == 0:
-            return ("greedy",)
-        return ("sample", self.temperature, self.top_p, self.top_k) + ((index,) if self.seed is not None else ())
+    def sampling(self) -> SamplingConfig:
+        """The row's own decoding settings (rows with different settings share one engine batch)."""
+        return SamplingConfig(max_new_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
+                              top_k=self.top_k, seed=self.seed)  # fmt: skip
 
 
 Post = Callable[[dict[int, RowUpdate]], None]
@@ -141,32 +142,32 @@ class ChatRunner:
 
     # ------------------------------------------------------------------ run
     def run(self, jobs: list[ChatJob], post: Post) -> None:
-        """Decode ``jobs`` (in groups of shared sampling settings); every job gets exactly one last update
-        (``finish_reason``, or ``error``: ``"cancelled"`` for a job whose client left)."""
-        groups: dict[tuple, list[int]] = {}
+        """Decode ``jobs`` as one engine batch, each row under its own sampling settings; every job gets
+        exactly one last update (``finish_reason``, or ``error``: ``"cancelled"`` for a job whose client left)."""
+        idx = []
         for i, job in enumerate(jobs):
             if job.cancelled:
                 job.done = True
                 post({i: RowUpdate(error=CANCELLED)})
             else:
-                groups.setdefault(job.group_key(i), []).append(i)
-        for idx in groups.values():
-            try:
-                self._run_group(jobs, idx, post)
-                failure = "the engine stopped without finishing this row"  # (a bug: it reports every row)
-            except Exception as e:  # an engine failure fails its group, never the replica
-                log.exception("engine failed on a batch of %d rows", len(idx))
-                failure = f"{type(e).__name__}: {e}"
-            left = [i for i in idx if not jobs[i].done]
-            for i in left:
-                jobs[i].done = True
-            if left:
-                post({i: RowUpdate(error=failure) for i in left})
+                idx.append(i)
+        if not idx:
+            return
+        try:
+            self._run_rows(jobs, idx, post)
+            failure = "the engine stopped without finishing this row"  # (a bug: it reports every row)
+        except Exception as e:  # an engine failure fails its batch, never the replica
+            log.exception("engine failed on a batch of %d rows", len(idx))
+            failure = f"{type(e).__name__}: {e}"
+        left = [i for i in idx if not jobs[i].done]
+        for i in left:
+            jobs[i].done = True
+        if left:
+            post({i: RowUpdate(error=failure) for i in left})
 
-    def _run_group(self, jobs: list[ChatJob], idx: list[int], post: Post) -> None:
+    def _run_rows(self, jobs: list[ChatJob], idx: list[int], post: Post) -> None:
         group = [jobs[i] for i in idx]
         batch = collate([j.inputs for j in group], self.pad_id)
-        first = group[0]
 
         def on_tokens(event) -> list[int]:
             updates, end = {}, []
@@ -194,15 +195,7 @@ class ChatRunner:
                 post(updates)
             return end
 
-        self.engine.generate(
-            **batch,
-            max_new_tokens=max(j.max_tokens for j in group),
-            temperature=first.temperature,
-            top_p=first.top_p,
-            top_k=first.top_k,
-            seed=first.seed,
-            on_tokens=on_tokens,
-        )
+        self.engine.generate(**batch, sampling=[j.sampling() for j in group], on_tokens=on_tokens)
 
 
 def _image_error(param: str, e: MediaError) -> OpenAIError:

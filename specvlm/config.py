@@ -87,6 +87,7 @@ class SamplingConfig(StrictModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling mass (1 = off)")
     top_k: int = Field(0, ge=0, description="0 = off")
     seed: int | None = Field(None, description="makes sampling reproducible; None = unseeded")
+    stop_token_ids: tuple[int, ...] = Field((), description="token ids that end a row besides the model's EOS")
 
 
 class PrimitiveConfig(StrictModel):

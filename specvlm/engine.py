@@ -1,7 +1,7 @@
-"""`SpecVLMEngine`: batched lossless speculative decoding for HF vision-language models.
+"""`SpecVLMEngine`: batched lossless speculative decoding for HF vision-language models, continuously batched.
 
-Legend: B batch rows (active ones), T prompt tokens, K tree nodes, A path
-slots (max depth + 1), D hidden, V vocab.
+Legend: R live rows, N rows joining, T prompt tokens, K tree nodes, A path slots (max depth + 1), D hidden,
+V vocab.
 
 The engine knows nothing about tokenization or image preprocessing: it takes
 what an HF processor returns. Modes:
@@ -15,18 +15,27 @@ what an HF processor returns. Modes:
   draft step is unchanged. Only the draft's context shrinks: outputs are the
   target's, token for token.
 
-One round for a batch (see DESIGN.md's cost model)::
+The stepping core. `add` queues rows (a left-padded batch, each row with its
+own `SamplingConfig`: temperature, top-p, top-k, seed, budget, stop ids) at
+any time; `step` runs one step for the whole pool and returns what it emitted
+(a `TokenEvent`): first a round for the rows already decoding, then the
+prefill of the rows added since the last step (they join the next round),
+then finished rows leave. Rows sit in one KV pool (`kv.SlotKVCache`: rows
+join at the end, leave by the last rows moving into their places), the
+draft's mirror of it (`drafter.Drafter`) and per-row host state, so prompts
+of any length and images of any size share the running batch. `generate` is
+`add` + `step` until done. One round::
 
-    propose_tree   depth-1 draft forwards over the frontier   (draft KV, not committed)
-    verify         one target forward over all K tree nodes   (target KV, pending)
-    accept         greedy or speculative sampling -> path, bonus token
-    commit         target KV: in-place gather of the accepted path
-    catch-up       one draft forward over the accepted path   (draft KV, committed)
+    propose   depth-1 draft forwards over the frontier      (drafter, draft KV, not committed)
+    verify    one target forward over all K tree nodes      (target KV, pending)
+    accept    per row: greedy, or speculative sampling with the row's own generator
+    commit    target KV: in-place gather of the accepted path
+    catch-up  one draft forward over the accepted path       (drafter, draft KV, committed)
 
-Rows are left-padded; a row that hits EOS or ``max_new_tokens`` leaves the
-batch (its KV rows are dropped) and the others go on. ``generate(on_tokens=fn)``
-reports every round's new tokens as they are accepted (for streaming) and lets
-the caller end rows early (stop strings, per-request limits, cancelled requests).
+A row's tree, its random draws and so its tokens do not depend on its
+neighbours (trees are bounded per row, `tree.py`), so a seeded row samples the
+same tokens alone or in any batch, and a greedy row decodes the same tokens
+whenever it joins.
 """
 
 from __future__ import annotations
@@ -38,11 +47,12 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from .config import EngineConfig
+from .config import EngineConfig, SamplingConfig
+from .decoder import RotaryTable
 from .draft import EagleDraft
-from .kv import SlotKVCache
-from .target import TargetAdapter
-from .tree import propose_tree
+from .drafter import Drafter
+from .target import Prompt, TargetAdapter
+from .tree import Tree
 from .verify import greedy_accept, process_logits, sample, sample_accept
 
 
@@ -87,12 +97,12 @@ class GenerateOutput:
 class TokenEvent:
     """What one step emitted (the prefill's first token, then each round), passed to ``generate(on_tokens=)``."""
 
-    tokens: dict[int, list[int]]  # row -> ids emitted this step, EOS included when reached; every active row
-    finished: set[int]  # rows that ended this step (EOS or max_new_tokens)
-    stats: dict[int, dict]  # row -> RowStats.to_dict() so far, for the rows in `tokens`
+    tokens: dict[int, list[int]]  # row id -> ids emitted this step (a stop id included when reached)
+    finished: set[int]  # rows that ended this step (a stop id or their max_new_tokens)
+    stats: dict[int, dict]  # row id -> RowStats.to_dict() so far, for the rows in `tokens`
 
 
-OnTokens = Callable[[TokenEvent], Iterable[int] | None]  # returns rows to finish now
+OnTokens = Callable[[TokenEvent], Iterable[int] | None]  # `generate`: returns rows (batch indices) to finish now
 
 
 class _Clock:
@@ -113,12 +123,42 @@ class _Clock:
         return ms
 
 
+def row_seed(seed: int, row: int) -> int:
+    """The seed of batch row ``row`` when a whole batch is given one ``seed``: distinct for every (seed, row)
+    pair with fewer than 1000003 rows, so two calls with different seeds never share a row's draws."""
+    return seed * 1_000_003 + row
+
+
+@dataclass
+class _Row:
+    """Host state of one live row (its place in the pool is its index in `SpecVLMEngine._live`)."""
+
+    rid: int
+    sampling: SamplingConfig
+    stops: frozenset[int]  # the model's EOS ids and the row's stop ids
+    generator: torch.Generator | None
+    stats: RowStats = field(default_factory=RowStats)
+    seq: list[int] = field(default_factory=list)
+    done: bool = False
+
+
+@dataclass
+class _Group:
+    """Rows added together, prefilled together at the next step."""
+
+    rows: list[_Row]
+    prompt: Prompt
+    input_ids: torch.Tensor  # [N, T]
+    mask: torch.Tensor  # [N, T] bool
+    prompt_ms: float
+
+
 class SpecVLMEngine:
     """Generate with a target VLM, optionally accelerated by an `EagleDraft`.
 
     Args:
         model: an HF VLM (see `target.SUPPORTED`), used in its own dtype/device.
-        draft: the draft for ``eagle`` mode (bound to the target's embedding / LM head here).
+        draft: the draft for ``eagle`` / ``specvlm`` mode (bound to the target's embedding / LM head here).
         config: `EngineConfig`.
     """
 
@@ -139,8 +179,92 @@ class SpecVLMEngine:
             draft.to(device=self.target.device, dtype=self.target.dtype).eval()
             draft.bind(self.target.embed_tokens, self.target.lm_head)
         self.draft = draft
+        self.reset()
+
+    def reset(self) -> None:
+        """Drop every row (live and queued) and free the KV pools."""
+        tgt = self.target
+        self.kv = tgt.new_cache(0, 0)  # the target's KV pool, row r = self._live[r]
+        self.drafter = Drafter(self.draft, tgt, self.config.mode == "specvlm") if self.config.mode != "ar" else None
+        self._live: list[_Row] = []
+        self._queued: list[_Group] = []
+        self._root = torch.zeros(0, dtype=torch.long, device=tgt.device)  # [R] last emitted token
+        self._pos = torch.zeros(0, dtype=torch.long, device=tgt.device)  # [R] its position (every M-RoPE axis)
+        self._rope, self._rope_len = None, 0
+        self._next_rid = 0
 
     # ------------------------------------------------------------------ API
+    @property
+    def num_rows(self) -> int:
+        """Rows decoding or queued."""
+        return len(self._live) + sum(len(g.rows) for g in self._queued)
+
+    @torch.inference_mode()
+    def add(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        sampling: SamplingConfig | list[SamplingConfig] | None = None,
+        **mm_kwargs,
+    ) -> list[int]:
+        """Queue a left-padded batch of prompts; they join the running batch at the next `step`.
+
+        Args:
+            input_ids, attention_mask, pixel_values, mm_kwargs: as `generate`.
+            sampling: one `SamplingConfig` for every row, or one per row (default: greedy, 128 tokens).
+        Returns:
+            the rows' ids (as `TokenEvent` names them). Raises ValueError for bad inputs, before any work
+            on the running batch.
+        """
+        B = input_ids.shape[0] if torch.is_tensor(input_ids) and input_ids.dim() == 2 else 0
+        settings = sampling if isinstance(sampling, list) else [sampling or SamplingConfig()] * B
+        if len(settings) != B:
+            raise ValueError(f"{len(settings)} sampling settings for {B} rows")
+        input_ids, mask = self._check(input_ids, attention_mask)
+        dev = self.target.device
+        t0 = time.perf_counter()
+        mm_kwargs = {k: (v.to(dev) if torch.is_tensor(v) else v) for k, v in mm_kwargs.items()}
+        pv = pixel_values.to(dev) if pixel_values is not None else None
+        input_ids, mask = input_ids.to(dev), mask.to(dev).bool()
+        prompt = self.target.prompt(input_ids, mask, pv, return_layouts=self.config.mode == "specvlm", **mm_kwargs)
+        rows = []
+        for s in settings:
+            gen = torch.Generator(device=dev).manual_seed(s.seed) if s.seed is not None else None
+            rows.append(_Row(self._next_rid, s, frozenset(self.target.eos_token_ids) | set(s.stop_token_ids), gen))
+            self._next_rid += 1
+        self._queued.append(_Group(rows, prompt, input_ids, mask, (time.perf_counter() - t0) * 1e3))
+        return [r.rid for r in rows]
+
+    def finish(self, rids: Iterable[int]) -> None:
+        """End rows now (stop strings, cancelled requests): they leave at the next `step`, emitting nothing more."""
+        ended = set(rids)
+        for row in self._live:
+            if row.rid in ended:
+                row.done = True
+        for g in self._queued:
+            for row in g.rows:
+                if row.rid in ended:
+                    row.done = True
+
+    @torch.inference_mode()
+    def step(self) -> TokenEvent:
+        """One step: a round for the decoding rows, the prefill of queued rows, then finished rows leave."""
+        self._retire()
+        emitted: dict[int, list[int]] = {}
+        if self._live:
+            if self.drafter is None:
+                self._ar_step(emitted)
+            else:
+                self._spec_round(emitted)
+        queued, self._queued = self._queued, []
+        for group in queued:
+            self._prefill(group, emitted)
+        finished = {r.rid for r in self._live if r.done and r.rid in emitted}
+        event = TokenEvent(emitted, finished, {r.rid: r.stats.to_dict() for r in self._live if r.rid in emitted})
+        self._retire()
+        return event
+
     @torch.inference_mode()
     def generate(
         self,
@@ -153,33 +277,52 @@ class SpecVLMEngine:
         top_k: int = 0,
         seed: int | None = None,
         on_tokens: OnTokens | None = None,
+        sampling: list[SamplingConfig] | None = None,
         **mm_kwargs,
     ) -> GenerateOutput:
-        """Decode a batch of left-padded prompts.
+        """Decode a batch of left-padded prompts to the end (`add`, then `step` until every row is done).
 
         Args:
-            input_ids: ``[B, T]`` prompt ids with image placeholders.
+            input_ids: ``[B, T]`` prompt ids with image / video placeholders.
             attention_mask: ``[B, T]`` 1 for tokens, 0 for left padding (default: all ones).
             pixel_values: as the model's processor returns them.
-            max_new_tokens, temperature, top_p, top_k: HF generate's meaning.
-            seed: makes sampling reproducible.
-            on_tokens: called after every step (in the calling thread) with a `TokenEvent`; it may
-                return rows (batch indices) to finish now: they leave the batch, their tokens so
-                far stay in the output. Rows it does not name decode exactly as without it.
-            mm_kwargs: other processor outputs for the model (``image_sizes``).
+            max_new_tokens, temperature, top_p, top_k: HF generate's meaning, for every row.
+            seed: makes sampling reproducible (row b samples from its own generator, seeded `row_seed`).
+            on_tokens: called after every step (in the calling thread) with a `TokenEvent` keyed by batch
+                index; it may return rows (batch indices) to finish now: they leave the batch, their tokens
+                so far stay in the output. Rows it does not name decode exactly as without it.
+            sampling: per-row settings instead of the ones above.
+            mm_kwargs: other processor outputs for the model (``image_sizes``, ``image_grid_thw``, ...).
         """
-        input_ids, attention_mask = self._check(input_ids, attention_mask, max_new_tokens, temperature, top_p, top_k)
-        dev = self.target.device
-        gen = torch.Generator(device=dev).manual_seed(seed) if seed is not None else None
-        sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, suppress=self.target.placeholder_ids)
-        mm_kwargs = {k: (v.to(dev) if torch.is_tensor(v) else v) for k, v in mm_kwargs.items()}
-        pv = pixel_values.to(dev) if pixel_values is not None else None
-        return self._decode(
-            input_ids.to(dev), attention_mask.to(dev), pv, max_new_tokens, sampling, gen, mm_kwargs, on_tokens
-        )
+        if self._live or self._queued:
+            raise RuntimeError("generate needs an idle engine (rows were added with add(); step them to the end)")
+        if sampling is None:
+            self._check_sampling(max_new_tokens, temperature, top_p, top_k)
+            B = input_ids.shape[0] if torch.is_tensor(input_ids) and input_ids.dim() == 2 else 0
+            sampling = [SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                                       seed=None if seed is None else row_seed(seed, b)) for b in range(B)]  # fmt: skip
+        rids = self.add(input_ids, attention_mask, pixel_values, sampling, **mm_kwargs)
+        index = {rid: b for b, rid in enumerate(rids)}
+        seqs: list[list[int]] = [[] for _ in rids]
+        stats: list[dict] = [{} for _ in rids]
+        try:
+            while self._live or self._queued:
+                event = self.step()
+                for rid, toks in event.tokens.items():
+                    seqs[index[rid]] += toks
+                    stats[index[rid]] = event.stats[rid]
+                if on_tokens is not None and event.tokens:
+                    local = TokenEvent({index[r]: t for r, t in event.tokens.items()},
+                                       {index[r] for r in event.finished},
+                                       {index[r]: s for r, s in event.stats.items()})  # fmt: skip
+                    self.finish(rids[b] for b in on_tokens(local) or () if b in local.tokens)
+        finally:
+            self.reset()  # an error mid-way leaves no rows behind
+        return GenerateOutput(seqs, stats)
 
     # ------------------------------------------------------------ internals
-    def _check(self, input_ids, attention_mask, max_new_tokens, temperature, top_p, top_k):
+    @staticmethod
+    def _check(input_ids, attention_mask):
         if not torch.is_tensor(input_ids) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
             raise ValueError("input_ids must be a [batch, tokens] LongTensor")
         if input_ids.shape[1] == 0:
@@ -195,6 +338,10 @@ class SpecVLMEngine:
             raise ValueError("attention_mask must be left-padded (specvlm.inputs.encode / collate pad on the left)")
         if (m.sum(1) == 0).any():
             raise ValueError("a row of attention_mask is all padding")
+        return input_ids, m
+
+    @staticmethod
+    def _check_sampling(max_new_tokens, temperature, top_p, top_k) -> None:
         if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
             raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
         if temperature < 0:
@@ -203,155 +350,163 @@ class SpecVLMEngine:
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
         if top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {top_k}")
-        return input_ids, m
 
-    def _choose(self, logits: torch.Tensor, sampling: dict, gen) -> torch.Tensor:
-        """``[B, V]`` logits -> ``[B]`` next tokens under the target's own distribution."""
-        out = process_logits(logits, **sampling)
-        return out.argmax(-1) if sampling["temperature"] == 0 else sample(out, gen)
+    def _rope_for(self, length: int) -> RotaryTable:
+        if length > self._rope_len:  # grown on demand (rows with longer prompts or budgets joined)
+            self._rope_len = max(length, 2 * self._rope_len)
+            self._rope = self.target.rotary_table(self._rope_len)
+        return self._rope
 
-    def _decode(self, input_ids, mask, pixel_values, max_new_tokens, sampling, gen, mm_kwargs, on_tokens=None):
-        tgt, draft, tree_cfg = self.target, self.draft, self.config.tree
-        eagle = self.config.mode != "ar"  # eagle or specvlm: the speculative loop
-        B, T = input_ids.shape
-        dev = input_ids.device
-        stats = [RowStats() for _ in range(B)]
-        seqs: list[list[int]] = [[] for _ in range(B)]
-        clock = _Clock(dev)
+    def _groups(self, rows: list[_Row]) -> dict[tuple, list[int]]:
+        """Row indices by sampling distribution settings (one `process_logits` call per group)."""
+        out: dict[tuple, list[int]] = {}
+        for i, r in enumerate(rows):
+            s = r.sampling
+            out.setdefault((s.temperature, s.top_k, s.top_p), []).append(i)
+        return out
 
-        # ---- prefill: target over the prompt, first token
-        specvlm = self.config.mode == "specvlm"  # only the compressor needs the images' patch layouts
-        prompt = tgt.prompt(input_ids, mask, pixel_values, return_layouts=specvlm, **mm_kwargs)
-        embeds, positions = prompt.embeds, prompt.positions  # [B, T, D], [B, T] or [3, B, T] (M-RoPE)
-        K, depth, k = tree_cfg.total_tokens, tree_cfg.depth, tree_cfg.top_k
-        extra = max_new_tokens + (K if eagle else 1) + 1  # slots / positions a row can use after its prompt
-        kv = tgt.new_cache(B, T + extra)
-        kv.valid[:, :T] = mask.bool()
-        causal = torch.ones(T, T, dtype=torch.bool, device=dev).tril()[None] & mask.bool()[:, None, :]  # [B, T, T]
-        pos = prompt.next_position  # [B] position of the root token (every M-RoPE axis)
-        max_pos = max(kv.max_len, int(pos.max()) + extra)  # M-RoPE positions may run past the slots
-        rope = tgt.rotary_table(max_pos)
-        feats = tgt.forward(embeds, positions, kv.begin(T, causal), kv, rope, prompt.deepstack)  # [B, T, D]
-        kv.advance(torch.full((B,), T, device=dev))
-        root = self._choose(tgt.logits(feats[:, -1]), sampling, gen)  # [B]
-        root_hidden = None
-        target_prefill_ms = clock.lap()
-        if eagle:
-            next_ids = torch.cat([input_ids[:, 1:], root[:, None]], dim=1)  # [B, T] token after each entry
-            h = draft.project(torch.cat([embeds[:, 1:], draft.embed(root[:, None])], dim=1), feats)  # [B, T, D]
-            d_pos, d_valid, d_causal = positions, mask.bool(), causal  # draft prompt = target's unless compressed
-            span = tgt.is_visual(next_ids)  # [B, T] entries whose next token is visual
-            visual = span.sum(1).tolist()  # [B] visual tokens per row (the target's)
-            if specvlm:
-                comp = draft.compressor.compress(h, positions, mask.bool(), span, prompt.layouts, feats, feats[:, -1])
-                h, d_pos, d_valid = comp.embeds, comp.positions, comp.valid  # [B, T', D], [(3,) B, T'], [B, T']
-                tril = torch.ones(h.shape[1], h.shape[1], dtype=torch.bool, device=dev).tril()  # [T', T']
-                d_causal = tril[None] & d_valid[:, None, :]  # [B, T', T']
-                visual = comp.visual_tokens.tolist()
-                for b, choice in enumerate(comp.choice.tolist()):
-                    stats[b].compressor = draft.compressor.names[choice]
-            for b in range(B):
-                stats[b].draft_visual_tokens = visual[b]
-            T2 = h.shape[1]
-            dkv = SlotKVCache(
-                1, B, tgt.num_kv_heads, tgt.head_dim,
-                T2 + max_new_tokens + (depth - 1) * k + depth + 2, tgt.dtype, dev,
-            )  # fmt: skip
-            dkv.valid[:, :T2] = d_valid
-            draft_rope = draft.rotary_table(max(dkv.max_len, max_pos), embeds)
-            suppress = torch.zeros(tgt.lm_head.out_features, dtype=torch.float32, device=dev)  # [V] additive
-            suppress[tgt.placeholder_ids] = float("-inf")
-            g = draft.decode(h, d_pos, dkv.begin(T2, d_causal), dkv, draft_rope)  # [B, T', D]
-            dkv.advance(torch.full((B,), T2, device=dev))
-            root_hidden = g[:, -1]  # [B, D]
-        draft_prefill_ms = clock.lap()
-        rows = list(range(B))  # original index of each active row
-        for b in rows:
-            st = stats[b]
-            st.prefill_ms, st.draft_prefill_ms = target_prefill_ms + draft_prefill_ms, draft_prefill_ms
-            st.target_forwards, st.draft_forwards = 1, int(eagle)
-        done = self._emit(seqs, stats, rows, [[t] for t in root.tolist()], max_new_tokens, on_tokens)
-
-        while True:
-            keep = [i for i, r in enumerate(rows) if r not in done]
-            if not keep:
-                break
-            if len(keep) < len(rows):
-                idx = torch.tensor(keep, device=dev)
-                rows = [rows[i] for i in keep]
-                kv.select_rows(idx)
-                root, pos = root[idx], pos[idx]
-                if eagle:
-                    dkv.select_rows(idx)
-                    root_hidden = root_hidden[idx]
-            n_rows = len(rows)
-            if not eagle:  # ---- autoregressive step
-                one = torch.ones(n_rows, 1, 1, dtype=torch.bool, device=dev)
-                f = tgt.forward(tgt.embed_tokens(root[:, None]), pos[:, None], kv.begin(1, one), kv, rope)  # [B, 1, D]
-                kv.advance(torch.ones(n_rows, dtype=torch.long, device=dev))
-                root = self._choose(tgt.logits(f[:, 0]), sampling, gen)
-                pos = pos + 1
-                verify_ms = clock.lap()
-                for r in rows:
-                    stats[r].target_forwards += 1
-                    stats[r].verify_ms += verify_ms
-                done |= self._emit(seqs, stats, rows, [[t] for t in root.tolist()], max_new_tokens, on_tokens)
+    def _choose(self, logits: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
+        """``[R, V]`` logits -> ``[R]`` next tokens, each row under its own settings and generator."""
+        out = torch.empty(len(rows), dtype=torch.long, device=logits.device)
+        for (temp, top_k, top_p), idx in self._groups(rows).items():
+            probs = process_logits(logits[idx], temp, top_k, top_p, self.target.placeholder_ids)
+            if temp == 0:
+                out[idx] = probs.argmax(-1)
                 continue
+            for j, i in enumerate(idx):
+                out[i] = sample(probs[j : j + 1], rows[i].generator)[0]
+        return out
 
-            # ---- speculative round
-            tree = propose_tree(
-                draft, dkv, root, root_hidden, pos, k, depth, K, suppress, draft_rope,
-                tree_cfg.depth_min_prob, tree_cfg.node_min_prob,
-            )  # fmt: skip
-            draft_ms = clock.lap()
-            mask4 = kv.begin(tree.num_nodes, tree.ancestors)
-            tf = tgt.forward(tgt.embed_tokens(tree.tokens), pos[:, None] + tree.depth, mask4, kv, rope)  # [B, K, D]
-            logits = tgt.logits(tf)  # [B, K, V]
-            if sampling["temperature"] == 0:
-                path, n_acc, bonus = greedy_accept(tree, process_logits(logits, **sampling).argmax(-1))
-            else:
-                path, n_acc, bonus = sample_accept(tree, process_logits(logits, **sampling), gen)
-            kv.commit(path, n_acc)
-            verify_ms = clock.lap()
-            # draft catch-up over the accepted path: entry i = (target feature of node i, next token)
-            A = path.shape[1]
-            path_tokens = tree.tokens.gather(1, path)  # [B, A]
-            nxt = torch.cat([path_tokens[:, 1:], path_tokens[:, :1]], dim=1)  # [B, A]
-            nxt.scatter_(1, (n_acc - 1)[:, None], bonus[:, None])
-            path_feats = tf.gather(1, path[..., None].expand(-1, -1, tf.shape[-1]))  # [B, A, D]
-            tril = torch.ones(A, A, dtype=torch.bool, device=dev).tril().expand(n_rows, A, A)
-            cpos = pos[:, None] + torch.arange(A, device=dev)  # [B, A]
-            g = draft(draft.embed(nxt), path_feats, cpos, dkv.begin(A, tril), dkv, draft_rope)
-            dkv.advance(n_acc)
-            root_hidden = g.gather(1, (n_acc - 1)[:, None, None].expand(-1, 1, g.shape[-1]))[:, 0]  # [B, D]
-            pos = pos + n_acc
-            root = bonus
-            draft_ms += clock.lap()
-            emitted = [toks[1:n] + [b] for toks, n, b in zip(path_tokens.tolist(), n_acc.tolist(), bonus.tolist())]
-            for r in rows:
-                st = stats[r]
-                st.target_forwards += 1
-                st.draft_forwards += tree.levels  # tree steps + the catch-up
-                st.draft_ms += draft_ms
-                st.verify_ms += verify_ms
-            done |= self._emit(seqs, stats, rows, emitted, max_new_tokens, on_tokens)
+    def _accept(self, tree: Tree, logits: torch.Tensor, rows: list[_Row]):
+        """Per row: greedy or speculative-sampling acceptance over its tree (``logits [R, K, V]``)."""
+        R, dev = len(rows), logits.device
+        A = int(tree.depth.max()) + 1
+        path = torch.zeros(R, A, dtype=torch.long, device=dev)
+        n_acc = torch.ones(R, dtype=torch.long, device=dev)
+        bonus = torch.zeros(R, dtype=torch.long, device=dev)
+        for (temp, top_k, top_p), idx in self._groups(rows).items():
+            probs = process_logits(logits[idx], temp, top_k, top_p, self.target.placeholder_ids)
+            parts = []
+            if temp == 0:
+                parts.append((idx, greedy_accept(tree.select(idx), probs.argmax(-1))))
+            else:  # one row at a time: each row draws from its own generator
+                parts += [([i], sample_accept(tree.select([i]), probs[j : j + 1], rows[i].generator))
+                          for j, i in enumerate(idx)]  # fmt: skip
+            for at, (p, n, b) in parts:
+                path[at, : p.shape[1]] = p
+                n_acc[at], bonus[at] = n, b
+        return path, n_acc, bonus
 
-        return GenerateOutput(seqs, [s.to_dict() for s in stats])
+    def _prefill(self, group: _Group, emitted: dict) -> None:
+        """The target over the group's prompts (into new pool rows), each row's first token, the draft's prefill."""
+        tgt, tree_cfg = self.target, self.config.tree
+        clock = _Clock(tgt.device)
+        prompt, ids, mask = group.prompt, group.input_ids, group.mask
+        N, T = ids.shape
+        budget = max(r.sampling.max_new_tokens for r in group.rows)
+        extra = budget + (tree_cfg.total_tokens if self.drafter is not None else 1) + 1  # slots after the prompt
+        start = self.kv.append_rows(N, T + extra)
+        self.kv.set_window(start, start + N)
+        self.kv.valid[:, :T] = mask
+        causal = torch.ones(T, T, dtype=torch.bool, device=ids.device).tril()[None] & mask[:, None, :]  # [N, T, T]
+        pos = prompt.next_position  # [N] position of each row's first generated token
+        max_pos = max(self.kv.max_len, int(pos.max()) + extra)  # M-RoPE positions may run past the slots
+        rope = self._rope_for(max_pos)
+        feats = tgt.forward(prompt.embeds, prompt.positions, self.kv.begin(T, causal), self.kv, rope, prompt.deepstack)
+        self.kv.advance(torch.full((N,), T, device=ids.device))
+        self.kv.set_window()
+        root = self._choose(tgt.logits(feats[:, -1]), group.rows)  # [N]
+        target_ms = clock.lap() + group.prompt_ms
+        visual, choices = [0] * N, None
+        if self.drafter is not None:
+            visual, choices = self.drafter.prefill(prompt, ids, mask, feats, root, causal, tree_cfg, budget, max_pos)
+        draft_ms = clock.lap()
+        self._live += group.rows
+        self._root = torch.cat([self._root, root])
+        self._pos = torch.cat([self._pos, pos])
+        for i, row in enumerate(group.rows):
+            st = row.stats
+            st.prefill_ms, st.draft_prefill_ms = target_ms + draft_ms, draft_ms
+            st.target_forwards, st.draft_forwards = 1, int(self.drafter is not None)
+            if self.drafter is not None:
+                st.draft_visual_tokens = visual[i]
+                if choices is not None:
+                    st.compressor = self.draft.compressor.names[choices[i]]
+        self._emit(group.rows, [[t] for t in root.tolist()], emitted)
 
-    def _emit(self, seqs, stats, rows, emitted, max_new_tokens, on_tokens=None) -> set[int]:
-        """Append each active row's new tokens; return the rows that finished (or that on_tokens ends)."""
-        eos = self.target.eos_token_ids
-        finished, new = set(), {}
-        for r, toks in zip(rows, emitted):
-            start = len(seqs[r])
+    def _ar_step(self, emitted: dict) -> None:
+        """One target forward per live row over its last token."""
+        tgt, rows = self.target, self._live
+        R, dev = len(rows), self._root.device
+        clock = _Clock(dev)
+        one = torch.ones(R, 1, 1, dtype=torch.bool, device=dev)
+        f = tgt.forward(tgt.embed_tokens(self._root[:, None]), self._pos[:, None], self.kv.begin(1, one), self.kv,
+                        self._rope)  # fmt: skip  # [R, 1, D]
+        self.kv.advance(torch.ones(R, dtype=torch.long, device=dev))
+        self._root = self._choose(tgt.logits(f[:, 0]), rows)
+        self._pos = self._pos + 1
+        verify_ms = clock.lap()
+        for r in rows:
+            r.stats.target_forwards += 1
+            r.stats.verify_ms += verify_ms
+        self._emit(rows, [[t] for t in self._root.tolist()], emitted)
+
+    def _spec_round(self, emitted: dict) -> None:
+        """propose / verify / accept / commit / catch-up for every live row."""
+        tgt, drafter, rows, tree_cfg = self.target, self.drafter, self._live, self.config.tree
+        root, pos = self._root, self._pos
+        clock = _Clock(root.device)
+        tree = drafter.propose(root, pos, tree_cfg)
+        draft_ms = clock.lap()
+        mask4 = self.kv.begin(tree.num_nodes, tree.ancestors)
+        tf = tgt.forward(
+            tgt.embed_tokens(tree.tokens), pos[:, None] + tree.depth, mask4, self.kv, self._rope
+        )  # [R, K, D]
+        path, n_acc, bonus = self._accept(tree, tgt.logits(tf), rows)
+        self.kv.commit(path, n_acc)
+        verify_ms = clock.lap()
+        # draft catch-up over the accepted path: entry a = (target feature of node a, the token after it)
+        path_tokens = tree.tokens.gather(1, path)  # [R, A]
+        nxt = torch.cat([path_tokens[:, 1:], path_tokens[:, :1]], dim=1)  # [R, A]
+        nxt.scatter_(1, (n_acc - 1)[:, None], bonus[:, None])
+        path_feats = tf.gather(1, path[..., None].expand(-1, -1, tf.shape[-1]))  # [R, A, D]
+        drafter.catch_up(nxt, path_feats, n_acc, pos)
+        self._pos = pos + n_acc
+        self._root = bonus
+        draft_ms += clock.lap()
+        for r in rows:
+            st = r.stats
+            st.target_forwards += 1
+            st.draft_forwards += tree.levels  # tree steps + the catch-up
+            st.draft_ms += draft_ms
+            st.verify_ms += verify_ms
+        n_list = n_acc.tolist()
+        out = [toks[1:n] + [b] for toks, n, b in zip(path_tokens.tolist(), n_list, bonus.tolist())]
+        self._emit(rows, out, emitted)
+
+    def _emit(self, rows: list[_Row], tokens: list[list[int]], emitted: dict) -> None:
+        """Append each row's new tokens up to a stop id or its budget (marking it done)."""
+        for row, toks in zip(rows, tokens):
+            if row.done:
+                continue
+            start = len(row.seq)
             for t in toks:
-                seqs[r].append(t)
-                if t in eos or len(seqs[r]) >= max_new_tokens:
-                    finished.add(r)
+                row.seq.append(t)
+                if t in row.stops or len(row.seq) >= row.sampling.max_new_tokens:
+                    row.done = True
                     break
-            stats[r].num_tokens = len(seqs[r])
-            new[r] = seqs[r][start:]
-        if on_tokens is not None:
-            ended = on_tokens(TokenEvent(new, set(finished), {r: stats[r].to_dict() for r in rows}))
-            finished.update(r for r in ended or () if r in new)
-        return finished
+            row.stats.num_tokens = len(row.seq)
+            emitted[row.rid] = row.seq[start:]
+
+    def _retire(self) -> None:
+        """Finished rows leave the pools; queued rows that were ended before joining are dropped."""
+        self._queued = [g for g in self._queued if not all(r.done for r in g.rows)]
+        keep = [i for i, r in enumerate(self._live) if not r.done]
+        if len(keep) == len(self._live):
+            return
+        order = self.kv.keep_rows(keep)
+        if self.drafter is not None:
+            self.drafter.keep_rows(keep)
+        idx = torch.tensor(order, dtype=torch.long, device=self._root.device)
+        self._live = [self._live[i] for i in order]
+        self._root, self._pos = self._root[idx], self._pos[idx]

@@ -20,6 +20,13 @@ Slots are physical; the rotary position of a token was applied to its key
 when written, so rows may sit at different lengths and a row's left padding
 is simply a slot marked invalid. `valid` excludes those pad slots.
 
+A pool of rows (continuous batching): rows ``[0, rows)`` are live and
+contiguous. `append_rows` adds rows at the end (growing the buffers when
+they run out of rows or slots), a forward runs over a window of rows
+(`set_window`: the newly added rows for their prefill, all live rows for a
+round), and `keep_rows` drops finished rows by moving the last live rows into
+their places (one row copy per hole, not a compaction of the whole pool).
+
 The class subclasses HF's `Cache` so HF decoder layers call `update()` on it;
 masks are always passed as explicit 4D additive masks built by
 `attention_mask()`, so no HF mask logic ever reads this cache.
@@ -52,13 +59,80 @@ class SlotKVCache(Cache):
         shape = (num_layers, batch_size, num_kv_heads, max_len, head_dim)
         self.keys = torch.zeros(shape, dtype=dtype, device=device)  # [L, B, H, S, D]
         self.values = torch.zeros(shape, dtype=dtype, device=device)  # [L, B, H, S, D]
-        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)  # [B]
-        self.valid = torch.ones(batch_size, max_len, dtype=torch.bool, device=device)  # [B, S]
+        self._lengths = torch.zeros(batch_size, dtype=torch.long, device=device)  # [B]
+        self._valid = torch.ones(batch_size, max_len, dtype=torch.bool, device=device)  # [B, S]
         self.max_len = max_len
+        self.rows = batch_size  # live rows [0, rows)
+        self._win = (0, batch_size)  # the rows a forward runs over
         self._arange = torch.arange(max_len, device=device)  # [S]
         self.layer_offset = layer_offset  # HF layer_idx of our layer 0 (the draft's layer is idx 0)
         self._slots: torch.Tensor | None = None  # [B, Q] slots of the pending forward
         self._view_len = 0
+
+    # ------------------------------------------------------------------- rows
+    @property
+    def lengths(self) -> torch.Tensor:
+        """``[W]`` committed slots of the window's rows (a view: in-place updates write through)."""
+        return self._lengths[self._win[0] : self._win[1]]
+
+    @property
+    def valid(self) -> torch.Tensor:
+        """``[W, S]`` non-padding slots of the window's rows (a view)."""
+        return self._valid[self._win[0] : self._win[1]]
+
+    def set_window(self, start: int = 0, stop: int | None = None) -> None:
+        """Run the next forwards over rows ``[start, stop)`` (default: every live row)."""
+        stop = self.rows if stop is None else stop
+        assert 0 <= start <= stop <= self.rows, (start, stop, self.rows)
+        self._win = (start, stop)
+
+    def append_rows(self, n: int, max_len: int) -> int:
+        """Add ``n`` empty rows (length 0, every slot valid) that need up to ``max_len`` slots; returns the
+        first one's index. Buffers grow (doubling rows, at least ``max_len`` slots) when they are too small."""
+        L, cap, H, S, D = self.keys.shape
+        need = self.rows + n
+        if need > cap or max_len > S:
+            cap2, S2 = max(need, 2 * cap if need > cap else cap), max(S, max_len)
+            for name in ("keys", "values"):
+                old = getattr(self, name)
+                new = old.new_zeros(L, cap2, H, S2, D)
+                new[:, : self.rows, :, :S] = old[:, : self.rows]
+                setattr(self, name, new)
+            lengths = self._lengths.new_zeros(cap2)
+            lengths[: self.rows] = self._lengths[: self.rows]
+            valid = self._valid.new_ones(cap2, S2)
+            valid[: self.rows, :S] = self._valid[: self.rows]
+            self._lengths, self._valid, self.max_len = lengths, valid, S2
+            self._arange = torch.arange(S2, device=lengths.device)
+        start = self.rows
+        self._lengths[start:need] = 0
+        self._valid[start:need] = True
+        self.rows = need
+        self.set_window()
+        return start
+
+    def keep_rows(self, keep: list[int]) -> list[int]:
+        """Keep live rows ``keep`` (ascending indices) and drop the others; returns the old index of each
+        row at its new place ``[0, len(keep))``. A dropped row's place takes the last kept row beyond it."""
+        n = len(keep)
+        order = list(keep)
+        holes = [i for i in range(n) if i not in set(keep)]
+        movers = [r for r in keep if r >= n]
+        if holes:
+            src, dst = (
+                torch.tensor(movers, device=self._lengths.device),
+                torch.tensor(holes, device=self._lengths.device),
+            )
+            self.keys[:, dst] = self.keys[:, src]
+            self.values[:, dst] = self.values[:, src]
+            self._lengths[dst] = self._lengths[src]
+            self._valid[dst] = self._valid[src]
+            order = list(range(n))
+            for h, m in zip(holes, movers):
+                order[h] = m
+        self.rows = n
+        self.set_window()
+        return order
 
     # ------------------------------------------------------------------ write
     def begin(self, q: int, tree_mask: torch.Tensor, offset: int = 0) -> torch.Tensor:
@@ -92,15 +166,17 @@ class SlotKVCache(Cache):
         B, H, Q, D = key_states.shape
         assert self._slots is not None and self._slots.shape == (B, Q), "call begin() before a forward"
         idx = self._slots[:, None, :, None].expand(B, H, Q, D)
-        self.keys[layer].scatter_(2, idx, key_states.to(self.keys.dtype))
-        self.values[layer].scatter_(2, idx, value_states.to(self.values.dtype))
+        a, b = self._win
+        keys, values = self.keys[layer, a:b], self.values[layer, a:b]  # [W, H, S, D] views
+        keys.scatter_(2, idx, key_states.to(keys.dtype))
+        values.scatter_(2, idx, value_states.to(values.dtype))
         v = self._view_len
-        return self.keys[layer, :, :, :v], self.values[layer, :, :, :v]
+        return keys[:, :, :v], values[:, :, :v]
 
     # ----------------------------------------------------------------- commit
     def advance(self, n: torch.Tensor) -> None:
         """Keep the first ``n[b]`` pending slots of each row as written. n: ``[B]``."""
-        self.lengths += n
+        self.lengths.add_(n)
 
     def commit(self, path: torch.Tensor, n: torch.Tensor) -> None:
         """Keep accepted tree nodes: pending node ``path[b, a]`` moves to pending slot ``a``.
@@ -111,26 +187,21 @@ class SlotKVCache(Cache):
         """
         B, A = path.shape
         L, _, H, _, D = self.keys.shape
+        a, b = self._win
+        keys, values = self.keys[:, a:b], self.values[:, a:b]  # [L, W, H, S, D] views
         src = self.lengths[:, None] + path  # [B, A]
         dst = self.lengths[:, None] + torch.arange(A, device=path.device)  # [B, A]
         keep = torch.arange(A, device=path.device)[None, :] < n[:, None]  # [B, A]
         src = torch.where(keep, src, dst)  # ignored entries copy onto themselves
         src_idx = src[None, :, None, :, None].expand(L, B, H, A, D)
         dst_idx = dst[None, :, None, :, None].expand(L, B, H, A, D)
-        self.keys.scatter_(3, dst_idx, self.keys.gather(3, src_idx))
-        self.values.scatter_(3, dst_idx, self.values.gather(3, src_idx))
-        self.lengths += n
-
-    def select_rows(self, rows: torch.Tensor) -> None:
-        """Keep only batch rows ``rows`` (``[B']`` indices); finished rows leave the batch."""
-        self.keys = self.keys[:, rows]
-        self.values = self.values[:, rows]
-        self.lengths = self.lengths[rows]
-        self.valid = self.valid[rows]
+        keys.scatter_(3, dst_idx, keys.gather(3, src_idx))
+        values.scatter_(3, dst_idx, values.gather(3, src_idx))
+        self.lengths.add_(n)
 
     # HF Cache API bits that generic code may ask for.
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return int(self.lengths.max())
+        return int(self.lengths.max()) if self.lengths.numel() else 0
 
     def __len__(self) -> int:
         return self.keys.shape[0]

@@ -25,11 +25,16 @@ path probability ``exp(score)`` estimates how likely the target accepts it,
 so a node far below a bound is mostly wasted verify work, and a draft step
 whose best frontier node is below one mostly wasted draft work:
 
-* ``depth_min_prob``: stop growing once no frontier node of any row reaches
-  it (fewer draft forwards on rounds the draft is unsure about);
-* ``node_min_prob``: verify only nodes that reach it (at least the root; in
-  a batch, as many nodes as the row with the most such nodes needs).
+* ``depth_min_prob``: a row stops growing once none of its frontier nodes
+  reaches it, and the draft stops once no row grows (fewer draft forwards
+  on rounds the draft is unsure about);
+* ``node_min_prob``: a row keeps only nodes that reach it (at least the
+  root).
 
+Both are decided per row: a row's tree is the same whatever its neighbours
+(a batch verifies as many nodes as its largest tree; the other rows' extra
+nodes are marked invalid in `Tree.valid` and can never be accepted), so a
+seeded sampled row draws the same random numbers alone or in any batch.
 Either way the target still verifies what is proposed: outputs are unchanged.
 """
 
@@ -50,10 +55,16 @@ class Tree:
     depth: torch.Tensor  # [B, K] 0 for the root
     ancestors: torch.Tensor  # [B, K, K] bool: ancestors[b, i, j] iff j is i or an ancestor of i
     levels: int = 0  # depth levels the draft proposed (`propose_tree`): levels - 1 draft forwards
+    valid: torch.Tensor | None = None  # [B, K] bool: nodes of the row's own tree (None: all)
 
     @property
     def num_nodes(self) -> int:
         return self.tokens.shape[1]
+
+    def select(self, rows: list[int]) -> Tree:
+        """The trees of batch rows ``rows``."""
+        valid = None if self.valid is None else self.valid[rows]
+        return Tree(self.tokens[rows], self.parents[rows], self.depth[rows], self.ancestors[rows], self.levels, valid)
 
 
 def max_candidates(top_k: int, depth: int) -> int:
@@ -81,14 +92,20 @@ def select_tree(
     total_tokens: int,
     node_min_prob: float = 0.0,
 ) -> Tree:
-    """Keep the best ``total_tokens - 1`` candidates (fewer under ``node_min_prob``) and build the tree tensors."""
+    """Keep each row's best ``total_tokens - 1`` candidates (only those reaching ``node_min_prob``, at least
+    one; never a ``-inf`` one: a row that stopped growing) and build the tree tensors. Rows with fewer nodes
+    than the batch's largest tree get invalid filler nodes (`Tree.valid`)."""
     B, C = cand_tokens.shape
-    n = min(total_tokens - 1, C)
-    if node_min_prob > 0:  # as many as the row with the most candidates at or above the bound, at least one
-        n = max(1, min(n, int((cand_scores >= math.log(node_min_prob)).sum(1).max())))
+    n_max = min(total_tokens - 1, C)
+    floor = math.log(node_min_prob) if node_min_prob > 0 else -math.inf
+    own = ((cand_scores > -math.inf) & (cand_scores >= floor)).sum(1).clamp(1, n_max)  # [B] each row's nodes
+    n = int(own.max()) if node_min_prob > 0 else n_max
     # float64 key with a depth tie-break: a parent always outranks its children.
     key = cand_scores.double() - cand_depth.double() * 1e-9  # [B, C]
-    keep = key.topk(n, dim=1).indices.sort(dim=1).values  # [B, n] generation order
+    top = key.topk(n, dim=1).indices  # [B, n] best first
+    ranked_ok = torch.arange(n, device=root.device)[None, :] < own[:, None]  # [B, n] within the row's own tree
+    keep, order = top.sort(dim=1)  # [B, n] generation order
+    node_ok = ranked_ok.gather(1, order)
     node_of = torch.zeros(B, C, dtype=torch.long, device=root.device)  # candidate -> node index
     node_of.scatter_(1, keep, torch.arange(1, n + 1, device=root.device).expand(B, n))
     cp = cand_parents.gather(1, keep)  # [B, n]
@@ -97,7 +114,8 @@ def select_tree(
     parents = torch.cat([zero, parents], dim=1)  # [B, K]
     depth = torch.cat([zero, cand_depth.gather(1, keep)], dim=1)  # [B, K]
     tokens = torch.cat([root[:, None], cand_tokens.gather(1, keep)], dim=1)  # [B, K]
-    return Tree(tokens, parents, depth, ancestor_mask(parents, int(depth.max())))
+    valid = torch.cat([torch.ones(B, 1, dtype=torch.bool, device=root.device), node_ok], dim=1)  # [B, K]
+    return Tree(tokens, parents, depth, ancestor_mask(parents, int(depth.max())), valid=valid)
 
 
 @torch.no_grad()
@@ -134,8 +152,11 @@ def propose_tree(
     n_cand = k
     stop = math.log(depth_min_prob) if depth_min_prob > 0 else None
     for s in range(1, depth):
-        if stop is not None and float(front_score.max()) < stop:
-            break  # no row's best frontier node is likely enough to grow from
+        if stop is not None:
+            growing = front_score.max(-1).values >= stop  # [B] rows whose best frontier node is likely enough
+            if not bool(growing.any()):
+                break
+            front_score = torch.where(growing[:, None], front_score, -math.inf)  # stopped rows add no more nodes
         mask = cache.begin(k, anc, offset=(s - 1) * k)  # [B, 1, k, V']
         pos = (entry_pos + s).expand(B, k)  # [B, k] entry of a depth-s node
         g = draft(draft.embed(front_tok), front_hidden, pos, mask, cache, rope)  # [B, k, D]

@@ -84,6 +84,8 @@ def greedy_accept(tree: Tree, target_next: torch.Tensor):
     """
     B, K = tree.tokens.shape
     match = tree.tokens == target_next.gather(1, tree.parents)  # [B, K]
+    if tree.valid is not None:
+        match &= tree.valid  # filler nodes of a smaller tree are never accepted
     match[:, 0] = True
     ok = ~(tree.ancestors & ~match[:, None, :]).any(-1)  # [B, K] whole path matches
     best = torch.where(ok, tree.depth, -1).argmax(-1)  # [B] deepest matching node
@@ -133,6 +135,8 @@ def sample_accept(tree: Tree, probs: torch.Tensor, generator: torch.Generator | 
     dev = probs.device
     rows = torch.arange(B, device=dev)
     children = children_table(tree.parents)  # [B, K, W]
+    if tree.valid is not None:  # filler nodes of a smaller tree are never tried
+        children = torch.where(tree.valid.gather(1, children.clamp(min=0).flatten(1)).view_as(children), children, -1)
     node = torch.zeros(B, dtype=torch.long, device=dev)  # [B] current node
     live = torch.ones(B, dtype=torch.bool, device=dev)  # [B] still descending
     residual = probs[:, 0].clone()  # [B, V] distribution at the current node

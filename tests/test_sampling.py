@@ -8,7 +8,8 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from specvlm import EngineConfig, SpecVLMEngine, TreeConfig
+from specvlm import EngineConfig, SamplingConfig, SpecVLMEngine, TreeConfig
+from specvlm.engine import row_seed
 from specvlm.tiny import EOS, IMAGE, VIDEO, tiny_inputs, tiny_qwen_inputs
 from specvlm.verify import process_logits
 
@@ -40,7 +41,26 @@ def _exact_joint(model, inputs, n_tokens: int) -> dict[tuple[int, ...], float]:
     return joint
 
 
-@pytest.mark.parametrize("mode", ["eagle", "eagle-bounded", "ar", "eagle-qwen"])
+def _joining(engine, batch: dict, rows: int, n_tokens: int, seed: int) -> list[tuple[list[int], dict]]:
+    """Half the rows start; the other half joins the running batch after its first round."""
+    settings = [SamplingConfig(max_new_tokens=n_tokens, temperature=TEMP, top_k=TOP_K, seed=row_seed(seed, b))
+                for b in range(rows)]  # fmt: skip
+    half = rows // 2
+    part = lambda a, b: {k: v[a:b] for k, v in batch.items()}  # noqa: E731
+    rids = engine.add(**part(0, half), sampling=settings[:half])
+    seqs, stats, steps = {}, {}, 0
+    while engine.num_rows:
+        if steps == 2:
+            rids += engine.add(**part(half, rows), sampling=settings[half:])
+        event = engine.step()
+        for rid, toks in event.tokens.items():
+            seqs[rid] = seqs.get(rid, []) + toks
+            stats[rid] = event.stats[rid]
+        steps += 1
+    return [(seqs[r], stats[r]) for r in rids]
+
+
+@pytest.mark.parametrize("mode", ["eagle", "eagle-bounded", "ar", "eagle-qwen", "eagle-joining"])
 def test_first_tokens_follow_target_distribution(request, mode):
     if mode == "eagle-qwen":  # a Qwen2.5-VL target with a video prompt: M-RoPE positions in every round
         model, draft, _ = request.getfixturevalue("trained_qwen_pair")
@@ -53,15 +73,20 @@ def test_first_tokens_follow_target_distribution(request, mode):
     exact = _exact_joint(model, inputs, n_tokens)
     # bounded: confidence bounds high enough to cut the tree on most rounds; the trees stay draft-only functions
     bounds = {"depth_min_prob": 0.9, "node_min_prob": 0.9} if mode == "eagle-bounded" else {}
-    mode = mode.removesuffix("-bounded")
+    joining = mode == "eagle-joining"  # rows join a running batch (continuous batching)
+    mode = mode.removesuffix("-bounded").removesuffix("-joining")
     tree = TreeConfig(top_k=4, total_tokens=12, depth=3, **bounds)
     engine = SpecVLMEngine(model, draft if mode == "eagle" else None, EngineConfig(mode=mode, tree=tree))
     batch = {k: v.repeat(rows, *([1] * (v.dim() - 1))) for k, v in inputs.items()}
     counts: dict[tuple[int, ...], int] = {}
     accepted, cuts = [], 0
     for c in range(calls):
-        out = engine.generate(**batch, max_new_tokens=n_tokens, temperature=TEMP, top_k=TOP_K, seed=c)
-        for seq, st in zip(out.sequences, out.stats):
+        if joining:
+            results = _joining(engine, batch, rows, n_tokens, c)
+        else:
+            out = engine.generate(**batch, max_new_tokens=n_tokens, temperature=TEMP, top_k=TOP_K, seed=c)
+            results = zip(out.sequences, out.stats)
+        for seq, st in results:
             key = tuple(seq[:n_tokens])
             counts[key] = counts.get(key, 0) + 1
             accepted.append(st["target_forwards"])

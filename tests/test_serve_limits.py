@@ -118,7 +118,7 @@ def test_tiny_temperatures_decode_greedily():
     runner = chat_runner()
     for t in (1e-300, 5e-324, MIN_TEMPERATURE / 2):
         job = runner.prepare(request(temperature=t), [])
-        assert job.temperature == 0 and job.group_key(0) == ("greedy",)
+        assert job.temperature == 0 and job.sampling().temperature == 0
     assert runner.prepare(request(temperature=MIN_TEMPERATURE), []).temperature == MIN_TEMPERATURE
     logits = torch.randn(4, 64, generator=torch.Generator().manual_seed(0)) * 30
     assert torch.isnan(process_logits(logits, 1e-300)).any()  # why: logits / 1e-300 overflow

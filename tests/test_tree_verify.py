@@ -165,10 +165,22 @@ def test_kv_update_and_commit_gather_accepted_path():
     assert kv.values[0, 1, 0, 2:4, 0].tolist() == [-5, -8]
 
 
-def test_kv_select_rows_and_overflow():
-    kv = _cache(B=3, S=4)
-    kv.lengths[:] = torch.tensor([1, 2, 3])
-    kv.select_rows(torch.tensor([2, 0]))
-    assert kv.lengths.tolist() == [3, 1] and kv.keys.shape[1] == 2
+def test_kv_pool_rows_join_leave_and_overflow():
+    """Rows leave by the last live rows moving into their places; rows join at the end (buffers grow); a
+    window runs a forward over some rows only; the cache refuses to write past its slots."""
+    kv = _cache(B=4, S=4)
+    kv.lengths[:] = torch.tensor([1, 2, 3, 4])
+    kv.keys[:, :, 0, 0, 0] = torch.tensor([10.0, 20.0, 30.0, 40.0])
+    order = kv.keep_rows([0, 2, 3])
+    assert order == [0, 3, 2] and kv.rows == 3  # row 3 moved into row 1's place
+    assert kv.lengths.tolist() == [1, 4, 3] and kv.keys[0, :3, 0, 0, 0].tolist() == [10.0, 40.0, 30.0]
+    start = kv.append_rows(3, max_len=6)
+    assert start == 3 and kv.rows == 6 and kv.max_len == 6 and kv.keys.shape[1] >= 6
+    assert kv.lengths.tolist() == [1, 4, 3, 0, 0, 0] and kv.keys[0, :3, 0, 0, 0].tolist() == [10.0, 40.0, 30.0]
+    kv.set_window(3, 6)
+    assert kv.lengths.shape == (3,)
+    kv.lengths.add_(1)  # a view: writes through to the pool
+    kv.set_window()
+    assert kv.lengths.tolist() == [1, 4, 3, 1, 1, 1]
     with pytest.raises(RuntimeError, match="overflow"):
-        kv.begin(2, torch.ones(2, 2, 2, dtype=torch.bool))
+        kv.begin(3, torch.ones(6, 3, 3, dtype=torch.bool))

@@ -1,0 +1,107 @@
+"""The draft's side of decoding: its KV pool, prefill (with compression), tree proposal and catch-up.
+
+Legend: R live rows, N rows joining, T prompt tokens, T' the draft's prompt after compression, A path
+slots, K tree nodes, D hidden.
+
+A `Drafter` mirrors the engine's target pool row for row: rows join (`prefill`) at the end and leave
+(`keep_rows`) exactly as the target's rows do, so row r of the draft KV is row r of the target KV. Per
+live row it holds the draft hidden state whose LM head predicts the child of the row's last verified
+token (``hidden``, ``[R, D]``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .config import TreeConfig
+from .decoder import RotaryTable
+from .draft import EagleDraft
+from .kv import SlotKVCache
+from .target import Prompt, TargetAdapter
+from .tree import Tree, propose_tree
+
+
+class Drafter:
+    """The draft model's decode state for a pool of rows (see module docstring)."""
+
+    def __init__(self, draft: EagleDraft, target: TargetAdapter, compress: bool):
+        self.draft, self.target, self.compress = draft, target, compress
+        self.kv = SlotKVCache(1, 0, target.num_kv_heads, target.head_dim, 0, target.dtype, target.device)
+        self.hidden = torch.zeros(0, target.text_config.hidden_size, dtype=target.dtype, device=target.device)
+        self.suppress = torch.zeros(target.lm_head.out_features, dtype=torch.float32, device=target.device)
+        self.suppress[target.placeholder_ids] = float("-inf")  # [V] additive: placeholders are never proposed
+        self.rope: RotaryTable | None = None
+        self._rope_len = 0
+
+    def _rope_for(self, length: int, like: torch.Tensor) -> RotaryTable:
+        if length > self._rope_len:  # grown on demand (rows with longer prompts or budgets joined)
+            self._rope_len = max(length, 2 * self._rope_len)
+            self.rope = self.draft.rotary_table(self._rope_len, like)
+        return self.rope
+
+    def prefill(
+        self,
+        prompt: Prompt,
+        input_ids: torch.Tensor,  # [N, T]
+        mask: torch.Tensor,  # [N, T] bool, left-padded
+        feats: torch.Tensor,  # [N, T, D] the target's features over the prompt
+        root: torch.Tensor,  # [N] each joining row's first token
+        causal: torch.Tensor,  # [N, T, T] the target's prompt mask
+        tree: TreeConfig,
+        max_new_tokens: int,  # the joining rows' largest budget
+        max_pos: int,  # positions the rows can reach
+    ) -> tuple[list[int], list[int] | None]:
+        """Add the joining rows' draft context at the end of the pool (after the target's prefill).
+
+        Entry i of the draft's prompt reads ``[embed(x_{i+1}); f_i]`` (the root after the last prompt
+        token); in ``specvlm`` mode each visual span is compressed first. Returns the visual tokens the
+        draft reads per row and the compressor primitive per row (None without compression).
+        """
+        draft, tgt, dev = self.draft, self.target, input_ids.device
+        embeds, positions = prompt.embeds, prompt.positions
+        next_ids = torch.cat([input_ids[:, 1:], root[:, None]], dim=1)  # [N, T] token after each entry
+        h = draft.project(torch.cat([embeds[:, 1:], draft.embed(root[:, None])], dim=1), feats)  # [N, T, D]
+        d_pos, d_valid, d_causal = positions, mask, causal  # the draft's prompt = the target's unless compressed
+        span = tgt.is_visual(next_ids)  # [N, T] entries whose next token is visual
+        visual, choices = span.sum(1).tolist(), None
+        if self.compress:
+            comp = draft.compressor.compress(h, positions, mask, span, prompt.layouts, feats, feats[:, -1])
+            h, d_pos, d_valid = comp.embeds, comp.positions, comp.valid  # [N, T', D], [(3,) N, T'], [N, T']
+            tril = torch.ones(h.shape[1], h.shape[1], dtype=torch.bool, device=dev).tril()  # [T', T']
+            d_causal = tril[None] & d_valid[:, None, :]  # [N, T', T']
+            visual, choices = comp.visual_tokens.tolist(), comp.choice.tolist()
+        N, T2 = h.shape[:2]
+        slack = max_new_tokens + (tree.depth - 1) * tree.top_k + tree.depth + 2  # tree steps + catch-up
+        start = self.kv.append_rows(N, T2 + slack)
+        self.kv.set_window(start, start + N)
+        self.kv.valid[:, :T2] = d_valid
+        rope = self._rope_for(max(self.kv.max_len, max_pos), embeds)
+        g = draft.decode(h, d_pos, self.kv.begin(T2, d_causal), self.kv, rope)  # [N, T', D]
+        self.kv.advance(torch.full((N,), T2, device=dev))
+        self.kv.set_window()
+        self.hidden = torch.cat([self.hidden, g[:, -1]])  # [R, D]
+        return visual, choices
+
+    def propose(self, root: torch.Tensor, pos: torch.Tensor, tree: TreeConfig) -> Tree:
+        """An EAGLE-2 tree per live row from its last verified token ``root [R]`` at position ``pos [R]``."""
+        return propose_tree(
+            self.draft, self.kv, root, self.hidden, pos, tree.top_k, tree.depth, tree.total_tokens,
+            self.suppress, self.rope, tree.depth_min_prob, tree.node_min_prob,
+        )  # fmt: skip
+
+    def catch_up(self, next_tokens: torch.Tensor, feats: torch.Tensor, n: torch.Tensor, pos: torch.Tensor) -> None:
+        """Commit each row's first ``n[b]`` new entries: entry a reads ``[embed(next_tokens[b, a]);
+        feats[b, a]]`` at position ``pos[b] + a`` (``[R, A]``, ``[R, A, D]``, ``[R]``, ``[R]``), one draft
+        forward; ``hidden`` becomes each row's output at its last committed entry."""
+        R, A = next_tokens.shape
+        tril = torch.ones(A, A, dtype=torch.bool, device=next_tokens.device).tril().expand(R, A, A)
+        cpos = pos[:, None] + torch.arange(A, device=pos.device)  # [R, A]
+        d = self.draft
+        g = d(d.embed(next_tokens), feats, cpos, self.kv.begin(A, tril), self.kv, self.rope)  # [R, A, D]
+        self.kv.advance(n)
+        self.hidden = g.gather(1, (n - 1)[:, None, None].expand(-1, 1, g.shape[-1]))[:, 0]  # [R, D]
+
+    def keep_rows(self, keep: list[int]) -> None:
+        """Drop the rows not in ``keep``, as the target's pool does (`SlotKVCache.keep_rows`)."""
+        order = self.kv.keep_rows(keep)
+        self.hidden = self.hidden[torch.tensor(order, dtype=torch.long, device=self.hidden.device)]

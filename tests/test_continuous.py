@@ -1,0 +1,150 @@
+"""Continuous batching: rows join a running batch between rounds and leave when done; per-row settings.
+
+Float64 tiny models: a greedy row added mid-flight decodes exactly its own `generate` tokens (and HF's),
+whatever runs beside it; a seeded sampled row draws the same tokens alone or in any batch.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import greedy_reference
+
+from specvlm import EagleDraft, EngineConfig, SamplingConfig, SpecVLMEngine, TreeConfig
+from specvlm.inputs import collate
+from specvlm.tiny import EOS, PAD, tiny_inputs, tiny_llava, tiny_qwen, tiny_qwen_inputs
+
+TREE = TreeConfig(top_k=3, total_tokens=10, depth=4)
+BOUNDED = TreeConfig(top_k=3, total_tokens=10, depth=4, depth_min_prob=0.3, node_min_prob=0.1)
+
+
+def _engine(model, mode, tree=TREE, draft=None):
+    if mode != "ar" and draft is None:
+        draft = EagleDraft.from_target(model, seed=0)
+    return SpecVLMEngine(model, draft, EngineConfig(mode=mode, tree=tree))
+
+
+def _rows(inputs: dict) -> list[dict]:
+    """A left-padded LLaVA batch -> one processor output per row (as a Serve request brings it)."""
+    out = []
+    for b in range(inputs["input_ids"].shape[0]):
+        m = inputs["attention_mask"][b].bool()
+        out.append({"input_ids": inputs["input_ids"][b][m][None], "attention_mask": torch.ones(1, int(m.sum())),
+                    "pixel_values": inputs["pixel_values"][b : b + 1]})  # fmt: skip
+    return out
+
+
+def _drive(engine, arrivals: dict[int, list[tuple[dict, SamplingConfig]]]) -> dict[int, list[int]]:
+    """Step ``engine``; at step s add ``arrivals[s]`` (each a batch of rows with their settings); returns
+    each added row's tokens by the order it was added."""
+    seqs, order, s = {}, [], 0
+    while s <= max(arrivals) or engine.num_rows:
+        for batch, sampling in arrivals.get(s, []):
+            order += engine.add(**batch, sampling=sampling)
+        event = engine.step()
+        for rid, toks in event.tokens.items():
+            seqs.setdefault(rid, []).extend(toks)
+        s += 1
+    return [seqs.get(rid, []) for rid in order]
+
+
+@pytest.mark.parametrize(
+    "mode, tree", [("ar", TREE), ("eagle", TREE), ("eagle", BOUNDED), ("specvlm", TREE), ("specvlm", BOUNDED)]
+)
+def test_rows_joining_mid_flight_decode_as_alone(mode, tree):
+    model = tiny_llava(dtype=torch.float64, kv_heads=2)
+    inputs = tiny_inputs(model, [5, 11, 2, 8, 3], seed=7)
+    ref = greedy_reference(model, inputs, 16)
+    draft = None
+    if mode == "specvlm":
+        from specvlm.config import CompressorConfig
+
+        draft = EagleDraft.from_target(model, seed=0, compressor=CompressorConfig())
+    engine = _engine(model, mode, tree, draft)
+    rows = _rows(inputs)
+    budget = [SamplingConfig(max_new_tokens=16)]
+    # two rows at step 0, one at step 2 (others mid-decode), two together at step 5 (with different lengths)
+    arrivals = {0: [(collate(rows[:2], PAD), budget * 2)], 2: [(collate(rows[2:3], PAD), budget)],
+                5: [(collate(rows[3:], PAD), budget * 2)]}  # fmt: skip
+    assert _drive(engine, arrivals) == ref
+    assert engine.num_rows == 0 and engine.kv.rows == 0  # every row left the pool
+
+
+def test_qwen_rows_of_any_media_join_mid_flight():
+    """Images of two sizes, a video and a text-only row join a running Qwen2.5-VL batch one by one."""
+    model = tiny_qwen("qwen2_5_vl", dtype=torch.float64, init_std=0.2)
+    specs = [(("image", 16, 16), 5), (("video", 4, 16, 24), 3), (None, 4), (("image", 8, 24), 2)]
+    ref = []
+    alone = []
+    for i, spec in enumerate(specs):
+        inp = tiny_qwen_inputs(model, [spec], seed=10 + i)
+        alone.append(inp)
+        out = model.generate(**inp, max_new_tokens=14, do_sample=False, suppress_tokens=[3, 4])
+        seq = out[0, inp["input_ids"].shape[1] :].tolist()
+        ref.append(seq[: seq.index(EOS) + 1] if EOS in seq else seq)
+    engine = _engine(model, "eagle")
+    arrivals = {i * 2: [(inp, [SamplingConfig(max_new_tokens=14)])] for i, inp in enumerate(alone)}
+    assert _drive(engine, arrivals) == ref
+
+
+def test_seeded_rows_sample_the_same_tokens_alone_or_in_any_batch(trained_pair):
+    """Per-row generators and per-row trees (confidence bounds decided per row): a seeded row's tokens do
+    not depend on its neighbours or on when it joined; rows with different settings share the batch."""
+    model, draft = trained_pair
+    inputs = tiny_inputs(model, [5, 9, 3, 7], seed=11)
+    rows = _rows(inputs)
+    settings = [SamplingConfig(max_new_tokens=20, temperature=1.0, seed=123),
+                SamplingConfig(max_new_tokens=20, temperature=0.7, top_k=5, seed=7),
+                SamplingConfig(max_new_tokens=12),  # greedy beside sampled rows
+                SamplingConfig(max_new_tokens=20, temperature=1.0, top_p=0.8, seed=99)]  # fmt: skip
+    engine = _engine(model, "eagle", TreeConfig(top_k=3, total_tokens=10, depth=4, depth_min_prob=0.2,
+                                                  node_min_prob=0.05), draft)  # fmt: skip
+    alone = [_drive(engine, {0: [(collate([r], PAD), [s])]})[0] for r, s in zip(rows, settings)]
+    together = _drive(engine, {0: [(collate(rows, PAD), settings)]})
+    staggered = _drive(
+        engine, {0: [(collate(rows[2:], PAD), settings[2:])], 3: [(collate(rows[:2], PAD), settings[:2])]}
+    )
+    assert together == alone and staggered == [alone[2], alone[3], alone[0], alone[1]]
+    assert len(alone[2]) <= 12 and len({tuple(a) for a in alone}) == 4
+    ar = _engine(model, "ar")
+    assert _drive(ar, {0: [(collate([rows[2]], PAD), [settings[2]])]})[0] == alone[2]  # the greedy row is lossless
+
+
+def test_per_row_budgets_stop_ids_and_finish():
+    model = tiny_llava(dtype=torch.float64)
+    inputs = tiny_inputs(model, [5, 8, 3], seed=7)
+    ref = greedy_reference(model, inputs, 12)
+    stop = ref[1][4]  # row 1 stops at its 5th token
+    assert ref[1].index(stop) == 4 and all(len(r) == 12 for r in ref)
+    settings = [SamplingConfig(max_new_tokens=3), SamplingConfig(max_new_tokens=12, stop_token_ids=(stop,)),
+                SamplingConfig(max_new_tokens=12)]  # fmt: skip
+    engine = _engine(model, "eagle")
+    rids = engine.add(**inputs, sampling=settings)
+    seqs = {r: [] for r in rids}
+    finished = set()
+    steps = 0
+    while engine.num_rows:
+        event = engine.step()
+        for rid, toks in event.tokens.items():
+            seqs[rid] += toks
+        finished |= event.finished
+        steps += 1
+        if steps == 2:
+            engine.finish([rids[2]])  # a cancelled request: leaves at the next step with what it has
+    assert seqs[rids[0]] == ref[0][:3]
+    assert seqs[rids[1]] == ref[1][: ref[1].index(stop) + 1]
+    assert seqs[rids[2]] == ref[2][: len(seqs[rids[2]])] and len(seqs[rids[2]]) < len(ref[2])
+    assert {rids[0], rids[1]} <= finished
+
+
+def test_generate_needs_an_idle_engine_and_leaves_none_behind():
+    model = tiny_llava()
+    inputs = tiny_inputs(model, [4], seed=1)
+    engine = _engine(model, "eagle")
+    engine.add(**inputs)
+    with pytest.raises(RuntimeError, match="idle engine"):
+        engine.generate(**inputs, max_new_tokens=2)
+    engine.reset()
+    with pytest.raises(ValueError, match="sampling settings"):
+        engine.add(**inputs, sampling=[SamplingConfig(), SamplingConfig()])
+    assert engine.generate(**inputs, max_new_tokens=3).sequences and engine.num_rows == 0
