@@ -179,6 +179,30 @@ class EngineConfig(StrictModel):
     tree: TreeConfig = Field(
         TreeConfig(), description="the draft tree: fields, or a preset name (cpu, paper); unused in mode ar"
     )
+    batch_trees: dict[int, TreeConfig | Literal["off"]] | None = Field(
+        None,
+        description="batch-aware speculation: live rows -> the tree a round uses from that many rows on (the "
+        "largest key not above the rows; `tree` below the smallest), or 'off' for plain decoding (the draft "
+        "only follows along); e.g. {1: paper, 4: cpu, 16: off}. Outputs never depend on it",
+    )  # fmt: skip
+
+    @model_validator(mode="after")
+    def _batch_trees(self):
+        if self.batch_trees is not None and any(k < 1 for k in self.batch_trees):
+            raise ValueError(f"batch_trees keys are live-row counts >= 1, got {sorted(self.batch_trees)}")
+        return self
+
+    def tree_for(self, rows: int) -> TreeConfig | None:
+        """The tree a round over ``rows`` live rows uses (None: no speculation this round)."""
+        choice: TreeConfig | str = self.tree
+        for at, tree in sorted((self.batch_trees or {}).items()):
+            if rows >= at:
+                choice = tree
+        return None if choice == "off" else choice
+
+    def trees(self) -> list[TreeConfig]:
+        """Every tree a round may use (`tree` and the `batch_trees` entries)."""
+        return [self.tree] + [t for t in (self.batch_trees or {}).values() if t != "off"]
 
 
 class ModelConfig(StrictModel):

@@ -47,7 +47,7 @@ class Drafter:
         feats: torch.Tensor,  # [N, T, D] the target's features over the prompt
         root: torch.Tensor,  # [N] each joining row's first token
         causal: torch.Tensor,  # [N, T, T] the target's prompt mask
-        tree: TreeConfig,
+        trees: list[TreeConfig],  # every tree a round may use
         max_new_tokens: int,  # the joining rows' largest budget
         max_pos: int,  # positions the rows can reach
     ) -> tuple[list[int], list[int] | None]:
@@ -71,7 +71,7 @@ class Drafter:
             d_causal = tril[None] & d_valid[:, None, :]  # [N, T', T']
             visual, choices = comp.visual_tokens.tolist(), comp.choice.tolist()
         N, T2 = h.shape[:2]
-        slack = max_new_tokens + (tree.depth - 1) * tree.top_k + tree.depth + 2  # tree steps + catch-up
+        slack = max_new_tokens + max((t.depth - 1) * t.top_k + t.depth for t in trees) + 2  # tree steps + catch-up
         start = self.kv.append_rows(N, T2 + slack)
         self.kv.set_window(start, start + N)
         self.kv.valid[:, :T2] = d_valid

@@ -47,7 +47,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from .config import EngineConfig, SamplingConfig
+from .config import EngineConfig, SamplingConfig, TreeConfig
 from .decoder import RotaryTable
 from .draft import EagleDraft
 from .drafter import Drafter
@@ -253,10 +253,11 @@ class SpecVLMEngine:
         self._retire()
         emitted: dict[int, list[int]] = {}
         if self._live:
-            if self.drafter is None:
+            tree = None if self.drafter is None else self.config.tree_for(len(self._live))
+            if tree is None:
                 self._ar_step(emitted)
             else:
-                self._spec_round(emitted)
+                self._spec_round(emitted, tree)
         queued, self._queued = self._queued, []
         for group in queued:
             self._prefill(group, emitted)
@@ -399,12 +400,13 @@ class SpecVLMEngine:
 
     def _prefill(self, group: _Group, emitted: dict) -> None:
         """The target over the group's prompts (into new pool rows), each row's first token, the draft's prefill."""
-        tgt, tree_cfg = self.target, self.config.tree
+        tgt, trees = self.target, self.config.trees()
         clock = _Clock(tgt.device)
         prompt, ids, mask = group.prompt, group.input_ids, group.mask
         N, T = ids.shape
         budget = max(r.sampling.max_new_tokens for r in group.rows)
-        extra = budget + (tree_cfg.total_tokens if self.drafter is not None else 1) + 1  # slots after the prompt
+        nodes = max(t.total_tokens for t in trees) if self.drafter is not None else 1
+        extra = budget + nodes + 1  # slots after the prompt
         start = self.kv.append_rows(N, T + extra)
         self.kv.set_window(start, start + N)
         self.kv.valid[:, :T] = mask
@@ -419,7 +421,7 @@ class SpecVLMEngine:
         target_ms = clock.lap() + group.prompt_ms
         visual, choices = [0] * N, None
         if self.drafter is not None:
-            visual, choices = self.drafter.prefill(prompt, ids, mask, feats, root, causal, tree_cfg, budget, max_pos)
+            visual, choices = self.drafter.prefill(prompt, ids, mask, feats, root, causal, trees, budget, max_pos)
         draft_ms = clock.lap()
         self._live += group.rows
         self._root = torch.cat([self._root, root])
@@ -435,7 +437,8 @@ class SpecVLMEngine:
         self._emit(group.rows, [[t] for t in root.tolist()], emitted)
 
     def _ar_step(self, emitted: dict) -> None:
-        """One target forward per live row over its last token."""
+        """One target forward per live row over its last token. With a draft (a round the batch-aware
+        policy runs without speculation) the draft follows: one catch-up entry per row."""
         tgt, rows = self.target, self._live
         R, dev = len(rows), self._root.device
         clock = _Clock(dev)
@@ -443,17 +446,23 @@ class SpecVLMEngine:
         f = tgt.forward(tgt.embed_tokens(self._root[:, None]), self._pos[:, None], self.kv.begin(1, one), self.kv,
                         self._rope)  # fmt: skip  # [R, 1, D]
         self.kv.advance(torch.ones(R, dtype=torch.long, device=dev))
-        self._root = self._choose(tgt.logits(f[:, 0]), rows)
-        self._pos = self._pos + 1
+        root = self._choose(tgt.logits(f[:, 0]), rows)
         verify_ms = clock.lap()
+        if self.drafter is not None:
+            self.drafter.catch_up(root[:, None], f, torch.ones(R, dtype=torch.long, device=dev), self._pos)
+        draft_ms = clock.lap()
+        self._root, self._pos = root, self._pos + 1
         for r in rows:
             r.stats.target_forwards += 1
             r.stats.verify_ms += verify_ms
+            if self.drafter is not None:
+                r.stats.draft_forwards += 1
+                r.stats.draft_ms += draft_ms
         self._emit(rows, [[t] for t in self._root.tolist()], emitted)
 
-    def _spec_round(self, emitted: dict) -> None:
+    def _spec_round(self, emitted: dict, tree_cfg: TreeConfig) -> None:
         """propose / verify / accept / commit / catch-up for every live row."""
-        tgt, drafter, rows, tree_cfg = self.target, self.drafter, self._live, self.config.tree
+        tgt, drafter, rows = self.target, self.drafter, self._live
         root, pos = self._root, self._pos
         clock = _Clock(root.device)
         tree = drafter.propose(root, pos, tree_cfg)

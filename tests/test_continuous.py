@@ -148,3 +148,30 @@ def test_generate_needs_an_idle_engine_and_leaves_none_behind():
     with pytest.raises(ValueError, match="sampling settings"):
         engine.add(**inputs, sampling=[SamplingConfig(), SamplingConfig()])
     assert engine.generate(**inputs, max_new_tokens=3).sequences and engine.num_rows == 0
+
+
+def test_batch_aware_trees_never_change_outputs(trained_pair):
+    """`EngineConfig.batch_trees`: the tree per round follows the live rows, down to no speculation (the draft
+    follows along); outputs are the target's whichever ran, as rows join and leave."""
+    from specvlm.config import parse_config
+
+    cfg = parse_config({"mode": "eagle", "tree": "cpu", "batch_trees": {2: {"top_k": 2, "total_tokens": 6,
+                        "depth": 3}, 3: "off"}}, EngineConfig)  # fmt: skip
+    assert cfg.tree_for(1) == cfg.tree and cfg.tree_for(2).total_tokens == 6 and cfg.tree_for(5) is None
+    model, draft = trained_pair
+    inputs = tiny_inputs(model, [5, 9, 3, 7], seed=21)
+    ar = _engine(model, "ar").generate(**inputs, max_new_tokens=20).sequences
+    engine = SpecVLMEngine(model, draft, cfg)
+    rows = _rows(inputs)
+    budget = [SamplingConfig(max_new_tokens=20)]
+    # 1 row (cpu tree), then 2 (small tree), then 4 (off), then back down as rows finish
+    arrivals = {0: [(collate(rows[:1], PAD), budget)], 2: [(collate(rows[1:2], PAD), budget)],
+                4: [(collate(rows[2:], PAD), budget * 2)]}  # fmt: skip
+    assert _drive(engine, arrivals) == ar
+    alone = SpecVLMEngine(model, draft, cfg).generate(**{k: v[:1] for k, v in inputs.items()}, max_new_tokens=20)
+    off = SpecVLMEngine(model, draft, EngineConfig(mode="eagle", batch_trees={1: "off"}))
+    out = off.generate(**inputs, max_new_tokens=20)
+    assert out.sequences == ar and all(s["accept_length"] == 1.0 for s in out.stats)
+    assert alone.stats[0]["accept_length"] > 1.2  # one row alone speculates (the trained draft accepts)
+    with pytest.raises(ValueError, match="batch_trees"):
+        parse_config({"batch_trees": {0: "off"}}, EngineConfig)
