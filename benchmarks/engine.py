@@ -2,11 +2,17 @@
 
 Run with ``make bench`` / ``specvlm bench engine`` / ``python -m benchmarks.engine``.
 
-On a random-init target of 8 decoder layers x 512 hidden (vocab 32000, a
-small CLIP tower) with an untrained one-layer draft, accept length is near 1:
-this table measures the harness and the loop's overhead, not speedup (the
-demo model's table does that). Every row reports accept length and the time
-split, so the speedup can be explained by the cost model in DESIGN.md.
+1. On a random-init target of 8 decoder layers x 512 hidden (vocab 32000, a
+   small CLIP tower) with an untrained one-layer draft, accept length is near
+   1: this table measures the harness and the loop's overhead, not speedup
+   (the demo model's table does that). Every row reports accept length and
+   the time split, so the speedup can be explained by the cost model in
+   DESIGN.md.
+2. Batch sweep on the demo model (``--sweep``): tokens/s at batch 1, 2, 4, 8,
+   16 for ``ar``, ``eagle`` on the CPU tree, and the batch-aware table
+   (`EngineConfig.batch_trees`) that this run's own crossover gives: the
+   smallest batch where ``ar`` beat ``eagle`` switches speculation off. Rounds
+   interleave the three methods; medians with their range.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import torch
 from benchmarks.report import RESULTS, to_markdown, write_results
 from specvlm import EagleDraft, EngineConfig, SpecVLMEngine, TreeConfig
 from specvlm.config import CPU_TREE
+from specvlm.engine import pooled_accept_length
 from specvlm.tiny import IMAGE, tiny_inputs, tiny_llava
 
 COLS = ["method", "batch", "tokens_per_s", "speedup", "accept_length", "prefill_ms", "draft_ms", "verify_ms",
@@ -88,14 +95,79 @@ def run(batch_sizes=(1, 8), max_new_tokens: int = 64, repeats: int = 3, tree: Tr
     return rows
 
 
+SWEEP_COLS = ["batch", "method", "tokens_per_s", "tokens_per_s_range", "accept_length", "identical_to_ar"]
+
+
+def sweep(batch_sizes=(1, 2, 4, 8, 16), max_new_tokens: int = 48, rounds: int = 3) -> tuple[list[dict], int | None]:
+    """Demo model, greedy captions, questions and videos: tokens/s per batch size for ar, eagle (CPU tree) and
+    the batch-aware table from this run's crossover; returns the rows and the crossover batch (None: none).
+
+    A calibration pass (one run each) finds the crossover; then ``rounds`` rounds run the three methods back
+    to back per batch size (interleaved) and the table quotes each method's median and range.
+    """
+    from specvlm.demo import load_demo
+    from specvlm.demo.recipe import examples
+    from specvlm.distill import encode_samples
+
+    demo = load_demo()
+    samples = examples(seed=31, n=max(batch_sizes), p_video=0.2, p_qa=0.3)
+    inputs = {B: encode_samples(demo.processor, samples[:B]) for B in batch_sizes}
+    ar = SpecVLMEngine(demo.target, None, EngineConfig(mode="ar"))
+    eagle = SpecVLMEngine(demo.target, demo.draft, EngineConfig(mode="eagle", tree=CPU_TREE))
+
+    def timed(engine, B):
+        t0 = time.perf_counter()
+        out = engine.generate(**inputs[B], max_new_tokens=max_new_tokens)
+        return sum(len(q) for q in out.sequences) / (time.perf_counter() - t0), out
+
+    for engine in (ar, eagle):
+        engine.generate(**inputs[batch_sizes[0]], max_new_tokens=4)  # warm-up
+    crossover = next((B for B in batch_sizes if timed(ar, B)[0] > timed(eagle, B)[0]), None)
+    table = {1: CPU_TREE} if crossover is None else {1: CPU_TREE, crossover: "off"}
+    policy = SpecVLMEngine(demo.target, demo.draft, EngineConfig(mode="eagle", tree=CPU_TREE, batch_trees=table))
+    methods = {"ar": ar, "eagle": eagle, "batch-aware": policy}
+    rows = []
+    for B in batch_sizes:
+        tps = {name: [] for name in methods}
+        outs = {}
+        for r in range(rounds):
+            names = list(methods)[r % 3 :] + list(methods)[: r % 3]  # rotate who runs first
+            for name in names:
+                t, outs[name] = timed(methods[name], B)
+                tps[name].append(t)
+        for name in methods:
+            rows.append(dict(batch=B, method=name, tokens_per_s=statistics.median(tps[name]),
+                             tokens_per_s_range=f"{min(tps[name]):.1f}-{max(tps[name]):.1f}",
+                             accept_length=pooled_accept_length(outs[name].stats),
+                             identical_to_ar=outs[name].sequences == outs["ar"].sequences))  # fmt: skip
+    return rows, crossover
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="specvlm bench engine", description=__doc__.splitlines()[0])
     ap.add_argument("--batch-sizes", default="1,8", help="comma-separated (default 1,8)")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", type=Path, default=RESULTS, help="folder for engine.md / engine.json")
+    ap.add_argument("--sweep", action="store_true", help="only the demo model's batch sweep (engine-batching.md)")
+    ap.add_argument("--sweep-sizes", default="1,2,4,8,16")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    if args.sweep:
+        sizes = tuple(int(b) for b in args.sweep_sizes.split(","))
+        rows, crossover = sweep(sizes, args.max_new_tokens, args.repeats)
+        header = (f"## Batch sweep: demo model, CPU ({torch.get_num_threads()} threads), greedy, max "
+                  f"{args.max_new_tokens} new tokens, median of {args.repeats} runs (range); ar beat eagle from "
+                  f"batch {crossover} on (the batch-aware table switches speculation off there)")  # fmt: skip
+        table = to_markdown(rows, SWEEP_COLS)
+        print(header + "\n\n" + table)
+        write_results(
+            args.out, "engine-batching", header + "\n\n" + table + "\n", {"rows": rows, "crossover": crossover}
+        )
+        return
     header = (
         f"## Engine: 8x512 random target, untrained draft, CPU ({torch.get_num_threads()} threads), "
         f"greedy, {args.max_new_tokens} new tokens, the CPU tree ({CPU_TREE!r})"

@@ -7,6 +7,10 @@ A `Drafter` mirrors the engine's target pool row for row: rows join (`prefill`) 
 (`keep_rows`) exactly as the target's rows do, so row r of the draft KV is row r of the target KV. Per
 live row it holds the draft hidden state whose LM head predicts the child of the row's last verified
 token (``hidden``, ``[R, D]``).
+
+Rounds without speculation (the batch-aware policy's ``off``) cost the draft nothing: `follow` only
+records each row's new entry (the target's feature and the token after it), and the next `propose`
+first catches up on all of them in one draft forward (`sync`).
 """
 
 from __future__ import annotations
@@ -32,6 +36,10 @@ class Drafter:
         self.suppress[target.placeholder_ids] = float("-inf")  # [V] additive: placeholders are never proposed
         self.rope: RotaryTable | None = None
         self._rope_len = 0
+        D = target.text_config.hidden_size
+        self.lag_tokens = torch.zeros(0, 0, dtype=torch.long, device=target.device)  # [R, L] entries not yet run
+        self.lag_feats = torch.zeros(0, 0, D, dtype=target.dtype, device=target.device)  # [R, L, D]
+        self.lag = [0] * 0  # per row: entries in the lag buffers (host)
 
     def _rope_for(self, length: int, like: torch.Tensor) -> RotaryTable:
         if length > self._rope_len:  # grown on demand (rows with longer prompts or budgets joined)
@@ -80,10 +88,38 @@ class Drafter:
         self.kv.advance(torch.full((N,), T2, device=dev))
         self.kv.set_window()
         self.hidden = torch.cat([self.hidden, g[:, -1]])  # [R, D]
+        L = self.lag_tokens.shape[1]
+        self.lag_tokens = torch.cat([self.lag_tokens, self.lag_tokens.new_zeros(N, L)])
+        self.lag_feats = torch.cat([self.lag_feats, self.lag_feats.new_zeros(N, L, self.lag_feats.shape[2])])
+        self.lag += [0] * N
         return visual, choices
+
+    def follow(self, next_tokens: torch.Tensor, feats: torch.Tensor) -> None:
+        """A round without speculation: record each live row's new entry (``feats [R, D]``, the target's
+        feature at the row's last token, and ``next_tokens [R]``, the token after it) for the next `sync`."""
+        R, L = self.lag_tokens.shape
+        if max(self.lag, default=0) == L:  # grow the buffers
+            self.lag_tokens = torch.cat([self.lag_tokens, self.lag_tokens.new_zeros(R, max(L, 8))], 1)
+            self.lag_feats = torch.cat([self.lag_feats, self.lag_feats.new_zeros(R, max(L, 8), feats.shape[-1])], 1)
+        rows = torch.arange(R, device=feats.device)
+        at = torch.tensor(self.lag, device=feats.device)
+        self.lag_tokens[rows, at] = next_tokens
+        self.lag_feats[rows, at] = feats.to(self.lag_feats.dtype)
+        self.lag = [n + 1 for n in self.lag]
+
+    def sync(self, pos: torch.Tensor) -> None:
+        """Catch up, in one draft forward, on the entries `follow` recorded (``pos [R]``: each row's next
+        position, so its first recorded entry sits at ``pos - lag``)."""
+        if not any(self.lag):
+            return
+        n = torch.tensor(self.lag, device=pos.device)  # 0 for rows that joined since: nothing to catch up on
+        L = max(self.lag)
+        self.catch_up(self.lag_tokens[:, :L], self.lag_feats[:, :L], n, pos - n)
+        self.lag = [0] * len(self.lag)
 
     def propose(self, root: torch.Tensor, pos: torch.Tensor, tree: TreeConfig) -> Tree:
         """An EAGLE-2 tree per live row from its last verified token ``root [R]`` at position ``pos [R]``."""
+        self.sync(pos)
         return propose_tree(
             self.draft, self.kv, root, self.hidden, pos, tree.top_k, tree.depth, tree.total_tokens,
             self.suppress, self.rope, tree.depth_min_prob, tree.node_min_prob,
@@ -92,16 +128,20 @@ class Drafter:
     def catch_up(self, next_tokens: torch.Tensor, feats: torch.Tensor, n: torch.Tensor, pos: torch.Tensor) -> None:
         """Commit each row's first ``n[b]`` new entries: entry a reads ``[embed(next_tokens[b, a]);
         feats[b, a]]`` at position ``pos[b] + a`` (``[R, A]``, ``[R, A, D]``, ``[R]``, ``[R]``), one draft
-        forward; ``hidden`` becomes each row's output at its last committed entry."""
+        forward; ``hidden`` becomes each row's output at its last committed entry (unchanged where n is 0)."""
         R, A = next_tokens.shape
         tril = torch.ones(A, A, dtype=torch.bool, device=next_tokens.device).tril().expand(R, A, A)
         cpos = pos[:, None] + torch.arange(A, device=pos.device)  # [R, A]
         d = self.draft
         g = d(d.embed(next_tokens), feats, cpos, self.kv.begin(A, tril), self.kv, self.rope)  # [R, A, D]
         self.kv.advance(n)
-        self.hidden = g.gather(1, (n - 1)[:, None, None].expand(-1, 1, g.shape[-1]))[:, 0]  # [R, D]
+        last = g.gather(1, (n - 1).clamp(min=0)[:, None, None].expand(-1, 1, g.shape[-1]))[:, 0]  # [R, D]
+        self.hidden = torch.where((n > 0)[:, None], last, self.hidden)  # a row with nothing new keeps its state
 
     def keep_rows(self, keep: list[int]) -> None:
         """Drop the rows not in ``keep``, as the target's pool does (`SlotKVCache.keep_rows`)."""
         order = self.kv.keep_rows(keep)
-        self.hidden = self.hidden[torch.tensor(order, dtype=torch.long, device=self.hidden.device)]
+        idx = torch.tensor(order, dtype=torch.long, device=self.hidden.device)
+        self.hidden = self.hidden[idx]
+        self.lag_tokens, self.lag_feats = self.lag_tokens[idx], self.lag_feats[idx]
+        self.lag = [self.lag[i] for i in order]

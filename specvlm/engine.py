@@ -438,7 +438,7 @@ class SpecVLMEngine:
 
     def _ar_step(self, emitted: dict) -> None:
         """One target forward per live row over its last token. With a draft (a round the batch-aware
-        policy runs without speculation) the draft follows: one catch-up entry per row."""
+        policy runs without speculation) the draft only records the new entries (`Drafter.follow`)."""
         tgt, rows = self.target, self._live
         R, dev = len(rows), self._root.device
         clock = _Clock(dev)
@@ -449,15 +449,11 @@ class SpecVLMEngine:
         root = self._choose(tgt.logits(f[:, 0]), rows)
         verify_ms = clock.lap()
         if self.drafter is not None:
-            self.drafter.catch_up(root[:, None], f, torch.ones(R, dtype=torch.long, device=dev), self._pos)
-        draft_ms = clock.lap()
+            self.drafter.follow(root, f[:, 0])  # the draft catches up on these when speculation resumes
         self._root, self._pos = root, self._pos + 1
         for r in rows:
             r.stats.target_forwards += 1
             r.stats.verify_ms += verify_ms
-            if self.drafter is not None:
-                r.stats.draft_forwards += 1
-                r.stats.draft_ms += draft_ms
         self._emit(rows, [[t] for t in self._root.tolist()], emitted)
 
     def _spec_round(self, emitted: dict, tree_cfg: TreeConfig) -> None:

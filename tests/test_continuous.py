@@ -175,3 +175,28 @@ def test_batch_aware_trees_never_change_outputs(trained_pair):
     assert alone.stats[0]["accept_length"] > 1.2  # one row alone speculates (the trained draft accepts)
     with pytest.raises(ValueError, match="batch_trees"):
         parse_config({"batch_trees": {0: "off"}}, EngineConfig)
+
+
+def test_draft_catches_up_on_rounds_without_speculation_in_one_forward():
+    """Rounds without speculation only record entries; the next proposal's one catch-up forward leaves the
+    draft as step-by-step catch-up would, and a row that joined since keeps its state."""
+    model = tiny_llava(dtype=torch.float64)
+    inputs = tiny_inputs(model, [5, 8], seed=4)
+    states = []
+    for lazy in (True, False):
+        engine = _engine(model, "eagle")
+        engine.add(**{k: v[:1] for k, v in inputs.items()}, sampling=[SamplingConfig(max_new_tokens=30)])
+        engine.step()  # prefill row 0
+        with torch.inference_mode():
+            for _ in range(3):
+                engine._ar_step({})  # a round the policy runs without speculation
+                if not lazy:
+                    engine.drafter.sync(engine._pos)
+        engine.add(**{k: v[1:] for k, v in inputs.items()}, sampling=[SamplingConfig(max_new_tokens=30)])
+        engine.step()  # a speculative round for row 0 (its catch-up first), then row 1's prefill
+        d = engine.drafter
+        states.append((d.hidden.clone(), d.kv.lengths.clone(), d.kv.keys[:, :, :, : int(d.kv.lengths.max())].clone()))
+    (h1, n1, k1), (h2, n2, k2) = states
+    assert torch.equal(n1, n2)
+    torch.testing.assert_close(h1, h2)
+    torch.testing.assert_close(k1, k2)
