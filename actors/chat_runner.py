@@ -1,31 +1,37 @@
-"""`ChatRunner`: chat requests -> engine batches -> per-round text updates. No Ray, no HTTP.
+"""`ChatRunner` and `EngineLoop`: chat requests -> engine rows -> per-round text updates. No Ray, no HTTP.
 
 Legend: B batch rows, T prompt tokens, N images.
 
-The Serve deployment (`actors.serving`) owns the threads and the queue; this
-module owns the translation, so it is tested by calling it directly:
+The Serve deployment (`actors.serving`) owns the threads; this module owns the
+translation and the scheduling, so both are tested by calling them directly:
 
-    prepare(request, image_bytes) -> ChatJob   chat template + images -> one row's processor inputs,
-                                               prompt and context limits (OpenAIError 4xx)
-    run(jobs, post)                            decode a batch; post({batch index: RowUpdate}) after every round
-    EngineQueue                                what waits for the engine: every waiting request joins the next batch
+    ChatRunner.prepare(request, image_bytes) -> ChatJob   chat template + images -> one row's processor inputs,
+                                                          prompt and context limits (OpenAIError 4xx)
+    EngineLoop.submit(job, sink)                          queue a request; sink(RowUpdate) after every round
+    EngineLoop.run()                                      the engine thread: admit, step, route, until stop()
+    ChatRunner.run(jobs, post)                            decode jobs as one batch in this thread (tests, references)
 
-One `SpecVLMEngine.generate` call decodes a batch, each row under its own
-sampling settings (`ChatJob.sampling`); a seeded request's output does not
+`EngineLoop` drives the engine's stepping core (`SpecVLMEngine.add` / `step` /
+`finish`): in ``continuous`` mode waiting requests join the running batch at
+the next round, up to ``max_rows`` rows decoding at once; in ``static`` mode a
+batch runs to its end before the next one starts. Each row decodes under its
+own sampling settings (`ChatJob.sampling`); a seeded request's output does not
 depend on its neighbours (the engine gives each row its own generator and
-tree). Each row's
-`TextStream` turns its new tokens into text after every round and ends the
-row early (through the engine's ``on_tokens``) at a stop string, at its own
-``max_tokens`` or when its client has gone away.
+tree). Each row's `TextStream` turns its new tokens into text after every
+round; a stop string, the row's own ``max_tokens`` or a client that went away
+ends that row (`SpecVLMEngine.finish`), and it frees its place at the next
+round.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
 from specvlm.config import SamplingConfig
 from specvlm.inputs import CONCAT_KEYS, collate, encode, pad_token_id
@@ -70,8 +76,10 @@ class ChatJob:
                               top_k=self.top_k, seed=self.seed)  # fmt: skip
 
 
-Post = Callable[[dict[int, RowUpdate]], None]
+Sink = Callable[[RowUpdate], None]  # where one request's updates go (called in the engine thread)
+Post = Callable[[dict[int, RowUpdate]], None]  # `ChatRunner.run`: {batch index: update}
 CANCELLED = "cancelled"  # the error of a row whose client went away
+BatchingMode = Literal["continuous", "static"]
 
 
 class ChatRunner:
@@ -142,60 +150,15 @@ class ChatRunner:
 
     # ------------------------------------------------------------------ run
     def run(self, jobs: list[ChatJob], post: Post) -> None:
-        """Decode ``jobs`` as one engine batch, each row under its own sampling settings; every job gets
-        exactly one last update (``finish_reason``, or ``error``: ``"cancelled"`` for a job whose client left)."""
-        idx = []
+        """Decode ``jobs`` as one batch in the calling thread (the engine must be idle), each row under its own
+        sampling settings; ``post({batch index: RowUpdate})`` after every round. Every job gets exactly one last
+        update (``finish_reason``, or ``error``: ``"cancelled"`` for a job whose client left). The same
+        `EngineLoop` the replica runs, stepped here until the batch is done."""
+        loop = EngineLoop(self.engine, self.pad_id, max(len(jobs), 1), mode="static")
         for i, job in enumerate(jobs):
-            if job.cancelled:
-                job.done = True
-                post({i: RowUpdate(error=CANCELLED)})
-            else:
-                idx.append(i)
-        if not idx:
-            return
-        try:
-            self._run_rows(jobs, idx, post)
-            failure = "the engine stopped without finishing this row"  # (a bug: it reports every row)
-        except Exception as e:  # an engine failure fails its batch, never the replica
-            log.exception("engine failed on a batch of %d rows", len(idx))
-            failure = f"{type(e).__name__}: {e}"
-        left = [i for i in idx if not jobs[i].done]
-        for i in left:
-            jobs[i].done = True
-        if left:
-            post({i: RowUpdate(error=failure) for i in left})
-
-    def _run_rows(self, jobs: list[ChatJob], idx: list[int], post: Post) -> None:
-        group = [jobs[i] for i in idx]
-        batch = collate([j.inputs for j in group], self.pad_id)
-
-        def on_tokens(event) -> list[int]:
-            updates, end = {}, []
-            for r, toks in event.tokens.items():
-                job = group[r]
-                if job.done:
-                    continue
-                if job.cancelled:
-                    job.done = True
-                    end.append(r)
-                    updates[idx[r]] = RowUpdate(error=CANCELLED)
-                    continue
-                delta = job.text.push(toks, r in event.finished)
-                if job.text.finish_reason is None:
-                    if delta:
-                        updates[idx[r]] = RowUpdate(delta)
-                    continue
-                job.done = True
-                if r not in event.finished:
-                    end.append(r)
-                stats = event.stats[r]
-                use = usage(job.prompt_tokens, len(job.text.tokens), stats)
-                updates[idx[r]] = RowUpdate(delta, job.text.finish_reason, use, stats)
-            if updates:
-                post(updates)
-            return end
-
-        self.engine.generate(**batch, sampling=[j.sampling() for j in group], on_tokens=on_tokens)
+            loop.submit(job, lambda update, i=i: post({i: update}))
+        while loop.busy:
+            loop.run_once()
 
 
 def _image_error(param: str, e: MediaError) -> OpenAIError:
@@ -251,40 +214,202 @@ def resized_pixels(width: int, height: int, image_processor) -> int:
     return width * height
 
 
-class EngineQueue:
-    """Requests waiting for the engine; each engine batch takes every request waiting (up to ``max_rows``).
+@dataclass
+class _Request:
+    job: ChatJob
+    sink: Sink
 
-    Producers (the Serve batch handler, one call per group of arrivals) `submit` jobs with one
-    callback each; the engine thread calls `drain` once per `submit`. A drain runs batches until
-    nothing waits, so a group that arrived while the engine was busy joins the next batch with
-    every other waiting group instead of running alone after them (Ray Serve 2.60's ``@serve.batch``
-    forms its batches while the previous one still runs).
+
+class EngineLoop:
+    """The replica's one engine loop: requests wait in one queue; one thread steps the engine.
+
+    Each iteration (`run_once`) ends the rows of clients that left, admits waiting requests (a cancelled one
+    gets its last update, ``error="cancelled"``, without decoding) while fewer than ``max_rows`` rows decode,
+    adds them to the engine as one left-padded batch (`collate`, each row with its own `ChatJob.sampling`),
+    runs one `SpecVLMEngine.step` (a round for the rows decoding, the prefill of the rows just added) and
+    routes each row's new tokens to its request: a text delta per round, and a last update with
+    ``finish_reason``, usage and the engine's stats. A row that ends early (a stop string, its own
+    ``max_tokens``, its client gone) is finished in the engine and frees its place at the next round.
+
+    ``mode``: ``continuous`` admits requests at every round (a short request that arrives while a long one
+    decodes joins at the next round and may finish first); ``static`` admits only when no row decodes,
+    so a batch runs to its end (`SpecVLMEngine.generate`'s behaviour), after an idle engine waited up to
+    ``wait_s`` for the batch to fill. An exception in a step fails the rows it was decoding (an ``error``
+    update each), resets the engine and the loop goes on. `run` blocks on a condition variable while
+    nothing decodes or waits.
+
+    ``on_round(rows)`` is called after each step with the rows it decoded or prefilled, ``on_depth(waiting,
+    active)`` whenever the queue depth or the rows decoding change. Only the engine thread touches the
+    engine; `submit` and `stop` may be called from any thread.
     """
 
-    def __init__(self, runner: ChatRunner, max_rows: int, on_batch: Callable[[int], None] | None = None):
-        self.runner, self.max_rows, self.on_batch = runner, max_rows, on_batch
-        self._waiting: deque[tuple[ChatJob, Callable[[RowUpdate], None]]] = deque()
-        self._lock = threading.Lock()
+    def __init__(self, engine, pad_id: int, max_rows: int, mode: BatchingMode = "continuous", wait_s: float = 0.0,
+                 on_round: Callable[[int], None] | None = None,
+                 on_depth: Callable[[int, int], None] | None = None):  # fmt: skip
+        if max_rows < 1 or mode not in ("continuous", "static"):
+            raise ValueError(f"max_rows must be >= 1 and mode continuous or static, got {max_rows}, {mode!r}")
+        self.engine, self.pad_id, self.max_rows, self.mode, self.wait_s = engine, pad_id, max_rows, mode, wait_s
+        self.on_round, self.on_depth = on_round, on_depth
+        self._waiting: deque[_Request] = deque()
+        self._rows: dict[int, _Request] = {}  # engine row id -> its request, while it decodes (engine thread)
+        self._cond = threading.Condition()
+        self._stopped = False
+        self._depth = (0, 0)
+        self.steps = 0  # engine steps run
 
-    def submit(self, items: list[tuple[ChatJob, Callable[[RowUpdate], None]]]) -> None:
-        with self._lock:
-            self._waiting.extend(items)
+    # ------------------------------------------------------------------ any thread
+    @property
+    def waiting(self) -> int:
+        """Requests waiting for a place in the engine."""
+        return len(self._waiting)
 
-    def drain(self) -> None:
-        """Engine thread: decode everything waiting, ``max_rows`` at a time, oldest first."""
-        while True:
-            with self._lock:
-                take = [self._waiting.popleft() for _ in range(min(self.max_rows, len(self._waiting)))]
-            if not take:
-                return
-            if self.on_batch:
-                self.on_batch(len(take))
-            self.runner.run([job for job, _ in take], _route([sink for _, sink in take]))
+    @property
+    def active(self) -> int:
+        """Rows decoding (their requests not finished yet)."""
+        return len(self._rows)
 
+    @property
+    def busy(self) -> bool:
+        """Anything waiting, decoding, or finished but not yet out of the engine (asks the engine: engine thread)."""
+        return bool(self._waiting or self._rows or self.engine.num_rows)
 
-def _route(sinks: list[Callable[[RowUpdate], None]]) -> Post:
-    def post(updates: dict[int, RowUpdate]) -> None:
-        for i, update in updates.items():
-            sinks[i](update)
+    def submit(self, job: ChatJob, sink: Sink) -> None:
+        """Queue a request; ``sink`` gets its updates (in the engine thread), the last one with ``finish_reason``
+        or ``error``. Setting ``job.cancelled`` ends it at the next round (or before it starts)."""
+        with self._cond:
+            self._waiting.append(_Request(job, sink))
+            self._cond.notify()
+        self._report()
 
-    return post
+    def stop(self) -> None:
+        """`run` returns after its current iteration."""
+        with self._cond:
+            self._stopped = True
+            self._cond.notify_all()
+
+    # ------------------------------------------------------------------ engine thread
+    def run(self) -> None:
+        """The engine thread: iterate until `stop`, blocking while nothing waits or decodes."""
+        while self._wait_for_work():
+            try:
+                self.run_once()
+            except Exception as e:  # a bug in the loop itself: fail what it holds, never the thread
+                log.exception("engine loop iteration failed")
+                self._fail_rows(f"{type(e).__name__}: {e}")
+
+    def _wait_for_work(self) -> bool:
+        with self._cond:
+            idle = not self.busy
+            while not self._stopped and not self.busy:
+                self._cond.wait()
+            if idle and self.mode == "static" and self.wait_s > 0:
+                deadline = time.monotonic() + self.wait_s  # an idle engine's first request: let the batch fill
+                while not self._stopped and len(self._waiting) < self.max_rows:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
+            return not self._stopped
+
+    def run_once(self) -> None:
+        """One iteration: end cancelled rows, admit waiting requests, one engine step, route its tokens."""
+        gone = [rid for rid, req in self._rows.items() if req.job.cancelled]
+        if gone:
+            self.engine.finish(gone)  # they leave at this step
+            for rid in gone:
+                self._last(self._rows.pop(rid), RowUpdate(error=CANCELLED))
+        self._add(self._admit())
+        if self.engine.num_rows:
+            try:
+                event = self.engine.step()
+                self.steps += 1
+                if self.on_round is not None and event.tokens:
+                    self.on_round(len(event.tokens))
+                self._route(event)
+            except Exception as e:  # an engine failure fails its rows, never the replica
+                log.exception("engine step failed with %d rows", len(self._rows))
+                self._fail_rows(f"{type(e).__name__}: {e}")
+        if self._rows and not self.engine.num_rows:  # (a bug: the engine reports every row)
+            self._fail_rows("the engine stopped without finishing this row")
+        self._report()
+
+    def _admit(self) -> list[_Request]:
+        """Waiting requests that get a place now (oldest first); cancelled ones are answered and dropped."""
+        with self._cond:
+            dropped = [r for r in self._waiting if r.job.cancelled]
+            if dropped:
+                self._waiting = deque(r for r in self._waiting if not r.job.cancelled)
+            room = self.max_rows - len(self._rows) if self.mode == "continuous" or not self._rows else 0
+            take = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
+        for req in dropped:
+            self._last(req, RowUpdate(error=CANCELLED))
+        return take
+
+    def _add(self, reqs: list[_Request]) -> None:
+        if not reqs:
+            return
+        jobs = [r.job for r in reqs]
+        try:
+            batch = collate([j.inputs for j in jobs], self.pad_id)
+            rids = self.engine.add(**batch, sampling=[j.sampling() for j in jobs])
+        except Exception as e:  # nothing was queued (add checks before it touches the running batch)
+            log.exception("engine add failed for %d rows", len(reqs))
+            for req in reqs:
+                self._last(req, RowUpdate(error=f"{type(e).__name__}: {e}"))
+            return
+        self._rows.update(zip(rids, reqs))
+
+    def _route(self, event) -> None:
+        """Each row's new tokens -> its request's text delta; rows whose text ended are finished in the engine."""
+        end = []
+        for rid, toks in event.tokens.items():
+            req = self._rows.get(rid)
+            if req is None:  # finished by us already
+                continue
+            job = req.job
+            if job.cancelled:
+                end.append(rid)
+                self._last(self._rows.pop(rid), RowUpdate(error=CANCELLED))
+                continue
+            delta = job.text.push(toks, rid in event.finished)
+            if job.text.finish_reason is None:
+                if delta:
+                    self._post(req, RowUpdate(delta))
+                continue
+            if rid not in event.finished:  # a stop string or max_tokens: the engine would go on
+                end.append(rid)
+            stats = event.stats[rid]
+            use = usage(job.prompt_tokens, len(job.text.tokens), stats)
+            self._last(self._rows.pop(rid), RowUpdate(delta, job.text.finish_reason, use, stats))
+        if end:
+            self.engine.finish(end)
+
+    def _fail_rows(self, error: str) -> None:
+        """Every decoding row gets ``error`` as its last update; the engine drops them all."""
+        rows, self._rows = list(self._rows.values()), {}
+        try:
+            self.engine.reset()
+        except Exception:
+            log.exception("engine reset failed")
+        for req in rows:
+            self._last(req, RowUpdate(error=error))
+
+    def _last(self, req: _Request, update: RowUpdate) -> None:
+        req.job.done = True
+        self._post(req, update)
+
+    def _post(self, req: _Request, update: RowUpdate) -> None:
+        try:
+            req.sink(update)
+        except Exception:  # e.g. the replica's event loop has closed: nobody waits for this request
+            log.exception("could not deliver an update")
+            req.job.cancelled = True
+
+    def _report(self) -> None:
+        if self.on_depth is None:
+            return
+        with self._cond:
+            depth = (len(self._waiting), len(self._rows))
+            if depth != self._depth:
+                self._depth = depth
+                self.on_depth(*depth)

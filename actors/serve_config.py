@@ -112,10 +112,17 @@ def _is_ip(text: str) -> bool:
 
 
 class BatchingConfig(StrictModel):
-    """Dynamic batching (`@serve.batch`): concurrent requests are decoded together."""
+    """How a replica's engine loop batches concurrent requests (`actors.chat_runner.EngineLoop`)."""
 
-    max_batch_size: int = Field(16, ge=1, description="requests decoded together; 1 = no batching")
-    batch_wait_timeout_s: float = Field(0.02, ge=0, description="how long a started batch waits to fill")
+    mode: Literal["continuous", "static"] = Field(
+        "continuous", description="continuous: waiting requests join the running batch at the next round; static: "
+        "a batch decodes to its end before the next one starts (for comparison)",
+    )  # fmt: skip
+    max_batch_size: int = Field(16, ge=1, description="the most requests decoding at once; 1 = no batching")
+    batch_wait_timeout_s: float = Field(
+        0.02, ge=0, description="static mode: how long an idle engine waits for a batch to fill (continuous: unused, "
+        "requests join at the next round)",
+    )  # fmt: skip
 
 
 class DeploymentConfig(StrictModel):
@@ -181,7 +188,7 @@ class ServeAppConfig(StrictModel):
     )  # fmt: skip
     api_key_env: str = Field("SPECVLM_API_KEY", min_length=1, description="env var holding the key (auth: env)")
     api_key_file: str | None = Field(None, description="file holding the key, e.g. a mounted secret (auth: file)")
-    batching: BatchingConfig = Field(BatchingConfig(), description="dynamic batching of concurrent requests")
+    batching: BatchingConfig = Field(BatchingConfig(), description="how concurrent requests are batched")
     deployment: DeploymentConfig = Field(DeploymentConfig(), description="Serve deployment options (replicas, queues)")
 
     @model_validator(mode="after")

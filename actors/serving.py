@@ -13,26 +13,41 @@ What runs where in a replica::
                     image URLs (`image_urls`), SSE; never blocks on the model or on a costly request
     prep threads    (`prep_threads`) JSON parse + validate (`openai_protocol`), image headers, image decode,
                     chat template + processor (`ChatRunner.prepare`): one costly request stalls no other
-    engine thread   `EngineQueue.drain`: one engine batch at a time, `ChatRunner.run` ->
-                    `SpecVLMEngine.generate(on_tokens=...)`; every round's text deltas go back to
-                    the loop through an asyncio queue per arrival group
+    engine thread   `EngineLoop.run`: the one engine loop; each iteration admits waiting requests, runs one
+                    `SpecVLMEngine.step` and routes every row's new tokens, as text deltas, back to its
+                    request's asyncio queue on the event loop
 
-Batching: every request, streamed or not, goes through ``decode_batch``, an
-async-generator `@serve.batch` method: requests that arrive within
-``batch_wait_timeout_s`` (up to ``max_batch_size``) form a group. Ray Serve
-2.60 forms groups while an earlier one is still decoding, so groups are not
-decoded one by one: they join the `EngineQueue`, and each engine batch takes
-every request waiting when the engine frees up (up to ``max_batch_size``
-rows). Each round yields one `RowUpdate` per request that got tokens, so a
-streamed request sees each speculative round's tokens as one chunk. Requests
-do not join a batch mid-decode. Decoding logic is the engine's; this module
-only translates and exports metrics.
+Admission: a replica holds at most ``max_active_requests`` requests (from the
+first byte of the body to the last byte of the response); the next one gets
+an immediate 429 with ``Retry-After`` in OpenAI's error format (`Admission`).
+
+Batching: every admitted request, streamed or not, is prepared and submitted
+to the replica's `EngineLoop`, a single queue read by a single engine thread.
+In ``batching.mode: continuous`` (the default) waiting requests join the
+running batch at the next round while fewer than ``max_batch_size`` rows
+decode, so a short request that arrives while a long one decodes gets its
+first tokens at the next round and may finish first; a row that ends (EOS,
+``max_tokens``, a stop string, a client that disconnected) frees its place
+at the round after. ``static`` keeps the older behaviour for comparison: a
+batch of every request waiting (up to ``max_batch_size``, after an idle engine
+waited ``batch_wait_timeout_s`` for it to fill) decodes to its end before the
+next starts. Each round sends one `RowUpdate` per request that got text, so a
+streamed request sees each speculative round's tokens as one chunk. An engine
+failure fails the rows it was decoding (500, or an SSE error event) and the
+loop goes on with a reset engine. When nothing waits or decodes the engine
+thread sleeps on a condition variable.
+
+Metrics (`_Metrics`, Ray's Prometheus endpoint): requests by status, tokens, accept length, compressor
+choices, latency, time to first token, rows per engine step (``batch_rows``), and two gauges, requests
+waiting for the engine (``queue_depth``) and rows decoding (``active_rows``). Decoding logic is the
+engine's; this module only translates and exports metrics.
 """
 
 import asyncio
 import hmac
 import logging
 import os
+import threading
 import time
 import weakref
 from collections.abc import Callable
@@ -45,7 +60,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .chat_runner import ChatJob, ChatRunner, EngineQueue, RowUpdate
+from .chat_runner import ChatJob, ChatRunner, EngineLoop, RowUpdate
 from .image_urls import image_bytes
 from .openai_protocol import (
     ChatRequest,
@@ -63,7 +78,6 @@ from .openai_protocol import (
 from .serve_config import ServeAppConfig, ServeLimits
 
 log = logging.getLogger("ray.serve")
-MAX_WAITING_BATCHES = 1024  # @serve.batch groups in the handler at once: enough that every arrival joins the queue
 
 fastapi_app = FastAPI(title="specvlm", docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -86,7 +100,7 @@ class _Metrics:
     """Ray metrics (exported on Ray's Prometheus endpoint with a ``ray_`` prefix)."""
 
     def __init__(self, model: str):
-        from ray.util.metrics import Counter, Histogram
+        from ray.util.metrics import Counter, Gauge, Histogram
 
         tags = {"model": model}
         self.requests = Counter("specvlm_serve_requests", "chat requests by HTTP status", ("model", "status", "stream"))
@@ -99,10 +113,19 @@ class _Metrics:
                                  [0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64], ("model", "stream"))  # fmt: skip
         self.ttft = Histogram("specvlm_serve_time_to_first_token_s", "arrival to the first text",
                               [0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16], ("model",))  # fmt: skip
-        self.batch_rows = Histogram("specvlm_serve_batch_rows", "requests per decoded batch",
+        self.batch_rows = Histogram("specvlm_serve_batch_rows", "rows decoded together, per engine step",
                                     [1, 2, 4, 8, 16, 32, 64], ("model",))  # fmt: skip
-        for m in (self.requests, self.tokens, self.accept, self.compressor, self.latency, self.ttft, self.batch_rows):
+        self.queue_depth = Gauge("specvlm_serve_queue_depth", "requests waiting for the engine", ("model",))
+        self.active_rows = Gauge("specvlm_serve_active_rows", "rows decoding in the engine", ("model",))
+        for m in (self.requests, self.tokens, self.accept, self.compressor, self.latency, self.ttft, self.batch_rows,
+                  self.queue_depth, self.active_rows):  # fmt: skip
             m.set_default_tags(tags)
+        self.depth(0, 0)
+
+    def depth(self, waiting: int, active: int) -> None:
+        """`EngineLoop`'s ``on_depth``: the two gauges."""
+        self.queue_depth.set(waiting)
+        self.active_rows.set(active)
 
     def record(self, status: int, stream: bool, t0: float, last: RowUpdate | None = None, ttft: float | None = None):
         self.requests.inc(tags={"status": str(status), "stream": str(stream).lower()})
@@ -194,21 +217,12 @@ class Admission:
         return leave
 
 
-async def _drain(updates) -> None:
-    """Consume what is left of one request's batch results (their futures must be awaited)."""
-    try:
-        async for _ in updates:
-            pass
-    except Exception:  # the request already has its answer
-        pass
-
-
 # Everything the routes use is defined above this line: serve.ingress freezes the app (and its
 # handlers' globals) when the class is decorated.
 @serve.deployment(max_ongoing_requests=64)
 @serve.ingress(fastapi_app)
 class SpecVLMServer:
-    """One replica: one engine, one engine thread, batches from `@serve.batch`."""
+    """One replica: one engine, driven by one `EngineLoop` on its own thread."""
 
     def __init__(self, cfg: ServeAppConfig):
         from specvlm.loading import load_engine
@@ -223,13 +237,23 @@ class SpecVLMServer:
         self.metrics = _Metrics(self.model_name)
         self.admission = Admission(cfg.max_active_requests(), cfg.deployment.retry_after_s)
         self._prep = ThreadPoolExecutor(cfg.limits.prep_threads, thread_name_prefix="specvlm-prep")
-        self._engine = ThreadPoolExecutor(1, thread_name_prefix="specvlm-engine")
-        self._drains: set[asyncio.Task] = set()
-        self._works: set[asyncio.Future] = set()
-        self.queue = EngineQueue(self.runner, cfg.batching.max_batch_size, self.metrics.batch_rows.observe)
-        self.decode_batch.set_max_batch_size(cfg.batching.max_batch_size)
-        self.decode_batch.set_batch_wait_timeout_s(cfg.batching.batch_wait_timeout_s)
-        log.info("specvlm serving %s (mode %s, auth %s)", self.model_name, cfg.engine.mode, cfg.auth)
+        b, m = cfg.batching, self.metrics
+        self.engine_loop = EngineLoop(engine, self.runner.pad_id, b.max_batch_size, b.mode, b.batch_wait_timeout_s,
+                                      on_round=m.batch_rows.observe, on_depth=m.depth)  # fmt: skip
+        self._engine_thread = threading.Thread(target=self.engine_loop.run, name="specvlm-engine", daemon=True)
+        self._engine_thread.start()
+        log.info("specvlm serving %s (mode %s, %s batching of up to %d rows, auth %s)", self.model_name,
+                 cfg.engine.mode, b.mode, b.max_batch_size, cfg.auth)  # fmt: skip
+
+    def check_health(self) -> None:
+        """Serve's health check: a replica whose engine thread has gone is restarted."""
+        if not self._engine_thread.is_alive():
+            raise RuntimeError("the engine thread is not running")
+
+    def __del__(self) -> None:  # Serve calls it when the replica shuts down
+        loop = getattr(self, "engine_loop", None)
+        if loop is not None:
+            loop.stop()
 
     # ---------------------------------------------------------------- routes
     @fastapi_app.get("/health")
@@ -296,21 +320,19 @@ class SpecVLMServer:
         return await self._in_prep(self.runner.prepare, req, images)
 
     async def _updates(self, job: ChatJob):
-        """This request's updates until its last one; leaving early (client gone) ends its row."""
-        batch = self.decode_batch(job)
+        """This request's updates from the engine loop until its last one; leaving early (client gone) ends its
+        row at the next round, or drops it from the queue before it starts."""
+        loop = asyncio.get_running_loop()
+        updates: asyncio.Queue[RowUpdate] = asyncio.Queue()
+        self.engine_loop.submit(job, lambda update: loop.call_soon_threadsafe(updates.put_nowait, update))
         try:
-            async for update in batch:
-                if update is None:
-                    continue
+            while True:
+                update = await updates.get()
                 yield update
                 if update.finish_reason or update.error:
                     return
         finally:
             job.cancelled = True  # no-op once finished
-            # the batch goes on for the other requests: take this one's remaining (empty) results
-            drain = asyncio.get_running_loop().create_task(_drain(batch))
-            self._drains.add(drain)
-            drain.add_done_callback(self._drains.discard)
 
     async def _complete(self, job: ChatJob, rid: str, created: int, t0: float) -> JSONResponse:
         parts, last, ttft = [], None, None
@@ -364,35 +386,6 @@ class SpecVLMServer:
                 yield sse(usage_chunk(rid, created, name, last.usage))
             self.metrics.record(200, True, t0, last, ttft)
         yield sse("[DONE]")
-
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02, max_concurrent_batches=MAX_WAITING_BATCHES)
-    async def decode_batch(self, jobs: list[ChatJob]):
-        """Requests that arrived together; yields, per update, one `RowUpdate` (or None) per request.
-
-        The jobs join the engine queue; the engine thread's next batch takes them together with
-        every other group waiting by then (`EngineQueue`).
-        """
-        loop = asyncio.get_running_loop()
-        updates: asyncio.Queue = asyncio.Queue()
-
-        def sink(i: int):
-            return lambda update: loop.call_soon_threadsafe(updates.put_nowait, (i, update))
-
-        self.queue.submit([(job, sink(i)) for i, job in enumerate(jobs)])
-        work = loop.run_in_executor(self._engine, self.queue.drain)
-        self._works.add(work)
-        work.add_done_callback(self._work_done)
-        finished: set[int] = set()
-        while len(finished) < len(jobs):
-            i, update = await updates.get()
-            yield [update if k == i else StopAsyncIteration if k in finished else None for k in range(len(jobs))]
-            if update.finish_reason or update.error:
-                finished.add(i)
-
-    def _work_done(self, work) -> None:
-        self._works.discard(work)
-        if not work.cancelled() and work.exception() is not None:
-            log.error("engine thread failed: %r", work.exception())
 
 
 def application(cfg: ServeAppConfig):

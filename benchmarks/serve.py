@@ -3,8 +3,10 @@
 Run with ``make bench`` / ``specvlm bench serve`` / ``python -m benchmarks.serve``.
 
 A local Ray (loopback) serves the demo model (shipped with the package, or ``--model-dir`` holding
-``target/`` and ``draft/``) with one replica; for every mode and batching setting (``max_batch_size``
-16, or 1 = no batching) an async HTTP client sends held-out demo questions with their images as
+``target/`` and ``draft/``) with one replica; for every mode and batching setting (no batching:
+``max_batch_size`` 1; then up to 16 rows in each ``--batching`` mode: ``continuous``, requests join the
+running batch at the next round, and ``static``, each batch decodes to its end before the next one
+starts) an async HTTP client sends held-out demo questions with their images as
 ``data:`` URLs at concurrency 1, 8 and 32 (greedy, ``max_tokens`` 32). Reports requests/s, p50/p99
 latency, completion tokens/s, mean accept length, errors, and whether every answer is identical to
 `ar` without batching (lossless under batching). Modes the engine cannot build yet are listed as skipped.
@@ -104,6 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--requests", type=int, default=3, help="requests per unit of concurrency (at least 16)")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--max-batch-size", type=int, default=16)
+    ap.add_argument("--batching", default="continuous,static", help="batching modes run at --max-batch-size")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -144,11 +147,14 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"{mode}: skipped ({reason})", flush=True)
                 rows.append({"mode": mode, "batching": f"skipped: {reason}"})
                 continue
-            for batch in (1, args.max_batch_size):
+            settings = [("off", 1, "continuous")] + [(f"{b} {args.max_batch_size}", args.max_batch_size, b)
+                                                     for b in args.batching.split(",")]  # fmt: skip
+            for label, batch, batching in settings:
                 engine = {**ServeAppConfig().engine.model_dump(), "mode": mode}  # the CPU tree of configs/serve.yaml
                 deployment = {"max_ongoing_requests": max(64, *levels), "ray_actor_options": actor}
                 cfg = {"model": model, "served_model_name": "bench", "engine": engine, "deployment": deployment,
-                       "batching": {"max_batch_size": batch, "batch_wait_timeout_s": 0.01}}  # fmt: skip
+                       "batching": {"mode": batching, "max_batch_size": batch,
+                                    "batch_wait_timeout_s": 0.01}}  # fmt: skip
                 serve.run(build_app(cfg), name="bench", route_prefix="/")
                 asyncio.run(load(url, bodies, 2, 1))  # warm-up
                 for c in levels:
@@ -157,7 +163,7 @@ def main(argv: list[str] | None = None) -> None:
                     if reference is None and mode == "ar" and batch == 1:
                         reference = answers
                     same = reference is not None and all(reference.get(k) == v for k, v in answers.items())
-                    row = dict(mode=mode, batching=f"max {batch}" if batch > 1 else "off", concurrency=c,
+                    row = dict(mode=mode, batching=label, concurrency=c,
                                identical_to_ar=same if reference is not None else "", **res)  # fmt: skip
                     rows.append(row)
                     print(to_markdown([row], COLS).splitlines()[-1], flush=True)

@@ -1,21 +1,27 @@
 """The OpenAI endpoint without Ray: request checks, data:/http(s) image URLs (SSRF rules), streamed text,
-the batch runner on the small demo model, and the Serve config file."""
+the engine loop on a tiny model (continuous and static batching), the batch runner on the small demo model,
+and the Serve config file."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import io
 import ipaddress
 import json
 import re
+import threading
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import pytest
+import torch
 from PIL import Image
 
-from actors.chat_runner import ChatRunner, EngineQueue, RowUpdate
+from actors.chat_runner import ChatJob, ChatRunner, EngineLoop
 from actors.image_urls import check_url, decode_data_url, fetch_image_bytes, image_bytes, is_public
 from actors.openai_protocol import OpenAIError, TextStream, parse_chat_request
 from actors.serve_config import ImageFetchConfig, ServeAppConfig, ServeFile, ServeLimits, load_serve_file
@@ -321,6 +327,212 @@ def test_text_stream_holds_back_partial_characters():
     assert deltas == ["a "] and ts.finish_reason is None
 
 
+# ----------------------------------------------------------------------------- engine loop (tiny model)
+TINY_TOKENS = 24
+
+
+@contextlib.contextmanager
+def one_torch_thread():
+    """A model this small gains nothing from two torch threads, and two spin against each other on a busy machine
+    (10-100x slower here)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    """A float64 tiny LLaVA in eagle mode (a random draft: rounds accept few tokens), four single-row requests
+    and the ar engine's greedy tokens for each (none ends before TINY_TOKENS)."""
+    with one_torch_thread():
+        return _tiny_model()
+
+
+@pytest.fixture
+def tiny(tiny_model):
+    with one_torch_thread():
+        yield tiny_model
+
+
+def _tiny_model():
+    from specvlm import EagleDraft, EngineConfig, SpecVLMEngine, TreeConfig
+    from specvlm.tiny import tiny_inputs, tiny_llava
+
+    model = tiny_llava(dtype=torch.float64)
+    inputs = tiny_inputs(model, [5, 8, 3, 6], seed=4)
+    ar = SpecVLMEngine(model, None, EngineConfig(mode="ar")).generate(**inputs, max_new_tokens=TINY_TOKENS).sequences
+    assert all(len(a) == TINY_TOKENS for a in ar)
+    tree = TreeConfig(top_k=3, total_tokens=10, depth=4)
+    engine = SpecVLMEngine(model, EagleDraft.from_target(model, seed=0), EngineConfig(mode="eagle", tree=tree))
+    rows = []
+    for ids, mask, pv in zip(inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"]):
+        m = mask.bool()
+        rows.append(
+            {"input_ids": ids[m][None], "attention_mask": torch.ones(1, int(m.sum())), "pixel_values": pv[None]}
+        )
+    return SimpleNamespace(engine=engine, rows=rows, ar=ar)
+
+
+def tiny_text(ids) -> str:
+    from specvlm.tiny import EOS
+
+    return " ".join(f"<{i}>" for i in ids if i != EOS)
+
+
+class Request:
+    """A tiny-model request for an `EngineLoop`, recording each update with the engine step it came after."""
+
+    def __init__(self, tiny, loop: EngineLoop, row: int, max_tokens: int = TINY_TOKENS, stop=()):
+        from specvlm.tiny import EOS
+
+        inputs = tiny.rows[row]
+        text = TextStream(tiny_text, [EOS], max_tokens, stop)
+        self.job = ChatJob(inputs, int(inputs["input_ids"].shape[1]), max_tokens, 0.0, 1.0, 0, None, text)
+        self.loop, self.updates = loop, []  # (loop.steps when posted, RowUpdate)
+        self.finished = threading.Event()
+
+    def sink(self, update) -> None:
+        self.updates.append((self.loop.steps, update))
+        if update.finish_reason or update.error:
+            self.finished.set()
+
+    def submit(self) -> Request:
+        self.loop.submit(self.job, self.sink)
+        return self
+
+    @property
+    def done_at(self) -> int | None:
+        """The engine step after which the last update came (None before it)."""
+        return self.updates[-1][0] if self.finished.is_set() else None
+
+    @property
+    def text(self) -> str:
+        return "".join(u.text for _, u in self.updates)
+
+
+def drain(loop: EngineLoop, limit: int = 200) -> None:
+    for _ in range(limit):
+        if not loop.busy:
+            return
+        loop.run_once()
+    raise AssertionError("the loop did not finish")
+
+
+def test_loop_a_short_request_joins_mid_decode_and_finishes_first(tiny):
+    depths, rounds = [], []
+    loop = EngineLoop(tiny.engine, 0, max_rows=4, on_round=rounds.append, on_depth=lambda w, a: depths.append((w, a)))
+    long = Request(tiny, loop, 0).submit()
+    assert depths == [(1, 0)] and loop.waiting == 1
+    loop.run_once()
+    loop.run_once()  # the long request's prefill, then a round
+    assert depths[-1] == (0, 1) and loop.active == 1 and long.updates[-1][0] == 2
+    short = Request(tiny, loop, 1, max_tokens=4).submit()
+    loop.run_once()  # a round for the long one + the short one's prefill
+    assert short.updates[0][0] == 3 and short.updates[0][1].text  # its first token, at the next round
+    assert rounds[:3] == [1, 1, 2] and loop.active == 2
+    drain(loop)
+    assert short.done_at < long.done_at
+    for req, row, n in ((long, 0, TINY_TOKENS), (short, 1, 4)):  # every answer is the ar engine's greedy one
+        assert req.job.text.tokens == tiny.ar[row][:n] and req.text == tiny_text(tiny.ar[row][:n])
+        last = req.updates[-1][1]
+        assert last.finish_reason == "length" and last.usage["completion_tokens"] == n and last.stats["num_tokens"] == n
+    assert depths[-1] == (0, 0) and tiny.engine.num_rows == 0
+
+
+def test_loop_a_cancelled_request_frees_its_row_at_the_next_round(tiny):
+    loop = EngineLoop(tiny.engine, 0, max_rows=2)
+    a, b = Request(tiny, loop, 0).submit(), Request(tiny, loop, 1).submit()
+    loop.run_once()  # both prefilled: the loop is full
+    c = Request(tiny, loop, 2).submit()
+    gone = Request(tiny, loop, 3)
+    gone.job.cancelled = True  # its client left before it started
+    gone.submit()
+    loop.run_once()
+    assert loop.waiting == 1 and c.updates == []  # no room for c
+    assert [(n, u.error) for n, u in gone.updates] == [(1, "cancelled")]  # answered without decoding
+    a.job.cancelled = True
+    loop.run_once()  # a leaves, c takes its place at this very round
+    assert a.updates[-1][1].error == "cancelled" and a.done_at == 2
+    assert c.updates[0][0] == 3 and tiny.engine.num_rows == 2 and loop.active == 2
+    drain(loop)
+    assert b.job.text.tokens == tiny.ar[1] and c.job.text.tokens == tiny.ar[2]
+
+
+def test_loop_a_stop_string_ends_only_its_row(tiny):
+    ref = tiny.ar[0]
+    k = next(i for i in range(3, len(ref)) if ref[i] not in ref[:i])  # a token not seen before it
+    loop = EngineLoop(tiny.engine, 0, max_rows=4)
+    stopped = Request(tiny, loop, 0, stop=[f"<{ref[k]}>"]).submit()
+    other = Request(tiny, loop, 1).submit()
+    while stopped.done_at is None:
+        loop.run_once()
+    last = stopped.updates[-1][1]
+    assert last.finish_reason == "stop" and stopped.text == tiny_text(ref[:k]) + " "
+    assert tiny.engine.num_rows == 2  # finished: it leaves at the next round
+    loop.run_once()
+    assert tiny.engine.num_rows == 1 and other.done_at is None
+    drain(loop)
+    assert other.job.text.tokens == tiny.ar[1] and other.updates[-1][1].finish_reason == "length"
+
+
+def test_loop_an_engine_failure_fails_its_rows_and_goes_on(tiny, monkeypatch):
+    loop = EngineLoop(tiny.engine, 0, max_rows=4)
+    a, b = Request(tiny, loop, 0).submit(), Request(tiny, loop, 1).submit()
+    loop.run_once()
+    step = tiny.engine.step
+
+    def boom():
+        monkeypatch.setattr(tiny.engine, "step", step)  # fails once
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(tiny.engine, "step", boom)
+    loop.run_once()
+    assert [r.updates[-1][1].error for r in (a, b)] == ["RuntimeError: boom"] * 2
+    assert tiny.engine.num_rows == 0 and loop.active == 0  # the engine was reset
+    c = Request(tiny, loop, 2, max_tokens=6).submit()
+    drain(loop)
+    assert c.job.text.tokens == tiny.ar[2][:6] and c.updates[-1][1].finish_reason == "length"
+
+
+def test_loop_static_mode_runs_each_batch_to_its_end(tiny):
+    loop = EngineLoop(tiny.engine, 0, max_rows=4, mode="static")
+    long = Request(tiny, loop, 0, max_tokens=10).submit()
+    loop.run_once()
+    short = Request(tiny, loop, 1, max_tokens=4).submit()
+    while long.done_at is None:
+        loop.run_once()
+    assert short.updates == [] and loop.waiting == 1  # it waits for the batch to end
+    drain(loop)
+    assert short.updates[0][0] > long.done_at
+    assert long.job.text.tokens == tiny.ar[0][:10] and short.job.text.tokens == tiny.ar[1][:4]
+
+
+def test_loop_thread_sleeps_while_idle_and_wakes_for_a_request(tiny):
+    loop = EngineLoop(tiny.engine, 0, max_rows=4)
+    iterations = []
+    run_once = loop.run_once
+    loop.run_once = lambda: (iterations.append(1), run_once())
+    thread = threading.Thread(target=loop.run, daemon=True)
+    thread.start()
+    try:
+        for row in (2, 3):  # the second arrives at an idle loop, which wakes for it
+            req = Request(tiny, loop, row, max_tokens=5).submit()
+            assert req.finished.wait(30)
+            assert req.job.text.tokens == tiny.ar[row][:5]
+            time.sleep(0.05)  # the row leaves the engine; then nothing is left to do
+            n = len(iterations)
+            time.sleep(0.3)
+            assert len(iterations) == n <= 8  # asleep on the condition variable, not spinning
+            iterations.clear()
+    finally:
+        loop.stop()
+        thread.join(10)
+    assert not thread.is_alive()
+
+
 # ----------------------------------------------------------------------------- batch runner (small demo)
 @pytest.fixture(scope="module")
 def runner(small_demo):
@@ -422,41 +634,14 @@ def test_runner_ends_cancelled_rows(runner, scenes):
 
 
 def test_runner_turns_engine_failures_into_row_errors(runner, scenes, monkeypatch):
-    def boom(**kw):
+    def boom():
         raise RuntimeError("boom")
 
     jobs = [job(runner, "describe the image.", scenes[:1], max_tokens=4) for _ in range(2)]
-    monkeypatch.setattr(runner.engine, "generate", boom)
+    monkeypatch.setattr(runner.engine, "step", boom)
     assert [last.error for _, last in run(runner, jobs)] == ["RuntimeError: boom"] * 2
-
-
-class FakeRunner:
-    """Finishes every job at once; records the engine batches."""
-
-    def __init__(self):
-        self.batches = []
-
-    def run(self, jobs, post):
-        self.batches.append([j.name for j in jobs])
-        post({i: RowUpdate(f"<{j.name}>", "stop") for i, j in enumerate(jobs)})
-
-
-def test_engine_queue_merges_waiting_groups():
-    from types import SimpleNamespace
-
-    runner, got = FakeRunner(), {}
-    queue = EngineQueue(runner, max_rows=3, on_batch=lambda n: got.setdefault("sizes", []).append(n))
-
-    def group(*names):
-        return [(SimpleNamespace(name=n), lambda u, n=n: got.setdefault(n, []).append(u.text)) for n in names]
-
-    for g in (group("a"), group("b", "c"), group("d", "e")):  # three arrival groups while the engine was busy
-        queue.submit(g)
-    queue.drain()  # the first drain takes everything waiting, max_rows at a time, oldest first
-    queue.drain()
-    queue.drain()  # one drain per submit: the later ones find nothing
-    assert runner.batches == [["a", "b", "c"], ["d", "e"]] and got["sizes"] == [3, 2]
-    assert {n: got[n] for n in "abcde"} == {n: [f"<{n}>"] for n in "abcde"}
+    monkeypatch.undo()
+    assert runner.engine.num_rows == 0  # reset: the next batch starts clean
 
 
 def test_prepare_refuses_bad_images_and_long_requests(runner, scenes):

@@ -1,6 +1,6 @@
 """The OpenAI endpoint live: Ray Serve on 127.0.0.1 (the session's Ray), the small demo model, the `openai`
 package as the client; plain, streamed and image requests, every class of bad request, 64 requests at 16
-concurrent, and the metrics on Ray's Prometheus endpoint."""
+concurrent, a request joining a running batch mid-decode, and the metrics on Ray's Prometheus endpoint."""
 
 from __future__ import annotations
 
@@ -82,8 +82,9 @@ def server(ray_local, small_demo, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def reference(small_demo, server):
-    """Greedy answers of the engine run in this process on the same weights (batch 1), per demo image."""
+def ar_answer(small_demo):
+    """``ar_answer(image_url, max_tokens)``: the greedy answer to QUESTION of the `ar` engine run in this process on
+    the same weights (batch 1)."""
     from actors.chat_runner import ChatRunner
     from actors.openai_protocol import parse_chat_request
     from actors.serve_config import ServeLimits
@@ -91,15 +92,22 @@ def reference(small_demo, server):
 
     demo, _ = small_demo
     runner = ChatRunner(SpecVLMEngine(demo.target, demo.draft, EngineConfig(mode="ar")), demo.processor, ServeLimits())
-    out = []
-    for url in server.images:
-        req = parse_chat_request(json.dumps({"messages": user(QUESTION, url), "max_tokens": 16, "temperature": 0})
-                                 .encode(), ServeLimits(), MODEL)  # fmt: skip
+
+    def answer(url: str, max_tokens: int = 16) -> str:
+        req = parse_chat_request(json.dumps({"messages": user(QUESTION, url), "max_tokens": max_tokens,
+                                             "temperature": 0}).encode(), ServeLimits(), MODEL)  # fmt: skip
         raw = base64.b64decode(url.split(",", 1)[1])
         texts: list[str] = []
-        runner.run([runner.prepare(req, [raw])], lambda ups, texts=texts: texts.extend(u.text for u in ups.values()))
-        out.append("".join(texts))
-    return out
+        runner.run([runner.prepare(req, [raw])], lambda ups: texts.extend(u.text for u in ups.values()))
+        return "".join(texts)
+
+    return answer
+
+
+@pytest.fixture(scope="module")
+def reference(server, ar_answer):
+    """Greedy 16-token answers of the `ar` engine, per demo image."""
+    return [ar_answer(url) for url in server.images]
 
 
 def ask(client, messages, **kw):
@@ -225,8 +233,56 @@ def test_64_requests_at_16_concurrent(server, reference):
     assert answers == [reference[i % 4] for i in range(64)], f"{time.perf_counter() - t0:.1f} s"
 
 
+def test_a_request_arriving_mid_decode_finishes_before_the_long_ones(server, ar_answer):
+    """Continuous batching: long streamed requests decode; a short one sent once the first long one has streamed
+    text joins the running batch at the next round and is answered before any long one ends. Every answer is
+    `ar`'s."""
+    n_long, long_tokens = 6, 64
+    long_refs = [ar_answer(server.images[i % 4], long_tokens) for i in range(n_long)]
+    short_ref = ar_answer(server.images[2], 4)
+    assert all(len(r.split()) > 20 for r in long_refs)  # the demo model talks on to max_tokens
+
+    async def main():
+        client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0, timeout=120)
+        decoding = asyncio.Event()
+
+        async def long(i):
+            parts = []
+            stream = await client.chat.completions.create(
+                model=MODEL, messages=user(QUESTION, server.images[i % 4]), max_tokens=long_tokens, temperature=0,
+                stream=True)  # fmt: skip
+            async for c in stream:
+                if c.choices and c.choices[0].delta.content:
+                    parts.append(c.choices[0].delta.content)
+                    decoding.set()
+            return "".join(parts), time.perf_counter()
+
+        async def short():
+            await decoding.wait()
+            t0 = time.perf_counter()
+            r = await ask_async(client, user(QUESTION, server.images[2]), max_tokens=4)
+            return r.choices[0].message.content, t0, time.perf_counter()
+
+        try:
+            return await asyncio.gather(short(), *(long(i) for i in range(n_long)))
+        finally:
+            await client.close()
+
+    (short_text, sent, answered), *longs = asyncio.run(main())
+    first_end = min(end for _, end in longs)
+    print(f"short request: answered {answered - sent:.2f} s after it was sent, {first_end - answered:.2f} s "
+          f"before the first of {n_long} long requests ended")  # fmt: skip
+    assert short_text == short_ref and [text for text, _ in longs] == long_refs
+    assert answered < first_end
+
+
+async def ask_async(client, messages, **kw):
+    return await client.chat.completions.create(model=MODEL, messages=messages,
+                                                **{"max_tokens": 16, "temperature": 0, **kw})  # fmt: skip
+
+
 def _batched_rows(text: str) -> tuple[float, float]:
-    """(batches of one row, all batches) from the batch_rows histogram."""
+    """(engine steps with one row, all engine steps) from the batch_rows histogram."""
 
     def value(prefix: str, needle: str = "") -> float:
         return sum(float(ln.split()[-1]) for ln in text.splitlines() if ln.startswith(prefix) and needle in ln)
@@ -237,9 +293,9 @@ def _batched_rows(text: str) -> tuple[float, float]:
 def test_metrics_are_exported(server, ray_local):
     port = next(n["MetricsExportPort"] for n in ray_local.nodes() if n["Alive"])
     names = [f"ray_specvlm_serve_{n}" for n in ("requests_total", "tokens_total", "accept_length",
-                                                "compressor_choices_total", "latency_s", "batch_rows")]  # fmt: skip
+             "compressor_choices_total", "latency_s", "batch_rows", "queue_depth", "active_rows")]  # fmt: skip
     deadline, text = time.monotonic() + 60, ""
-    while True:  # Ray exports every few seconds: wait until the 64-request test's batches show
+    while True:  # Ray exports every few seconds: wait until the 64-request test's engine steps show
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
         ones, batches = _batched_rows(text)
         if all(n in text for n in names) and ones < batches or time.monotonic() > deadline:
@@ -247,7 +303,7 @@ def test_metrics_are_exported(server, ray_local):
         time.sleep(2)
     assert not [n for n in names if n not in text]
     assert 'status="400"' in text and 'status="200"' in text and 'compressor="none"' in text
-    assert ones < batches, "no batch held more than one request"
+    assert ones < batches, "no engine step decoded more than one row"
 
 
 def test_replica_still_answers_correctly(server, reference):
