@@ -134,8 +134,8 @@ def resolve_model(
         family = DEMO_TARGETS[model.target]
         demo, dtype = Path(demo_root) if demo_root else demo_path(family), "float32"
         if not _demo_complete(demo):
-            flag = "" if family == "llava" else f" --family {family}"
-            hint = f"run `specvlm demo-model{flag}` (or `make demo-model{' FAMILY=' + family if flag else ''}`)"
+            hint = ("run `make demo-model` (or `specvlm demo-model --output DIR`)" if family == "llava" else
+                    f"run `make demo-model FAMILY={family}` (or `specvlm demo-model --family {family}`)")  # fmt: skip
             raise DemoNotBuiltError(f"no demo model in {demo}: {hint}")
         target = str(demo / "target")
         target_name = DEMO_NAME if family == "llava" else f"{DEMO_NAME}-{family}"

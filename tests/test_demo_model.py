@@ -155,3 +155,18 @@ def test_small_qwen_demo_builds_reads_videos_natively_and_benchmarks(tmp_path):
     assert any("prompt_lookup" in r["method"] for r in rows)
     spec = [r for r in rows if r["method"].startswith("specvlm") and r["task"] == "video"]
     assert spec and spec[0]["draft_visual_tokens"] < 72
+
+
+def test_a_build_from_before_the_family_field_still_counts(small_demo, tmp_path):
+    """Recipe fields added after a build (``family``) count as their defaults, so older rebuilds are reused."""
+    import shutil
+
+    demo, _ = small_demo
+    old = tmp_path / "old"
+    shutil.copytree(demo.path, old)
+    for f in old.glob("*metrics.json"):
+        m = json.loads(f.read_text())
+        m["recipe"].pop("family")
+        f.write_text(json.dumps(m))
+    assert is_built(old, DemoRecipe().small())
+    assert not is_built(old, DemoRecipe.for_family("qwen2_5_vl").small())

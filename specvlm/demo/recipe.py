@@ -373,7 +373,10 @@ def _stage(out: Path, name: str, recipe: DemoRecipe) -> dict | None:
         return None
     metrics = json.loads(done.read_text())
     stored = metrics.get("recipe")
-    return metrics if stored is not None and _stage_key(stored, name) == _stage_key(asdict(recipe), name) else None
+    if stored is None:
+        return None
+    stored = {**asdict(DemoRecipe()), **stored}  # fields added since the build: it was made with their defaults
+    return metrics if _stage_key(stored, name) == _stage_key(asdict(recipe), name) else None
 
 
 def is_built(out: Path, recipe: DemoRecipe | None = None) -> bool:
