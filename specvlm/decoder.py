@@ -213,12 +213,19 @@ class RotaryTable:
     STATIC = ("default", "linear", "llama3")
 
     def __init__(self, rotary_emb, length: int, like: torch.Tensor):
-        self.rotary_emb = rotary_emb
+        self.rotary_emb, self.length, self._like = rotary_emb, length, like
         self.static = getattr(rotary_emb, "rope_type", "default") in self.STATIC
         if self.static:
             pos = torch.arange(length, device=like.device)[None]
             cos, sin = rotary_emb(like, pos)
             self.cos, self.sin = cos[0], sin[0]  # [S, d]
+
+    def covering(self, length: int) -> RotaryTable:
+        """This table if it covers positions ``[0, length)``, else a new one at least twice as long (the engine
+        grows its tables as rows with longer prompts or budgets join)."""
+        if length <= self.length:
+            return self
+        return RotaryTable(self.rotary_emb, max(length, 2 * self.length), self._like)
 
     def __call__(self, h: torch.Tensor, position_ids: torch.Tensor):
         """``(cos, sin)`` each ``[B, Q, d]`` for ``position_ids [B, Q]``, or ``[3, B, Q]`` (M-RoPE: the

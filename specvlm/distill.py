@@ -23,10 +23,8 @@ import torch.nn.functional as F
 from .decoder import causal_mask
 from .draft import EagleDraft
 from .engine import pooled_accept_length
-from .inputs import IGNORE_INDEX, encode, left_pad, pad_token_id, question_chat
+from .inputs import CONCAT_KEYS, IGNORE_INDEX, encode, left_pad, pad_token_id, question_chat
 from .target import TargetAdapter
-
-NOT_MEDIA = ("input_ids", "attention_mask", "pixel_values", "mm_token_type_ids")  # processor outputs besides media
 
 
 @dataclass
@@ -206,7 +204,7 @@ def collate(processor, samples: list[dict], responses: list[list[int]] | None = 
         responses = [tok(" " + s["response"].strip(), add_special_tokens=False).input_ids + [tok.eos_token_id]
                      for s in samples]  # fmt: skip
     prompts = [ids[mask.bool()].tolist() for ids, mask in zip(enc["input_ids"], enc["attention_mask"])]
-    media = {k: v for k, v in enc.items() if k not in NOT_MEDIA}
+    media = {k: enc[k] for k in CONCAT_KEYS if k in enc and k != "pixel_values"}
     return DistillBatch.from_padded(left_pad(prompts, pad_token_id(tok), responses), enc.get("pixel_values"), media)
 
 

@@ -34,18 +34,11 @@ class Drafter:
         self.hidden = torch.zeros(0, target.text_config.hidden_size, dtype=target.dtype, device=target.device)
         self.suppress = torch.zeros(target.lm_head.out_features, dtype=torch.float32, device=target.device)
         self.suppress[target.placeholder_ids] = float("-inf")  # [V] additive: placeholders are never proposed
-        self.rope: RotaryTable | None = None
-        self._rope_len = 0
+        self.rope: RotaryTable = draft.rotary_table(0, target.embed_tokens.weight)  # grown as rows join
         D = target.text_config.hidden_size
         self.lag_tokens = torch.zeros(0, 0, dtype=torch.long, device=target.device)  # [R, L] entries not yet run
         self.lag_feats = torch.zeros(0, 0, D, dtype=target.dtype, device=target.device)  # [R, L, D]
-        self.lag = [0] * 0  # per row: entries in the lag buffers (host)
-
-    def _rope_for(self, length: int, like: torch.Tensor) -> RotaryTable:
-        if length > self._rope_len:  # grown on demand (rows with longer prompts or budgets joined)
-            self._rope_len = max(length, 2 * self._rope_len)
-            self.rope = self.draft.rotary_table(self._rope_len, like)
-        return self.rope
+        self.lag: list[int] = []  # per row: entries in the lag buffers (host)
 
     def prefill(
         self,
@@ -83,7 +76,7 @@ class Drafter:
         start = self.kv.append_rows(N, T2 + slack)
         self.kv.set_window(start, start + N)
         self.kv.valid[:, :T2] = d_valid
-        rope = self._rope_for(max(self.kv.max_len, max_pos), embeds)
+        rope = self.rope = self.rope.covering(max(self.kv.max_len, max_pos))
         g = draft.decode(h, d_pos, self.kv.begin(T2, d_causal), self.kv, rope)  # [N, T', D]
         self.kv.advance(torch.full((N,), T2, device=dev))
         self.kv.set_window()

@@ -48,7 +48,6 @@ import torch
 from torch import nn
 
 from .config import EngineConfig, SamplingConfig, TreeConfig
-from .decoder import RotaryTable
 from .draft import EagleDraft
 from .drafter import Drafter
 from .target import Prompt, TargetAdapter
@@ -190,7 +189,7 @@ class SpecVLMEngine:
         self._queued: list[_Group] = []
         self._root = torch.zeros(0, dtype=torch.long, device=tgt.device)  # [R] last emitted token
         self._pos = torch.zeros(0, dtype=torch.long, device=tgt.device)  # [R] its position (every M-RoPE axis)
-        self._rope, self._rope_len = None, 0
+        self._rope = tgt.rotary_table(0)  # grown as rows join (`RotaryTable.covering`)
         self._next_rid = 0
 
     # ------------------------------------------------------------------ API
@@ -352,19 +351,14 @@ class SpecVLMEngine:
         if top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {top_k}")
 
-    def _rope_for(self, length: int) -> RotaryTable:
-        if length > self._rope_len:  # grown on demand (rows with longer prompts or budgets joined)
-            self._rope_len = max(length, 2 * self._rope_len)
-            self._rope = self.target.rotary_table(self._rope_len)
-        return self._rope
-
-    def _groups(self, rows: list[_Row]) -> dict[tuple, list[int]]:
-        """Row indices by sampling distribution settings (one `process_logits` call per group)."""
+    def _groups(self, rows: list[_Row]) -> dict[tuple, list[int] | slice]:
+        """Row indices by sampling distribution settings (one `process_logits` call per group); one group
+        over every row (the usual case) is ``slice(None)``, so its tensors are views, not copies."""
         out: dict[tuple, list[int]] = {}
         for i, r in enumerate(rows):
             s = r.sampling
             out.setdefault((s.temperature, s.top_k, s.top_p), []).append(i)
-        return out
+        return {key: slice(None) for key in out} if len(out) == 1 else out
 
     def _choose(self, logits: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
         """``[R, V]`` logits -> ``[R]`` next tokens, each row under its own settings and generator."""
@@ -374,7 +368,7 @@ class SpecVLMEngine:
             if temp == 0:
                 out[idx] = probs.argmax(-1)
                 continue
-            for j, i in enumerate(idx):
+            for j, i in enumerate(range(len(rows)) if isinstance(idx, slice) else idx):
                 out[i] = sample(probs[j : j + 1], rows[i].generator)[0]
         return out
 
@@ -389,10 +383,12 @@ class SpecVLMEngine:
             probs = process_logits(logits[idx], temp, top_k, top_p, self.target.placeholder_ids)
             parts = []
             if temp == 0:
-                parts.append((idx, greedy_accept(tree.select(idx), probs.argmax(-1))))
+                sub = tree if isinstance(idx, slice) else tree.select(idx)
+                parts.append((idx, greedy_accept(sub, probs.argmax(-1))))
             else:  # one row at a time: each row draws from its own generator
+                members = range(R) if isinstance(idx, slice) else idx
                 parts += [([i], sample_accept(tree.select([i]), probs[j : j + 1], rows[i].generator))
-                          for j, i in enumerate(idx)]  # fmt: skip
+                          for j, i in enumerate(members)]  # fmt: skip
             for at, (p, n, b) in parts:
                 path[at, : p.shape[1]] = p
                 n_acc[at], bonus[at] = n, b
@@ -413,7 +409,7 @@ class SpecVLMEngine:
         causal = torch.ones(T, T, dtype=torch.bool, device=ids.device).tril()[None] & mask[:, None, :]  # [N, T, T]
         pos = prompt.next_position  # [N] position of each row's first generated token
         max_pos = max(self.kv.max_len, int(pos.max()) + extra)  # M-RoPE positions may run past the slots
-        rope = self._rope_for(max_pos)
+        rope = self._rope = self._rope.covering(max_pos)
         feats = tgt.forward(prompt.embeds, prompt.positions, self.kv.begin(T, causal), self.kv, rope, prompt.deepstack)
         self.kv.advance(torch.full((N,), T, device=ids.device))
         self.kv.set_window()

@@ -116,7 +116,8 @@ class SlotKVCache(Cache):
         row at its new place ``[0, len(keep))``. A dropped row's place takes the last kept row beyond it."""
         n = len(keep)
         order = list(keep)
-        holes = [i for i in range(n) if i not in set(keep)]
+        kept = set(keep)
+        holes = [i for i in range(n) if i not in kept]
         movers = [r for r in keep if r >= n]
         if holes:
             src, dst = (

@@ -38,8 +38,8 @@ def trained_qwen_pair():
     """A float32 tiny Qwen2.5-VL, a draft distilled on its greedy outputs over image, video and text-only
     prompts, and the distillation's per-step losses."""
     from specvlm import EagleDraft, EngineConfig, SpecVLMEngine
-    from specvlm.distill import NOT_MEDIA, DistillBatch, distill_step, make_optimizer
-    from specvlm.inputs import left_pad
+    from specvlm.distill import DistillBatch, distill_step, make_optimizer
+    from specvlm.inputs import CONCAT_KEYS, left_pad
     from specvlm.target import TargetAdapter
     from specvlm.tiny import PAD, tiny_qwen, tiny_qwen_inputs
 
@@ -54,7 +54,7 @@ def trained_qwen_pair():
         inp = tiny_qwen_inputs(model, rows, seed=100 + s)
         seqs = ar.generate(**inp, max_new_tokens=24).sequences
         prompts = [ids[mask.bool()].tolist() for ids, mask in zip(inp["input_ids"], inp["attention_mask"])]
-        rest = {k: v for k, v in inp.items() if k not in NOT_MEDIA}
+        rest = {k: inp[k] for k in CONCAT_KEYS if k in inp and k != "pixel_values"}
         batches.append(DistillBatch.from_padded(left_pad(prompts, PAD, seqs), inp.get("pixel_values"), rest))
     draft = EagleDraft.from_target(model, seed=0)
     target = TargetAdapter(model)
