@@ -31,7 +31,7 @@ class Drafter:
     def __init__(self, draft: EagleDraft, target: TargetAdapter, compress: bool):
         self.draft, self.target, self.compress = draft, target, compress
         self.kv = SlotKVCache(1, 0, target.num_kv_heads, target.head_dim, 0, target.dtype, target.device)
-        self.hidden = torch.zeros(0, target.text_config.hidden_size, dtype=target.dtype, device=target.device)
+        self.hidden = torch.zeros(0, target.text_config.hidden_size, dtype=target.dtype, device=target.device)  # [R, D]
         self.suppress = torch.zeros(target.lm_head.out_features, dtype=torch.float32, device=target.device)
         self.suppress[target.placeholder_ids] = float("-inf")  # [V] additive: placeholders are never proposed
         self.rope: RotaryTable = draft.rotary_table(0, target.embed_tokens.weight)  # grown as rows join
@@ -82,8 +82,10 @@ class Drafter:
         self.kv.set_window()
         self.hidden = torch.cat([self.hidden, g[:, -1]])  # [R, D]
         L = self.lag_tokens.shape[1]
-        self.lag_tokens = torch.cat([self.lag_tokens, self.lag_tokens.new_zeros(N, L)])
-        self.lag_feats = torch.cat([self.lag_feats, self.lag_feats.new_zeros(N, L, self.lag_feats.shape[2])])
+        self.lag_tokens = torch.cat([self.lag_tokens, self.lag_tokens.new_zeros(N, L)])  # [R, L]
+        self.lag_feats = torch.cat(
+            [self.lag_feats, self.lag_feats.new_zeros(N, L, self.lag_feats.shape[2])]
+        )  # [R, L, D]
         self.lag += [0] * N
         return visual, choices
 
@@ -95,7 +97,7 @@ class Drafter:
             self.lag_tokens = torch.cat([self.lag_tokens, self.lag_tokens.new_zeros(R, max(L, 8))], 1)
             self.lag_feats = torch.cat([self.lag_feats, self.lag_feats.new_zeros(R, max(L, 8), feats.shape[-1])], 1)
         rows = torch.arange(R, device=feats.device)
-        at = torch.tensor(self.lag, device=feats.device)
+        at = torch.tensor(self.lag, device=feats.device)  # [R] each row's next free lag slot
         self.lag_tokens[rows, at] = next_tokens
         self.lag_feats[rows, at] = feats.to(self.lag_feats.dtype)
         self.lag = [n + 1 for n in self.lag]
@@ -134,7 +136,7 @@ class Drafter:
     def keep_rows(self, keep: list[int]) -> None:
         """Drop the rows not in ``keep``, as the target's pool does (`SlotKVCache.keep_rows`)."""
         order = self.kv.keep_rows(keep)
-        idx = torch.tensor(order, dtype=torch.long, device=self.hidden.device)
+        idx = torch.tensor(order, dtype=torch.long, device=self.hidden.device)  # [R'] old row of each new place
         self.hidden = self.hidden[idx]
         self.lag_tokens, self.lag_feats = self.lag_tokens[idx], self.lag_feats[idx]
         self.lag = [self.lag[i] for i in order]

@@ -362,7 +362,7 @@ class SpecVLMEngine:
 
     def _choose(self, logits: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
         """``[R, V]`` logits -> ``[R]`` next tokens, each row under its own settings and generator."""
-        out = torch.empty(len(rows), dtype=torch.long, device=logits.device)
+        out = torch.empty(len(rows), dtype=torch.long, device=logits.device)  # [R]
         for (temp, top_k, top_p), idx in self._groups(rows).items():
             probs = process_logits(logits[idx], temp, top_k, top_p, self.target.placeholder_ids)
             if temp == 0:
@@ -376,9 +376,9 @@ class SpecVLMEngine:
         """Per row: greedy or speculative-sampling acceptance over its tree (``logits [R, K, V]``)."""
         R, dev = len(rows), logits.device
         A = int(tree.depth.max()) + 1
-        path = torch.zeros(R, A, dtype=torch.long, device=dev)
-        n_acc = torch.ones(R, dtype=torch.long, device=dev)
-        bonus = torch.zeros(R, dtype=torch.long, device=dev)
+        path = torch.zeros(R, A, dtype=torch.long, device=dev)  # [R, A] accepted node indices, root first
+        n_acc = torch.ones(R, dtype=torch.long, device=dev)  # [R] nodes accepted, root included
+        bonus = torch.zeros(R, dtype=torch.long, device=dev)  # [R] the target's token after the path
         for (temp, top_k, top_p), idx in self._groups(rows).items():
             probs = process_logits(logits[idx], temp, top_k, top_p, self.target.placeholder_ids)
             parts = []
@@ -420,8 +420,8 @@ class SpecVLMEngine:
             visual, choices = self.drafter.prefill(prompt, ids, mask, feats, root, causal, trees, budget, max_pos)
         draft_ms = clock.lap()
         self._live += group.rows
-        self._root = torch.cat([self._root, root])
-        self._pos = torch.cat([self._pos, pos])
+        self._root = torch.cat([self._root, root])  # [R]
+        self._pos = torch.cat([self._pos, pos])  # [R]
         for i, row in enumerate(group.rows):
             st = row.stats
             st.prefill_ms, st.draft_prefill_ms = target_ms + draft_ms, draft_ms
@@ -438,7 +438,7 @@ class SpecVLMEngine:
         tgt, rows = self.target, self._live
         R, dev = len(rows), self._root.device
         clock = _Clock(dev)
-        one = torch.ones(R, 1, 1, dtype=torch.bool, device=dev)
+        one = torch.ones(R, 1, 1, dtype=torch.bool, device=dev)  # [R, Q=1, 1] each token sees itself
         f = tgt.forward(tgt.embed_tokens(self._root[:, None]), self._pos[:, None], self.kv.begin(1, one), self.kv,
                         self._rope)  # fmt: skip  # [R, 1, D]
         self.kv.advance(torch.ones(R, dtype=torch.long, device=dev))
