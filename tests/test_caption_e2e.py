@@ -77,6 +77,19 @@ def test_s3_in_and_out_with_forbidden_and_bad_objects(ray_head, moto_s3, job_yam
     assert cio.read_output(f"s3://{b}/e2e/out", columns=["id"]).num_rows == 6
 
 
+def _a_part_reads(out: Path) -> bool:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for path in out.glob("[!_]*.parquet"):
+        try:
+            pq.read_table(path, columns=["id"])
+            return True
+        except (pa.ArrowException, OSError):  # still being written
+            pass
+    return False
+
+
 def test_killed_driver_then_rerun_finishes_the_rest(ray_head, ray_local, job_yaml, tmp_path):
     from pipelines.caption import CaptionJobConfig, run
     from specvlm.config import load_config
@@ -90,7 +103,8 @@ def test_killed_driver_then_rerun_finishes_the_rest(ray_head, ray_local, job_yam
     proc = cli(["--config", str(job_yaml), "--input", str(src), "--output", str(out), "--batch-size", "2"], env,
                start_new_session=True)  # fmt: skip
     deadline = time.monotonic() + 240
-    while not list(out.glob("*.parquet")) and proc.poll() is None and time.monotonic() < deadline:
+    # Kill once a part file is complete (a file that merely exists may be half-written, and is then redone).
+    while not _a_part_reads(out) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
     os.killpg(proc.pid, signal.SIGKILL)  # the driver (its own process group), mid-job
     proc.communicate()
