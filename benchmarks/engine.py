@@ -9,10 +9,10 @@ Run with ``make bench`` / ``specvlm bench engine`` / ``python -m benchmarks.engi
    the time split, so the speedup can be explained by the cost model in
    DESIGN.md.
 2. Batch sweep on the demo model (``--sweep``): tokens/s at batch 1, 2, 4, 8,
-   16 for ``ar``, ``eagle`` on the CPU tree, and the batch-aware table
-   (`EngineConfig.batch_trees`) that this run's own crossover gives: the
-   smallest batch where ``ar`` beat ``eagle`` switches speculation off. Rounds
-   interleave the three methods; medians with their range.
+   16 for ``ar``, ``eagle`` on the CPU tree, and the batch-aware policy
+   (``batch_trees: auto``, `specvlm.policy.AutoPolicy`: step costs timed at
+   start-up, accept length learned from its own rounds). Rounds interleave
+   the three methods; medians with their range.
 """
 
 from __future__ import annotations
@@ -98,13 +98,13 @@ def run(batch_sizes=(1, 8), max_new_tokens: int = 64, repeats: int = 3, tree: Tr
 SWEEP_COLS = ["batch", "method", "tokens_per_s", "tokens_per_s_range", "accept_length", "identical_to_ar"]
 
 
-def sweep(batch_sizes=(1, 2, 4, 8, 16), max_new_tokens: int = 48, rounds: int = 3) -> tuple[list[dict], int | None]:
+def sweep(batch_sizes=(1, 2, 4, 8, 16), max_new_tokens: int = 48, rounds: int = 3) -> tuple[list[dict], dict]:
     """Demo model, greedy captions, questions and videos: tokens/s per batch size for ar, eagle (CPU tree) and
-    the batch-aware table from this run's crossover; returns the rows and the crossover batch (None: none).
+    the auto batch-aware policy; returns the rows and the policy's state at the end (`AutoPolicy.describe`).
 
-    Every batch size decodes the same 16 inputs (in batches of B); a calibration pass (one run of ar and
-    eagle per size) finds the crossover, then ``rounds`` rounds run the three methods back to back per batch
-    size (interleaved, the first one rotating) and the table quotes each method's median and range.
+    Every batch size decodes the same 16 inputs (in batches of B); ``rounds`` rounds run the three methods
+    back to back per batch size (interleaved, the first one rotating) and the table quotes each method's
+    median and range. The policy's start-up calibration is not timed.
     """
     from specvlm.demo import load_demo
     from specvlm.demo.recipe import examples
@@ -116,6 +116,8 @@ def sweep(batch_sizes=(1, 2, 4, 8, 16), max_new_tokens: int = 48, rounds: int = 
               for B in batch_sizes}  # fmt: skip
     ar = SpecVLMEngine(demo.target, None, EngineConfig(mode="ar"))
     eagle = SpecVLMEngine(demo.target, demo.draft, EngineConfig(mode="eagle", tree=CPU_TREE))
+    auto = SpecVLMEngine(demo.target, demo.draft, EngineConfig(mode="eagle", tree=CPU_TREE, batch_trees="auto",
+                                                               auto_rows=tuple(batch_sizes)))  # fmt: skip
 
     def timed(engine, B):
         t0 = time.perf_counter()
@@ -126,12 +128,9 @@ def sweep(batch_sizes=(1, 2, 4, 8, 16), max_new_tokens: int = 48, rounds: int = 
             stats += out.stats
         return sum(len(q) for q in seqs) / (time.perf_counter() - t0), (seqs, stats)
 
-    for engine in (ar, eagle):
+    methods = {"ar": ar, "eagle": eagle, "batch-aware auto": auto}
+    for engine in methods.values():
         engine.generate(**inputs[batch_sizes[0]][0], max_new_tokens=4)  # warm-up
-    crossover = next((B for B in batch_sizes if timed(ar, B)[0] > timed(eagle, B)[0]), None)
-    table = {1: CPU_TREE} if crossover is None else {1: CPU_TREE, crossover: "off"}
-    policy = SpecVLMEngine(demo.target, demo.draft, EngineConfig(mode="eagle", tree=CPU_TREE, batch_trees=table))
-    methods = {"ar": ar, "eagle": eagle, "batch-aware": policy}
     rows = []
     for B in batch_sizes:
         tps = {name: [] for name in methods}
@@ -146,7 +145,7 @@ def sweep(batch_sizes=(1, 2, 4, 8, 16), max_new_tokens: int = 48, rounds: int = 
                              tokens_per_s_range=f"{min(tps[name]):.1f}-{max(tps[name]):.1f}",
                              accept_length=pooled_accept_length(outs[name][1]),
                              identical_to_ar=outs[name][0] == outs["ar"][0]))  # fmt: skip
-    return rows, crossover
+    return rows, auto.policy.describe()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -164,15 +163,16 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     if args.sweep:
         sizes = tuple(int(b) for b in args.sweep_sizes.split(","))
-        rows, crossover = sweep(sizes, args.max_new_tokens, args.repeats)
+        rows, policy = sweep(sizes, args.max_new_tokens, args.repeats)
+        costs = ", ".join(f"{c['rows']}: {c['ar_ms']:.1f} / {c['spec_ms']:.1f}" for c in policy["costs"])
         header = (f"## Batch sweep: demo model, CPU ({torch.get_num_threads()} threads), greedy, max "
-                  f"{args.max_new_tokens} new tokens, median of {args.repeats} runs (range); ar beat eagle from "
-                  f"batch {crossover} on (the batch-aware table switches speculation off there)")  # fmt: skip
+                  f"{args.max_new_tokens} new tokens, median of {args.repeats} runs (range). The auto policy "
+                  f"ended with accept length {policy['accept_length']:.2f} and plain decoding from "
+                  f"{policy['crossover'] or 'no measured'} rows on; its step costs (rows: plain ms / speculative "
+                  f"ms) {costs}")  # fmt: skip
         table = to_markdown(rows, SWEEP_COLS)
         print(header + "\n\n" + table)
-        write_results(
-            args.out, "engine-batching", header + "\n\n" + table + "\n", {"rows": rows, "crossover": crossover}
-        )
+        write_results(args.out, "engine-batching", header + "\n\n" + table + "\n", {"rows": rows, "policy": policy})
         return
     header = (
         f"## Engine: 8x512 random target, untrained draft, CPU ({torch.get_num_threads()} threads), "

@@ -179,21 +179,34 @@ class EngineConfig(StrictModel):
     tree: TreeConfig = Field(
         TreeConfig(), description="the draft tree: fields, or a preset name (cpu, paper); unused in mode ar"
     )
-    batch_trees: dict[int, TreeConfig | Literal["off"]] | None = Field(
+    batch_trees: dict[int, TreeConfig | Literal["off"]] | Literal["auto"] | None = Field(
         None,
         description="batch-aware speculation: live rows -> the tree a round uses from that many rows on (the "
         "largest key not above the rows; `tree` below the smallest), or 'off' for plain decoding (the draft "
-        "only follows along); e.g. {1: paper, 4: cpu, 16: off}. Outputs never depend on it",
+        "only follows along); e.g. {1: paper, 4: cpu, 16: off}. 'auto': `tree` while it pays, else plain "
+        "decoding, from step costs timed at start-up (specvlm.policy). Outputs never depend on it",
     )  # fmt: skip
+    auto_rows: tuple[int, ...] = Field(
+        (1, 2, 4, 8, 16, 32), min_length=1,
+        description="batch_trees auto: the live-row counts whose step costs are timed at start-up",
+    )  # fmt: skip
+    auto_accept_length: float = Field(
+        3.0, ge=1.0, description="batch_trees auto: tokens per round expected before any round was measured"
+    )
 
     @model_validator(mode="after")
     def _batch_trees(self):
-        if self.batch_trees is not None and any(k < 1 for k in self.batch_trees):
+        if isinstance(self.batch_trees, dict) and any(k < 1 for k in self.batch_trees):
             raise ValueError(f"batch_trees keys are live-row counts >= 1, got {sorted(self.batch_trees)}")
+        if any(r < 1 for r in self.auto_rows):
+            raise ValueError(f"auto_rows are live-row counts >= 1, got {list(self.auto_rows)}")
         return self
 
     def tree_for(self, rows: int) -> TreeConfig | None:
-        """The tree a round over ``rows`` live rows uses (None: no speculation this round)."""
+        """The tree a round over ``rows`` live rows uses by the `batch_trees` table (None: no speculation this
+        round); ``auto`` is decided by `specvlm.policy.AutoPolicy`, not here."""
+        if self.batch_trees == "auto":
+            raise ValueError("batch_trees 'auto' is decided by the engine's AutoPolicy")
         choice: TreeConfig | str = self.tree
         for at, tree in sorted((self.batch_trees or {}).items()):
             if rows >= at:
@@ -202,7 +215,8 @@ class EngineConfig(StrictModel):
 
     def trees(self) -> list[TreeConfig]:
         """Every tree a round may use (`tree` and the `batch_trees` entries)."""
-        return [self.tree] + [t for t in (self.batch_trees or {}).values() if t != "off"]
+        table = self.batch_trees if isinstance(self.batch_trees, dict) else {}
+        return [self.tree] + [t for t in table.values() if t != "off"]
 
 
 class ModelConfig(StrictModel):

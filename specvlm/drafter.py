@@ -78,7 +78,7 @@ class Drafter:
         self.kv.valid[:, :T2] = d_valid
         rope = self.rope = self.rope.covering(max(self.kv.max_len, max_pos))
         g = draft.decode(h, d_pos, self.kv.begin(T2, d_causal), self.kv, rope)  # [N, T', D]
-        self.kv.advance(torch.full((N,), T2, device=dev))
+        self.kv.advance(torch.full((N,), T2, device=dev), T2)
         self.kv.set_window()
         self.hidden = torch.cat([self.hidden, g[:, -1]])  # [R, D]
         L = self.lag_tokens.shape[1]
@@ -109,7 +109,7 @@ class Drafter:
             return
         n = torch.tensor(self.lag, device=pos.device)  # 0 for rows that joined since: nothing to catch up on
         L = max(self.lag)
-        self.catch_up(self.lag_tokens[:, :L], self.lag_feats[:, :L], n, pos - n)
+        self.catch_up(self.lag_tokens[:, :L], self.lag_feats[:, :L], n, pos - n, list(self.lag))
         self.lag = [0] * len(self.lag)
 
     def propose(self, root: torch.Tensor, pos: torch.Tensor, tree: TreeConfig) -> Tree:
@@ -120,16 +120,18 @@ class Drafter:
             self.suppress, self.rope, tree.depth_min_prob, tree.node_min_prob,
         )  # fmt: skip
 
-    def catch_up(self, next_tokens: torch.Tensor, feats: torch.Tensor, n: torch.Tensor, pos: torch.Tensor) -> None:
+    def catch_up(self, next_tokens: torch.Tensor, feats: torch.Tensor, n: torch.Tensor, pos: torch.Tensor,
+                 n_host: list[int]) -> None:  # fmt: skip
         """Commit each row's first ``n[b]`` new entries: entry a reads ``[embed(next_tokens[b, a]);
-        feats[b, a]]`` at position ``pos[b] + a`` (``[R, A]``, ``[R, A, D]``, ``[R]``, ``[R]``), one draft
-        forward; ``hidden`` becomes each row's output at its last committed entry (unchanged where n is 0)."""
+        feats[b, a]]`` at position ``pos[b] + a`` (``[R, A]``, ``[R, A, D]``, ``[R]``, ``[R]``; ``n_host``: ``n``
+        on the host), one draft forward; ``hidden`` becomes each row's output at its last committed entry
+        (unchanged where n is 0)."""
         R, A = next_tokens.shape
         tril = torch.ones(A, A, dtype=torch.bool, device=next_tokens.device).tril().expand(R, A, A)
         cpos = pos[:, None] + torch.arange(A, device=pos.device)  # [R, A]
         d = self.draft
         g = d(d.embed(next_tokens), feats, cpos, self.kv.begin(A, tril), self.kv, self.rope)  # [R, A, D]
-        self.kv.advance(n)
+        self.kv.advance(n, n_host)
         last = g.gather(1, (n - 1).clamp(min=0)[:, None, None].expand(-1, 1, g.shape[-1]))[:, 0]  # [R, D]
         self.hidden = torch.where((n > 0)[:, None], last, self.hidden)  # a row with nothing new keeps its state
 

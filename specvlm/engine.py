@@ -50,6 +50,7 @@ from torch import nn
 from .config import EngineConfig, SamplingConfig, TreeConfig
 from .draft import EagleDraft
 from .drafter import Drafter
+from .policy import AutoPolicy, StepCost, TablePolicy
 from .target import Prompt, TargetAdapter
 from .tree import Tree
 from .verify import greedy_accept, process_logits, sample, sample_accept
@@ -178,7 +179,11 @@ class SpecVLMEngine:
             draft.to(device=self.target.device, dtype=self.target.dtype).eval()
             draft.bind(self.target.embed_tokens, self.target.lm_head)
         self.draft = draft
+        self.policy: TablePolicy | AutoPolicy = TablePolicy(self.config)  # which tree each round uses
         self.reset()
+        if self.config.batch_trees == "auto" and mode != "ar":
+            costs = self.calibrate(self.config.auto_rows)
+            self.policy = AutoPolicy(self.config.tree, costs, self.config.auto_accept_length)
 
     def reset(self) -> None:
         """Drop every row (live and queued) and free the KV pools."""
@@ -252,7 +257,7 @@ class SpecVLMEngine:
         self._retire()
         emitted: dict[int, list[int]] = {}
         if self._live:
-            tree = None if self.drafter is None else self.config.tree_for(len(self._live))
+            tree = None if self.drafter is None else self.policy.tree_for(len(self._live))
             if tree is None:
                 self._ar_step(emitted)
             else:
@@ -319,6 +324,48 @@ class SpecVLMEngine:
         finally:
             self.reset()  # an error mid-way leaves no rows behind
         return GenerateOutput(seqs, stats)
+
+    @torch.inference_mode()
+    def calibrate(self, sizes: Iterable[int], prompt_tokens: int = 64, rounds: int = 5) -> list[StepCost]:
+        """Time one plain decoding step and one speculative round (`EngineConfig.tree`) at each of ``sizes``
+        live rows: synthetic text prompts of ``prompt_tokens`` random ordinary tokens, one warm-up then the
+        median of ``rounds`` (CUDA synchronised). The engine must be idle and is reset after each size."""
+        if self._live or self._queued:
+            raise RuntimeError("calibrate needs an idle engine")
+        if self.drafter is None:
+            raise ValueError("calibrate times speculative rounds: mode 'ar' has none")
+        tgt, tree = self.target, self.config.tree
+        special = {int(t) for t in tgt.placeholder_ids.tolist()} | set(tgt.eos_token_ids)
+        special |= {v for k, v in tgt.config.to_dict().items() if k.endswith("_token_id") and isinstance(v, int)}
+        vocab = tgt.lm_head.weight.shape[0]
+        ordinary = torch.tensor([t for t in range(vocab) if t not in special], dtype=torch.long)  # [V']
+        gen = torch.Generator().manual_seed(0)
+        budget = (rounds + 1) * (tree.depth + 2) + 1  # every timed round's and step's tokens fit each row's slots
+        costs = []
+        policy, self.policy = self.policy, TablePolicy(self.config)  # synthetic rounds teach the policy nothing
+        try:
+            for rows in sizes:
+                ids = ordinary[torch.randint(len(ordinary), (rows, prompt_tokens), generator=gen)]  # [R, T]
+                self.add(ids, sampling=SamplingConfig(max_new_tokens=budget))
+                try:
+                    self.step()  # the prefill
+                    spec = self._median_ms(lambda: self._spec_round({}, tree), rounds)
+                    ar = self._median_ms(lambda: self._ar_step({}), rounds)
+                finally:
+                    self.reset()
+                costs.append(StepCost(rows, ar, spec))
+        finally:
+            self.policy = policy
+        return costs
+
+    def _median_ms(self, fn: Callable[[], None], rounds: int) -> float:
+        fn()  # warm-up (and, after speculative rounds, the draft's lazy catch-up)
+        times = []
+        for _ in range(rounds):
+            clock = _Clock(self.target.device)
+            fn()
+            times.append(clock.lap())
+        return sorted(times)[len(times) // 2]
 
     # ------------------------------------------------------------ internals
     @staticmethod
@@ -396,7 +443,7 @@ class SpecVLMEngine:
 
     def _prefill(self, group: _Group, emitted: dict) -> None:
         """The target over the group's prompts (into new pool rows), each row's first token, the draft's prefill."""
-        tgt, trees = self.target, self.config.trees()
+        tgt, trees = self.target, self.policy.trees()
         clock = _Clock(tgt.device)
         prompt, ids, mask = group.prompt, group.input_ids, group.mask
         N, T = ids.shape
@@ -411,7 +458,7 @@ class SpecVLMEngine:
         max_pos = max(self.kv.max_len, int(pos.max()) + extra)  # M-RoPE positions may run past the slots
         rope = self._rope = self._rope.covering(max_pos)
         feats = tgt.forward(prompt.embeds, prompt.positions, self.kv.begin(T, causal), self.kv, rope, prompt.deepstack)
-        self.kv.advance(torch.full((N,), T, device=ids.device))
+        self.kv.advance(torch.full((N,), T, device=ids.device), T)
         self.kv.set_window()
         root = self._choose(tgt.logits(feats[:, -1]), group.rows)  # [N]
         target_ms = clock.lap() + group.prompt_ms
@@ -441,12 +488,13 @@ class SpecVLMEngine:
         one = torch.ones(R, 1, 1, dtype=torch.bool, device=dev)  # [R, Q=1, 1] each token sees itself
         f = tgt.forward(tgt.embed_tokens(self._root[:, None]), self._pos[:, None], self.kv.begin(1, one), self.kv,
                         self._rope)  # fmt: skip  # [R, 1, D]
-        self.kv.advance(torch.ones(R, dtype=torch.long, device=dev))
+        self.kv.advance(torch.ones(R, dtype=torch.long, device=dev), 1)
         root = self._choose(tgt.logits(f[:, 0]), rows)
         verify_ms = clock.lap()
         if self.drafter is not None:
             self.drafter.follow(root, f[:, 0])  # the draft catches up on these when speculation resumes
         self._root, self._pos = root, self._pos + 1
+        self.policy.observe(R, verify_ms, None)
         for r in rows:
             r.stats.target_forwards += 1
             r.stats.verify_ms += verify_ms
@@ -464,14 +512,15 @@ class SpecVLMEngine:
             tgt.embed_tokens(tree.tokens), pos[:, None] + tree.depth, mask4, self.kv, self._rope
         )  # [R, K, D]
         path, n_acc, bonus = self._accept(tree, tgt.logits(tf), rows)
-        self.kv.commit(path, n_acc)
+        n_list = n_acc.tolist()  # the round's one read-back the host needs: what each row emits
+        self.kv.commit(path, n_acc, n_list)
         verify_ms = clock.lap()
         # draft catch-up over the accepted path: entry a = (target feature of node a, the token after it)
         path_tokens = tree.tokens.gather(1, path)  # [R, A]
         nxt = torch.cat([path_tokens[:, 1:], path_tokens[:, :1]], dim=1)  # [R, A]
         nxt.scatter_(1, (n_acc - 1)[:, None], bonus[:, None])
         path_feats = tf.gather(1, path[..., None].expand(-1, -1, tf.shape[-1]))  # [R, A, D]
-        drafter.catch_up(nxt, path_feats, n_acc, pos)
+        drafter.catch_up(nxt, path_feats, n_acc, pos, n_list)
         self._pos = pos + n_acc
         self._root = bonus
         draft_ms += clock.lap()
@@ -481,7 +530,7 @@ class SpecVLMEngine:
             st.draft_forwards += tree.levels  # tree steps + the catch-up
             st.draft_ms += draft_ms
             st.verify_ms += verify_ms
-        n_list = n_acc.tolist()
+        self.policy.observe(len(rows), draft_ms + verify_ms, n_list)
         out = [toks[1:n] + [b] for toks, n, b in zip(path_tokens.tolist(), n_list, bonus.tolist())]
         self._emit(rows, out, emitted)
 

@@ -60,6 +60,7 @@ class SlotKVCache(Cache):
         self.keys = torch.zeros(shape, dtype=dtype, device=device)  # [L, B, H, S, D]
         self.values = torch.zeros(shape, dtype=dtype, device=device)  # [L, B, H, S, D]
         self._lengths = torch.zeros(batch_size, dtype=torch.long, device=device)  # [B]
+        self._host = [0] * batch_size  # the same lengths on the host: sizing a forward's mask reads no device value
         self._valid = torch.ones(batch_size, max_len, dtype=torch.bool, device=device)  # [B, S]
         self.max_len = max_len
         self.rows = batch_size  # live rows [0, rows)
@@ -76,9 +77,20 @@ class SlotKVCache(Cache):
         return self._lengths[self._win[0] : self._win[1]]
 
     @property
+    def host_lengths(self) -> list[int]:
+        """The window's committed slots, as `lengths` holds them, kept on the host."""
+        return self._host[self._win[0] : self._win[1]]
+
+    @property
     def valid(self) -> torch.Tensor:
         """``[W, S]`` non-padding slots of the window's rows (a view)."""
         return self._valid[self._win[0] : self._win[1]]
+
+    def set_lengths(self, lengths: torch.Tensor) -> None:
+        """Set the window's committed slots (``[W]``) on the device and the host alike."""
+        self.lengths.copy_(lengths)
+        a, b = self._win
+        self._host[a:b] = self.lengths.tolist()
 
     def set_window(self, start: int = 0, stop: int | None = None) -> None:
         """Run the next forwards over rows ``[start, stop)`` (default: every live row)."""
@@ -106,6 +118,7 @@ class SlotKVCache(Cache):
             self._arange = torch.arange(S2, device=lengths.device)
         start = self.rows
         self._lengths[start:need] = 0
+        self._host[start:] = [0] * n
         self._valid[start:need] = True
         self.rows = need
         self.set_window()
@@ -131,6 +144,7 @@ class SlotKVCache(Cache):
             order = list(range(n))
             for h, m in zip(holes, movers):
                 order[h] = m
+        self._host = [self._host[i] for i in order]
         self.rows = n
         self.set_window()
         return order
@@ -152,7 +166,7 @@ class SlotKVCache(Cache):
         assert tree_mask.shape == (B, q, P), (tree_mask.shape, (B, q, P))
         pending = self.lengths[:, None] + self._arange[:P]  # [B, P] slots of this round's writes
         self._slots = pending[:, offset:]  # [B, Q]
-        view = int(self.lengths.max()) + P
+        view = max(self.host_lengths, default=0) + P
         if view > self.max_len:
             raise RuntimeError(f"KV cache overflow: need {view} slots, have {self.max_len}")
         self._view_len = view
@@ -175,16 +189,27 @@ class SlotKVCache(Cache):
         return keys[:, :, :v], values[:, :, :v]
 
     # ----------------------------------------------------------------- commit
-    def advance(self, n: torch.Tensor) -> None:
-        """Keep the first ``n[b]`` pending slots of each row as written. n: ``[B]``."""
-        self.lengths.add_(n)
+    def _count(self, n: torch.Tensor, n_host: list[int] | int | None) -> None:
+        """Add ``n`` (``[B]``) to the window's host lengths: ``n_host`` is the caller's host copy of it (a list,
+        or one count for every row); without one, ``n`` is read back (a device-to-host sync)."""
+        a, b = self._win
+        if n_host is None:
+            n_host = n.tolist()
+        elif isinstance(n_host, int):
+            n_host = [n_host] * (b - a)
+        self._host[a:b] = [x + y for x, y in zip(self._host[a:b], n_host)]
 
-    def commit(self, path: torch.Tensor, n: torch.Tensor) -> None:
+    def advance(self, n: torch.Tensor, n_host: list[int] | int | None = None) -> None:
+        """Keep the first ``n[b]`` pending slots of each row as written. n: ``[B]``; n_host: see `_count`."""
+        self.lengths.add_(n)
+        self._count(n, n_host)
+
+    def commit(self, path: torch.Tensor, n: torch.Tensor, n_host: list[int] | None = None) -> None:
         """Keep accepted tree nodes: pending node ``path[b, a]`` moves to pending slot ``a``.
 
         path: ``[B, A]`` node indices relative to the pending region, ascending per
         row (a tree path: parents precede children, so ``path[b, a] >= a``);
-        entries at ``a >= n[b]`` are ignored. n: ``[B]`` accepted nodes per row.
+        entries at ``a >= n[b]`` are ignored. n: ``[B]`` accepted nodes per row; n_host: see `_count`.
         """
         B, A = path.shape
         L, _, H, _, D = self.keys.shape
@@ -199,10 +224,11 @@ class SlotKVCache(Cache):
         keys.scatter_(3, dst_idx, keys.gather(3, src_idx))
         values.scatter_(3, dst_idx, values.gather(3, src_idx))
         self.lengths.add_(n)
+        self._count(n, n_host)
 
     # HF Cache API bits that generic code may ask for.
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return int(self.lengths.max()) if self.lengths.numel() else 0
+        return max(self.host_lengths, default=0)
 
     def __len__(self) -> int:
         return self.keys.shape[0]

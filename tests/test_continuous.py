@@ -36,7 +36,7 @@ def _rows(inputs: dict) -> list[dict]:
 
 def _drive(engine, arrivals: dict[int, list[tuple[dict, SamplingConfig]]]) -> dict[int, list[int]]:
     """Step ``engine``; at step s add ``arrivals[s]`` (each a batch of rows with their settings); returns
-    each added row's tokens by the order it was added."""
+    each added row's tokens by the order it was added. Checks the pools' host lengths after every step."""
     seqs, order, s = {}, [], 0
     while s <= max(arrivals) or engine.num_rows:
         for batch, sampling in arrivals.get(s, []):
@@ -44,6 +44,8 @@ def _drive(engine, arrivals: dict[int, list[tuple[dict, SamplingConfig]]]) -> di
         event = engine.step()
         for rid, toks in event.tokens.items():
             seqs.setdefault(rid, []).extend(toks)
+        for kv in (engine.kv, *([engine.drafter.kv] if engine.drafter else [])):  # the host mirror holds
+            assert kv.host_lengths == kv.lengths.tolist()
         s += 1
     return [seqs.get(rid, []) for rid in order]
 
@@ -175,6 +177,49 @@ def test_batch_aware_trees_never_change_outputs(trained_pair):
     assert alone.stats[0]["accept_length"] > 1.2  # one row alone speculates (the trained draft accepts)
     with pytest.raises(ValueError, match="batch_trees"):
         parse_config({"batch_trees": {0: "off"}}, EngineConfig)
+
+
+def test_auto_policy_decides_from_costs_learns_accept_length_and_explores():
+    """`AutoPolicy`: speculate while a round's cost per expected token beats a plain step's; the accept
+    length and the costs at measured sizes follow the engine's rounds; an off size still speculates every
+    ``explore``-th round."""
+    from specvlm.policy import AutoPolicy, StepCost
+
+    tree = EngineConfig().tree
+    costs = [StepCost(1, 4.0, 10.0), StepCost(4, 5.0, 14.0), StepCost(16, 8.0, 40.0)]
+    policy = AutoPolicy(tree, costs, accept_length=3.0, explore=4)
+    assert [policy.speculates(r) for r in (1, 3, 4, 15, 16, 64)] == [True, True, True, True, False, False]
+    assert policy.crossover() == 16
+    assert [policy.tree_for(16) is not None for _ in range(8)] == [False, False, False, True] * 2
+    policy.observe(4, 14.0, [2, 2])  # the prior counts as one round: (3 + 2) / 2
+    assert policy.accept_length == pytest.approx(2.5) and policy.rounds == 1
+    assert not policy.speculates(4)  # 14 / 2.5 > 5
+    policy.observe(4, 5.0, None)  # a plain step at a measured size moves its cost
+    assert policy.costs[4].ar_ms == pytest.approx(5.0)
+    policy.observe(3, 99.0, None)  # not a measured size: no cost moves
+    assert [c.ar_ms for c in policy.costs.values()] == [4.0, 5.0, 8.0]
+    with pytest.raises(ValueError, match="at least one"):
+        AutoPolicy(tree, [], 3.0)
+
+
+def test_auto_batch_trees_calibrate_at_start_up_and_never_change_outputs(trained_pair):
+    """``batch_trees: auto`` times plain and speculative steps at each `auto_rows` size when the engine is
+    built (leaving it idle), and decodes exactly what ``ar`` does as rows join and leave."""
+    model, draft = trained_pair
+    cfg = EngineConfig(mode="eagle", tree="cpu", batch_trees="auto", auto_rows=(1, 2, 4))
+    engine = SpecVLMEngine(model, draft, cfg)
+    state = engine.policy.describe()
+    assert state["policy"] == "auto" and [c["rows"] for c in state["costs"]] == [1, 2, 4]
+    assert all(c["ar_ms"] > 0 and c["spec_ms"] > 0 for c in state["costs"]) and engine.num_rows == 0
+    inputs = tiny_inputs(model, [5, 9, 3, 7], seed=22)
+    ar = _engine(model, "ar").generate(**inputs, max_new_tokens=20).sequences
+    rows, budget = _rows(inputs), [SamplingConfig(max_new_tokens=20)]
+    arrivals = {0: [(collate(rows[:1], PAD), budget)], 2: [(collate(rows[1:], PAD), budget * 3)]}
+    assert _drive(engine, arrivals) == ar
+    with pytest.raises(ValueError, match="auto"):
+        cfg.tree_for(1)
+    with pytest.raises(ValueError, match="ar"):
+        _engine(model, "ar").calibrate([1])
 
 
 def test_draft_catches_up_on_rounds_without_speculation_in_one_forward():

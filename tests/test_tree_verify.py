@@ -140,7 +140,7 @@ def _cache(B=2, S=12):
 
 def test_kv_mask_prefix_padding_and_tree():
     kv = _cache()
-    kv.lengths[:] = torch.tensor([2, 3])
+    kv.set_lengths(torch.tensor([2, 3]))
     kv.valid[0, 0] = False  # row 0's first slot is left padding
     mask = kv.begin(2, torch.tensor([[[T, F], [T, T]]]).expand(2, 2, 2))
     seen = mask[:, 0] == 0  # [B, Q, V], V = 3 + 2
@@ -151,7 +151,7 @@ def test_kv_mask_prefix_padding_and_tree():
 
 def test_kv_update_and_commit_gather_accepted_path():
     kv = _cache()
-    kv.lengths[:] = torch.tensor([1, 2])
+    kv.set_lengths(torch.tensor([1, 2]))
     kv.begin(4, torch.ones(2, 4, 4, dtype=torch.bool))
     new = torch.arange(1, 9, dtype=torch.float64).view(2, 1, 4, 1)  # [B, H, Q, D]: row0 1..4, row1 5..8
     k, v = kv.update(new, -new, 0)
@@ -159,7 +159,7 @@ def test_kv_update_and_commit_gather_accepted_path():
     assert kv.keys[0, 0, 0, 1:5, 0].tolist() == [1, 2, 3, 4]
     assert kv.keys[0, 1, 0, 2:6, 0].tolist() == [5, 6, 7, 8]
     kv.commit(torch.tensor([[0, 2, 3], [0, 3, 0]]), torch.tensor([3, 2]))
-    assert kv.lengths.tolist() == [4, 4]
+    assert kv.lengths.tolist() == kv.host_lengths == [4, 4]
     assert kv.keys[0, 0, 0, 1:4, 0].tolist() == [1, 3, 4]
     assert kv.keys[0, 1, 0, 2:4, 0].tolist() == [5, 8]
     assert kv.values[0, 1, 0, 2:4, 0].tolist() == [-5, -8]
@@ -169,18 +169,18 @@ def test_kv_pool_rows_join_leave_and_overflow():
     """Rows leave by the last live rows moving into their places; rows join at the end (buffers grow); a
     window runs a forward over some rows only; the cache refuses to write past its slots."""
     kv = _cache(B=4, S=4)
-    kv.lengths[:] = torch.tensor([1, 2, 3, 4])
+    kv.set_lengths(torch.tensor([1, 2, 3, 4]))
     kv.keys[:, :, 0, 0, 0] = torch.tensor([10.0, 20.0, 30.0, 40.0])
     order = kv.keep_rows([0, 2, 3])
-    assert order == [0, 3, 2] and kv.rows == 3  # row 3 moved into row 1's place
+    assert order == [0, 3, 2] and kv.rows == 3 and kv.host_lengths == [1, 4, 3]  # row 3 moved into row 1's place
     assert kv.lengths.tolist() == [1, 4, 3] and kv.keys[0, :3, 0, 0, 0].tolist() == [10.0, 40.0, 30.0]
     start = kv.append_rows(3, max_len=6)
     assert start == 3 and kv.rows == 6 and kv.max_len == 6 and kv.keys.shape[1] >= 6
     assert kv.lengths.tolist() == [1, 4, 3, 0, 0, 0] and kv.keys[0, :3, 0, 0, 0].tolist() == [10.0, 40.0, 30.0]
     kv.set_window(3, 6)
     assert kv.lengths.shape == (3,)
-    kv.lengths.add_(1)  # a view: writes through to the pool
+    kv.advance(torch.ones(3, dtype=torch.long), 1)  # the window's rows only
     kv.set_window()
-    assert kv.lengths.tolist() == [1, 4, 3, 1, 1, 1]
+    assert kv.lengths.tolist() == kv.host_lengths == [1, 4, 3, 1, 1, 1]
     with pytest.raises(RuntimeError, match="overflow"):
         kv.begin(3, torch.ones(6, 3, 3, dtype=torch.bool))
