@@ -167,18 +167,7 @@ class SpecVLMEngine:
         self.target = TargetAdapter(model)
         model.eval()
         mode = self.config.mode
-        if mode in ("eagle", "specvlm"):
-            if draft is None:
-                raise ValueError(f"mode {mode!r} needs a draft: EagleDraft.from_target(model) or from_pretrained(dir)")
-            if mode == "specvlm" and draft.compressor is None:
-                raise ValueError(
-                    "mode 'specvlm' needs a draft with a visual compressor (distilled with `mode: specvlm`); "
-                    "this draft has none: use mode 'eagle'"
-                )
-            draft.check_fits(self.target)
-            draft.to(device=self.target.device, dtype=self.target.dtype).eval()
-            draft.bind(self.target.embed_tokens, self.target.lm_head)
-        self.draft = draft
+        self.draft = self._bind(draft) if mode != "ar" else draft
         self.policy: TablePolicy | AutoPolicy = TablePolicy(self.config)  # which tree each round uses
         self.reset()
         if self.config.batch_trees == "auto" and mode != "ar":
@@ -196,6 +185,32 @@ class SpecVLMEngine:
         self._pos = torch.zeros(0, dtype=torch.long, device=tgt.device)  # [R] its position (every M-RoPE axis)
         self._rope = tgt.rotary_table(0)  # grown as rows join (`RotaryTable.covering`)
         self._next_rid = 0
+
+    def _bind(self, draft: EagleDraft | None) -> EagleDraft:
+        """Check ``draft`` against the mode and the target, move it to the target's device and dtype, bind it."""
+        mode = self.config.mode
+        if draft is None:
+            raise ValueError(f"mode {mode!r} needs a draft: EagleDraft.from_target(model) or from_pretrained(dir)")
+        if mode == "specvlm" and draft.compressor is None:
+            raise ValueError(
+                "mode 'specvlm' needs a draft with a visual compressor (distilled with `mode: specvlm`); "
+                "this draft has none: use mode 'eagle'"
+            )
+        draft.check_fits(self.target)
+        draft.to(device=self.target.device, dtype=self.target.dtype).eval()
+        draft.bind(self.target.embed_tokens, self.target.lm_head)
+        return draft
+
+    def set_draft(self, draft: EagleDraft) -> None:
+        """Decode with ``draft`` from now on (a newer distilled version; the target stays loaded). The engine
+        must be idle: a live row's draft state (its KV, its last hidden) belongs to the draft that built it.
+        Outputs do not depend on the draft."""
+        if self.config.mode == "ar":
+            raise ValueError("mode 'ar' decodes without a draft")
+        if self._live or self._queued:
+            raise RuntimeError("set_draft needs an idle engine (step the rows it holds to the end first)")
+        self.draft = self._bind(draft)
+        self.reset()
 
     # ------------------------------------------------------------------ API
     @property

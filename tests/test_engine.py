@@ -280,3 +280,23 @@ def test_narrow_draft_round_trips_and_stays_lossless(tmp_path):
     inputs = tiny_inputs(model, [5, 11, 2], seed=7)
     out = _engine(model, "eagle", draft=again.double()).generate(**inputs, max_new_tokens=20)
     assert out.sequences == greedy_reference(model, inputs, 20)
+
+
+def test_set_draft_swaps_the_draft_between_batches(trained64):
+    """A newer draft replaces the running one while the engine is idle (the target stays); outputs stay the
+    target's, only accept length follows the draft. A busy engine or ``ar`` mode refuses."""
+    model, trained = trained64
+    inputs = tiny_inputs(model, [3, 7, 5, 4], seed=101)
+    ref = greedy_reference(model, inputs, 24)
+    engine = _engine(model, "eagle", draft=EagleDraft.from_target(model, seed=0))
+    weak = engine.generate(**inputs, max_new_tokens=24)
+    engine.set_draft(copy.deepcopy(trained))
+    strong = engine.generate(**inputs, max_new_tokens=24)
+    assert weak.sequences == strong.sequences == ref
+    accept = [sum(s["accept_length"] for s in out.stats) for out in (weak, strong)]
+    assert accept[1] > accept[0]
+    engine.add(**{k: v[:1] for k, v in inputs.items()})
+    with pytest.raises(RuntimeError, match="idle"):
+        engine.set_draft(trained)
+    with pytest.raises(ValueError, match="ar"):
+        _engine(model, "ar").set_draft(trained)
