@@ -56,7 +56,7 @@ from specvlm.config import (
 )
 from specvlm.loading import resolve_model
 
-from .distill_data import DemoData, ManifestData, build_datasets, chunks
+from .distill_data import CaptionOutputData, DemoData, ManifestData, build_datasets, chunks
 from .ray_cluster import add_address_flag, init_ray
 
 
@@ -75,7 +75,7 @@ class DistillJobConfig(StrictModel):
         "eagle", description="eagle: the draft alone; specvlm: the draft + elastic visual compressor, trained jointly"
     )
     compressor: CompressorConfig = Field(default_factory=CompressorConfig, description="mode specvlm: the compressor")
-    data: Annotated[DemoData | ManifestData, Field(discriminator="source")] = DemoData()
+    data: Annotated[DemoData | ManifestData | CaptionOutputData, Field(discriminator="source")] = DemoData()
     response_source: Literal["dataset", "target"] = Field(
         "target", description="train on the dataset's responses or on the target's own greedy output"
     )
@@ -337,6 +337,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, help="override workers")
     ap.add_argument("--max-steps", type=int, help="override max_steps")
     ap.add_argument("--output", help="override output")
+    ap.add_argument("--from-output", metavar="OUT", help="train on a caption job's output OUT (its captions are the "
+                    "target's own responses): data.source caption_output, response_source dataset")  # fmt: skip
     ap.add_argument("--print-config", action="store_true",
                     help="print the full config (defaults, --config and flags applied) as YAML and exit")  # fmt: skip
     add_address_flag(ap)
@@ -345,6 +347,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, DistillJobConfig) if args.config else DistillJobConfig()
         overrides = {"workers": args.workers, "max_steps": args.max_steps, "output": args.output}
         overrides = {k: v for k, v in overrides.items() if v is not None}
+        if args.from_output:
+            overrides |= {"data": {"source": "caption_output", "path": args.from_output}, "response_source": "dataset"}
         if overrides:
             cfg = parse_config({**cfg.model_dump(), **overrides}, DistillJobConfig, source="command line")
     except ConfigError as e:

@@ -1,4 +1,5 @@
-"""The distill job's data: where rows come from (`DemoData`, `ManifestData`) and how they are read.
+"""The distill job's data: where rows come from (`DemoData`, `ManifestData`, `CaptionOutputData`) and how they
+are read.
 
 Rows are ``{"image", "prompt", "response"}``: ``image`` holds encoded bytes or a URI (local path, relative
 ones resolved against the manifest's folder, or ``s3://``); `specvlm.distill.sample_from_row` decodes them
@@ -50,6 +51,40 @@ class ManifestData(StrictModel):
         return v if v is None else storage.check_manifest(v)
 
 
+class CaptionOutputData(StrictModel):
+    """A caption job's output (`specvlm distill --from-output OUT`): each captioned row is a training row, its
+    ``uri`` the image, its ``prompt`` the prompt and its ``caption`` the response, the target's own output.
+    Rows with an error, or whose media is no image a worker can read (a video, a member of a .tar shard), are
+    skipped."""
+
+    source: Literal["caption_output"]
+    path: str = Field(description="the caption job's output folder or s3:// prefix (its part files)")
+
+
+def caption_output_rows(batch):
+    """A caption output batch (``pyarrow``) -> manifest rows ``image, prompt, response`` of its captioned rows."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    ok = pc.and_(pc.is_null(batch["error"]), pc.invert(pc.is_null(batch["caption"])))
+    kept = batch.filter(ok)
+    return pa.table({"image": kept["uri"], "prompt": kept["prompt"], "response": kept["caption"]})
+
+
+def read_caption_output(uri: str):
+    """A Ray Dataset of a caption output's part files as manifest rows (`caption_output_rows`)."""
+    import ray.data
+
+    from pipelines import caption_io as cio
+
+    files = cio.output_files(uri)
+    if not files:
+        raise FileNotFoundError(f"no caption output part files under {uri}")
+    fs, _ = storage.filesystem(uri)
+    ds = ray.data.read_parquet(files, filesystem=fs).select_columns(["uri", "prompt", "caption", "error"])
+    return ds.map_batches(caption_output_rows, batch_format="pyarrow")
+
+
 def demo_rows(data: DemoData, num: int, seed: int) -> list[dict]:
     """``num`` ShapesWorld samples as rows ``{"image": PNG bytes, "prompt", "response"}``."""
     from specvlm.demo import ShapesWorld
@@ -94,7 +129,7 @@ def _absolute(row: dict, base: str | None) -> dict:
     return row
 
 
-def build_datasets(data: DemoData | ManifestData, need_response: bool, n_eval: int):
+def build_datasets(data: DemoData | ManifestData | CaptionOutputData, need_response: bool, n_eval: int):
     """``(train Ray Dataset, n_eval held-out eval rows, base folder for relative image paths or None)``;
     ``need_response``: manifest rows must have a ``response`` column."""
     import ray.data
@@ -102,6 +137,12 @@ def build_datasets(data: DemoData | ManifestData, need_response: bool, n_eval: i
     if isinstance(data, DemoData):
         train = ray.data.from_items(demo_rows(data, data.num_samples, data.seed))
         return train, demo_rows(data, n_eval, data.eval_seed), None
+    if isinstance(data, CaptionOutputData):  # URIs as the caption job resolved them: nothing is relative
+        train, base = read_caption_output(data.path), None
+        if n_eval == 0:
+            return train, [], base
+        train, held_out = train.train_test_split(test_size=n_eval)
+        return train, held_out.take_all(), base
     base = _local_base(data.path)
     train = read_manifest(data.path, need_response)
     if n_eval == 0:

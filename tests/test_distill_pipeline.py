@@ -195,6 +195,41 @@ def test_ray_train_run_checkpoints_skips_bad_rows_and_resumes(ray_local, tiny_ta
 
 
 @pytest.mark.slow
+def test_from_output_trains_on_a_caption_jobs_own_rows(ray_local, tiny_target_dir, manifest, tmp_path, capsys):
+    """``specvlm distill --from-output OUT``: a caption output's captioned rows are the training rows (uri,
+    prompt, caption as the response); error rows are left out, unreadable media are skipped rows."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from actors.captioner import OUTPUT_SCHEMA
+    from pipelines.distill import main
+
+    src = [json.loads(line) for line in manifest.read_text().splitlines()][2:]  # the good rows
+    rows = [{"id": r["image"], "uri": str(manifest.parent / r["image"]), "prompt": r["prompt"],
+             "caption": r["response"]} for r in src]  # fmt: skip
+    rows += [{"id": "bad.png", "uri": "bad.png", "prompt": "describe the image.", "error": "decode: bad"},
+             {"id": "clip.mp4", "uri": str(tmp_path / "clip.mp4"), "prompt": "describe the video.",
+              "caption": "a clip"}]  # fmt: skip
+    out = tmp_path / "captions"
+    out.mkdir()
+    pq.write_table(pa.Table.from_pylist(rows, schema=OUTPUT_SCHEMA), out / "run-0.parquet")
+    (out / "_summary.json").write_text("{}")
+    output = tmp_path / "distill"
+    argv = ["--from-output", str(out), "--max-steps", "2", "--output", str(output), "--workers", "1"]
+    assert main([*argv, "--print-config"]) == 0
+    printed = capsys.readouterr().out
+    assert "source: caption_output" in printed and "response_source: dataset" in printed
+    job = tmp_path / "job.yaml"
+    job.write_text(json.dumps({"model": {"target": str(tiny_target_dir)}, "batch_size": 4, "eval_samples": 0,
+                               "checkpoint_every": 2, "max_failures": 0}))  # fmt: skip
+    assert main([*argv, "--config", str(job)]) == 0
+    steps = _steps(output)
+    assert [r["step"] for r in steps] == [1, 2] and all(r["loss"] > 0 for r in steps)
+    with pytest.raises(SystemExit, match="max_steps"):
+        main(["--from-output", str(out), "--config", str(job), "--print-config", "--max-steps", "0"])
+
+
+@pytest.mark.slow
 def test_ray_train_specvlm_mode_trains_the_compressor(ray_local, tiny_qwen_dir, manifest, tmp_path):
     """mode specvlm on a Qwen2.5-VL target (M-RoPE positions, native-resolution grids): DDP over draft +
     compressor + gate (unused primitives allowed), gate stats logged, the target's own responses, the final
