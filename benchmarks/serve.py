@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> None:
     ol.add_argument("--open-loop", action="store_true", help="run the open-loop benchmark instead")
     ol.add_argument("--mode", default="eagle", help="the engine mode (default: the Serve config's)")
     ol.add_argument("--loads", default="0.5,0.8,1.0", help="arrival rates as fractions of the saturation rate")
-    ol.add_argument("--requests-per-point", type=int, default=400, help="requests per batching mode and load")
+    ol.add_argument("--requests-per-point", type=int, default=500, help="requests per batching mode and load")
     ol.add_argument("--bodies", type=int, default=64, help="distinct held-out questions (cycled, seeded order)")
     ol.add_argument("--max-tokens-choices", default="8,16,24,32,48", help="each question's max_tokens, drawn")
     ol.add_argument("--saturation-concurrency", type=int, help="closed-loop concurrency (default: 2x the batch)")
