@@ -13,7 +13,8 @@ latency, completion tokens/s, mean accept length, errors, and whether every answ
 
 ``--open-loop`` (`open_loop_main`, results in ``serve-open-loop.md``): static vs continuous batching under
 open-loop Poisson arrivals, streamed. One engine ``--mode``; held-out questions whose ``max_tokens`` are drawn
-from ``--max-tokens-choices`` (the demo model talks on to its budget, so rows end at different rounds). First
+from ``--max-tokens-choices`` (equal budgets would hide what continuous batching is for: rows ending at
+different rounds). First
 `ar` without batching answers every body (the reference); then the saturation rate: each batching mode's
 closed-loop throughput at ``--saturation-concurrency`` (2x the batch), continuous batching's in requests/s
 being the rate the loads scale. Then at 0.5x, 0.8x and 1.0x of it, ``--requests-per-point`` requests sent at
