@@ -291,7 +291,8 @@ def open_loop_main(args) -> None:
         with contextlib.suppress(Exception):
             serve.delete("bench")
         serve.run(build_app(cfg), name="bench", route_prefix="/", logging_config={"enable_access_log": False})
-        asyncio.run(closed_loop(url, bodies, order[:2], 1))  # warm-up
+        # warm-up: batches up to max_rows (the engine's buffers grow to their shapes) before anything is timed
+        asyncio.run(closed_loop(url, bodies, order[: 2 * max_rows], max_rows))
 
     rows, reference, rate = [], None, None
 
