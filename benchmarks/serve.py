@@ -10,6 +10,18 @@ starts) an async HTTP client sends held-out demo questions with their images as
 ``data:`` URLs at concurrency 1, 8 and 32 (greedy, ``max_tokens`` 32). Reports requests/s, p50/p99
 latency, completion tokens/s, mean accept length, errors, and whether every answer is identical to
 `ar` without batching (lossless under batching). Modes the engine cannot build yet are listed as skipped.
+
+``--open-loop`` (`open_loop_main`, results in ``serve-open-loop.md``): static vs continuous batching under
+open-loop Poisson arrivals, streamed. One engine ``--mode``; held-out questions whose ``max_tokens`` are drawn
+from ``--max-tokens-choices`` (equal budgets would hide what continuous batching is for: rows ending at
+different rounds). First
+`ar` without batching answers every body (the reference); then the saturation rate: each batching mode's
+closed-loop throughput at ``--saturation-concurrency`` (2x the batch), continuous batching's in requests/s
+being the rate the loads scale. Then at 0.5x, 0.8x and 1.0x of it, ``--requests-per-point`` requests sent at
+seeded exponential gaps (the same schedule and bodies for both modes), each mode deployed in turn so the
+order alternates between load points (C S, S C, C S). Reports time to first token and end-to-end
+p50/p99 (from each request's scheduled arrival), achieved requests/s and tokens/s, errors by status, and
+whether every answer equals `ar`'s.
 """
 
 from __future__ import annotations
@@ -17,8 +29,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import io
 import os
+import random
 import socket
 import statistics
 import time
@@ -28,6 +42,9 @@ from benchmarks.report import RESULTS, to_markdown, write_results
 
 COLS = ["mode", "batching", "concurrency", "requests", "requests_per_s", "p50_ms", "p99_ms", "tokens_per_s",
         "accept_length", "errors", "identical_to_ar"]  # fmt: skip
+OPEN_COLS = ["run", "batching", "load", "offered_per_s", "requests", "ttft_p50_ms", "ttft_p99_ms", "e2e_p50_ms",
+             "e2e_p99_ms", "requests_per_s", "tokens_per_s", "errors", "identical_to_ar",
+             "send_lag_p99_ms"]  # fmt: skip
 
 
 def free_port() -> int:
@@ -36,23 +53,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def requests_for(n: int, max_tokens: int) -> list[dict]:
-    """``n`` held-out demo questions (captions, QA, tiled videos) as chat request bodies."""
+def requests_for(n: int, max_tokens: int | list[int]) -> list[dict]:
+    """``n`` held-out demo questions (captions, QA, tiled videos) as chat request bodies; ``max_tokens`` one
+    budget for all, or one per body."""
     from specvlm.demo.recipe import examples
 
+    budgets = max_tokens if isinstance(max_tokens, list) else [max_tokens] * n
     out = []
-    for s in examples(seed=777, n=n, p_video=0.25, p_qa=0.35):
+    for s, budget in zip(examples(seed=777, n=n, p_video=0.25, p_qa=0.35), budgets):
         buf = io.BytesIO()
         s["image"].save(buf, format="PNG")
         url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
         content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": s["prompt"]}]
-        out.append({"messages": [{"role": "user", "content": content}], "max_tokens": max_tokens, "temperature": 0})
+        out.append({"messages": [{"role": "user", "content": content}], "max_tokens": budget, "temperature": 0})
     return out
 
 
 async def load(url: str, bodies: list[dict], n: int, concurrency: int) -> dict:
     """``n`` requests (cycling over ``bodies``) with at most ``concurrency`` in flight."""
     import httpx
+
+    from benchmarks.open_loop import percentile
 
     gate = asyncio.Semaphore(concurrency)
     lat, answers, tokens, accept, errors = [], {}, 0, [], 0
@@ -76,9 +97,8 @@ async def load(url: str, bodies: list[dict], n: int, concurrency: int) -> dict:
         t0 = time.perf_counter()
         await asyncio.gather(*(one(i) for i in range(n)))
         wall = time.perf_counter() - t0
-    lat.sort()
-    return dict(requests=n, requests_per_s=n / wall, p50_ms=1e3 * lat[len(lat) // 2],
-                p99_ms=1e3 * lat[min(len(lat) - 1, round(0.99 * (len(lat) - 1)))], tokens_per_s=tokens / wall,
+    return dict(requests=n, requests_per_s=n / wall, p50_ms=1e3 * percentile(lat, 0.5),
+                p99_ms=1e3 * percentile(lat, 0.99), tokens_per_s=tokens / wall,
                 accept_length=statistics.mean(accept) if accept else float("nan"), errors=errors,
                 answers=answers)  # fmt: skip
 
@@ -98,6 +118,54 @@ def available_modes(model_cfg, modes: list[str]) -> dict[str, str | None]:
     return out
 
 
+def app_config(model: dict, mode: str, batching: dict, actor: dict, slots: int) -> dict:
+    """The benchmark's `ServeAppConfig` args: ``mode`` with the CPU tree of configs/serve.yaml, one replica with
+    ``slots`` ongoing requests."""
+    from actors.serve_config import ServeAppConfig
+
+    engine = {**ServeAppConfig().engine.model_dump(), "mode": mode}
+    deployment = {"max_ongoing_requests": slots, "ray_actor_options": actor}
+    return {"model": model, "served_model_name": "bench", "engine": engine, "deployment": deployment,
+            "batching": batching}  # fmt: skip
+
+
+@contextlib.contextmanager
+def local_serve(cpus: int):
+    """A local Ray on loopback with Serve's HTTP proxy on a free port; yields the chat completions URL."""
+    import ray
+    from ray import serve
+
+    ray.init(num_cpus=cpus, include_dashboard=False, _node_ip_address="127.0.0.1")
+    port = free_port()
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        yield f"http://127.0.0.1:{port}/v1/chat/completions"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def replica_options() -> tuple[dict, int]:
+    """The replica's ``ray_actor_options`` and this machine's CPU count: a GPU, else every core but one (the
+    replica leaves a core to Serve's proxy and this process's HTTP client)."""
+    import torch
+
+    cpus = os.cpu_count() or 1
+    return ({"num_gpus": 1} if torch.cuda.is_available() else {"num_cpus": max(1, cpus - 1)}), cpus
+
+
+def machine() -> str:
+    """The CPU model (and GPU) this runs on, for table headers."""
+    import torch
+
+    name = ""
+    with contextlib.suppress(OSError):
+        name = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                     if ln.startswith("model name")), "")  # fmt: skip
+    cpu = f"{os.cpu_count()} CPU threads" + (f" ({name})" if name else "")
+    return cpu + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="specvlm bench serve", description=__doc__.splitlines()[0])
     ap.add_argument("--model-dir", help="a demo folder with target/ and draft/ (default: the built demo model)")
@@ -108,40 +176,39 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-batch-size", type=int, default=16)
     ap.add_argument("--batching", default="continuous,static", help="batching modes run at --max-batch-size")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ol = ap.add_argument_group("open loop (--open-loop: static vs continuous batching, Poisson arrivals, streamed)")
+    ol.add_argument("--open-loop", action="store_true", help="run the open-loop benchmark instead")
+    ol.add_argument("--mode", default="eagle", help="the engine mode (default: the Serve config's)")
+    ol.add_argument("--loads", default="0.5,0.8,1.0", help="arrival rates as fractions of the saturation rate")
+    ol.add_argument("--requests-per-point", type=int, default=500, help="requests per batching mode and load")
+    ol.add_argument("--bodies", type=int, default=64, help="distinct held-out questions (cycled, seeded order)")
+    ol.add_argument("--max-tokens-choices", default="8,16,24,32,48", help="each question's max_tokens, drawn")
+    ol.add_argument("--saturation-concurrency", type=int, help="closed-loop concurrency (default: 2x the batch)")
+    ol.add_argument("--saturation-requests", type=int, default=128, help="closed-loop requests per batching mode")
+    ol.add_argument("--seed", type=int, default=0, help="arrival times, question order and budgets")
     args = ap.parse_args(argv)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if args.open_loop:
+        return open_loop_main(args)
 
-    import ray
     from ray import serve
 
     from actors.serve_config import ServeAppConfig
     from actors.serving import build_app
     from specvlm.config import ModelConfig
 
-    if args.model_dir:
-        root = Path(args.model_dir)
-        model = {"target": str(root / "target"), "draft": str(root / "draft")}
-    else:
-        model = {"target": "demo"}
+    model = model_paths(args)
     modes = available_modes(ModelConfig(**model), args.modes.split(","))
     tree = ServeAppConfig().engine.tree
     levels = [int(c) for c in args.concurrency.split(",")]
     bodies = requests_for(16, args.max_tokens)
-    cpus = os.cpu_count() or 1
-    import torch
-
-    # the replica leaves a core to Serve's proxy and this process's HTTP client
-    actor = {"num_gpus": 1} if torch.cuda.is_available() else {"num_cpus": max(1, cpus - 1)}
+    actor, cpus = replica_options()
     header = (f"## Serve: demo model, 1 replica ({actor}; {cpus} CPUs in all), greedy, max_tokens "
               f"{args.max_tokens}, tree top_k={tree.top_k} total={tree.total_tokens} depth={tree.depth}, "
               f"{len(bodies)} held-out image questions as data: URLs over HTTP (Ray Serve on loopback)")  # fmt: skip
     print(header, flush=True)
-    ray.init(num_cpus=cpus, include_dashboard=False, _node_ip_address="127.0.0.1")
-    port = free_port()
-    url = f"http://127.0.0.1:{port}/v1/chat/completions"
     rows, reference = [], None
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+    with local_serve(cpus) as url:
         for mode, reason in modes.items():
             if reason:
                 print(f"{mode}: skipped ({reason})", flush=True)
@@ -150,11 +217,8 @@ def main(argv: list[str] | None = None) -> None:
             settings = [("off", 1, "continuous")] + [(f"{b} {args.max_batch_size}", args.max_batch_size, b)
                                                      for b in args.batching.split(",")]  # fmt: skip
             for label, batch, batching in settings:
-                engine = {**ServeAppConfig().engine.model_dump(), "mode": mode}  # the CPU tree of configs/serve.yaml
-                deployment = {"max_ongoing_requests": max(64, *levels), "ray_actor_options": actor}
-                cfg = {"model": model, "served_model_name": "bench", "engine": engine, "deployment": deployment,
-                       "batching": {"mode": batching, "max_batch_size": batch,
-                                    "batch_wait_timeout_s": 0.01}}  # fmt: skip
+                batching_cfg = {"mode": batching, "max_batch_size": batch, "batch_wait_timeout_s": 0.01}
+                cfg = app_config(model, mode, batching_cfg, actor, max(64, *levels))
                 serve.run(build_app(cfg), name="bench", route_prefix="/")
                 asyncio.run(load(url, bodies, 2, 1))  # warm-up
                 for c in levels:
@@ -168,14 +232,145 @@ def main(argv: list[str] | None = None) -> None:
                     rows.append(row)
                     print(to_markdown([row], COLS).splitlines()[-1], flush=True)
                 serve.delete("bench")
-    finally:
-        serve.shutdown()
-        ray.shutdown()
     table = to_markdown([r for r in rows if "concurrency" in r], COLS)
     skipped = [f"- `{r['mode']}`: {r['batching']}" for r in rows if "concurrency" not in r]
     report = header + "\n\n" + table + "\n" + ("\nNot run:\n" + "\n".join(skipped) + "\n" if skipped else "")
     print("\n" + report)
     write_results(args.out, "serve", report, rows)
+
+
+def model_paths(args) -> dict:
+    """`ModelConfig` fields for ``--model-dir``, else the shipped demo."""
+    if args.model_dir:
+        root = Path(args.model_dir)
+        return {"target": str(root / "target"), "draft": str(root / "draft")}
+    return {"target": "demo"}
+
+
+def run_order(loads: list[float]) -> list[tuple[str, float | None]]:
+    """(batching mode, load) in the order they run, None for a mode's saturation run: the order alternates
+    between load points (C S, S C, C S, ...) so each mode is deployed once per change; a mode's saturation run
+    comes before its first load point, continuous's first of all (its rate scales the loads)."""
+    runs = []
+    for i, load in enumerate(loads):
+        runs += [(b, load) for b in (("continuous", "static") if i % 2 == 0 else ("static", "continuous"))]
+    out: list[tuple[str, float | None]] = []
+    for batching, load in runs:
+        if all(b != batching for b, _ in out):
+            out.append((batching, None))
+        out.append((batching, load))
+    return out
+
+
+def open_loop_main(args) -> None:
+    """``--open-loop``: see the module docstring."""
+    from ray import serve
+
+    from actors.serve_config import BatchingConfig, ServeAppConfig
+    from actors.serving import build_app
+    from benchmarks.open_loop import arrivals, closed_loop, open_loop, summarize
+
+    t_start = time.perf_counter()
+    model, (actor, cpus) = model_paths(args), replica_options()
+    loads = [float(x) for x in args.loads.split(",")]
+    n, batch = args.requests_per_point, args.max_batch_size
+    sat_c = args.saturation_concurrency or 2 * batch
+    rng = random.Random(args.seed)
+    budgets = [rng.choice([int(x) for x in args.max_tokens_choices.split(",")]) for _ in range(args.bodies)]
+    bodies = requests_for(args.bodies, budgets)
+    order = [rng.randrange(args.bodies) for _ in range(max(n, args.saturation_requests))]
+    unit = arrivals(n, args.seed)  # rate 1; each load point divides by its rate
+    wait_s = BatchingConfig().batch_wait_timeout_s
+    slots = max(64, n, sat_c)  # no 429 within a run: an overload shows as queueing, in the latencies
+    tree = ServeAppConfig().engine.tree
+
+    def deploy(mode: str, batching: str, max_rows: int) -> None:
+        batching_cfg = {"mode": batching, "max_batch_size": max_rows, "batch_wait_timeout_s": wait_s}
+        cfg = app_config(model, mode, batching_cfg, actor, slots)
+        cfg["limits"] = {"max_active_requests": slots}
+        with contextlib.suppress(Exception):
+            serve.delete("bench")
+        serve.run(build_app(cfg), name="bench", route_prefix="/", logging_config={"enable_access_log": False})
+        # warm-up: batches up to max_rows (the engine's buffers grow to their shapes) before anything is timed
+        asyncio.run(closed_loop(url, bodies, order[: 2 * max_rows], max_rows))
+
+    rows, reference, rate = [], None, None
+
+    def record(row: dict) -> None:
+        row["run"] = len(rows) + 1
+        rows.append(row)
+        print(to_markdown([row], OPEN_COLS).splitlines()[-1], flush=True)
+
+    def saturation(batching: str) -> float:
+        results, wall = asyncio.run(closed_loop(url, bodies, order[: args.saturation_requests], sat_c))
+        row = summarize(results, wall, reference)
+        record(dict(kind="saturation", batching=batching, load=f"closed c={sat_c}", **row))
+        return row["requests_per_s"]
+
+    def point(batching: str, load: float) -> None:
+        times = [t / (load * rate) for t in unit]
+        results, wall = asyncio.run(open_loop(url, bodies, order[:n], times))
+        record(dict(kind="open_loop", batching=batching, load=load, offered_per_s=load * rate,
+                    **summarize(results, wall - times[0], reference)))  # fmt: skip
+
+    print(f"open loop: {machine()}; {n} requests per point, loads {loads}", flush=True)
+    with local_serve(cpus) as url:
+        deploy("ar", "continuous", 1)  # the reference: `ar` without batching, every body once
+        results, _ = asyncio.run(closed_loop(url, bodies, list(range(args.bodies)), 2))
+        reference = {r.body: r.text for r in results if r.ok}
+        print(f"reference: ar, {len(reference)}/{args.bodies} answered", flush=True)
+        deployed = None
+        for batching, what in run_order(loads):
+            if batching != deployed:
+                deploy(args.mode, batching, batch)
+                deployed = batching
+            if what is None:
+                sat = saturation(batching)
+                rate = sat if batching == "continuous" else rate
+            else:
+                point(batching, what)
+        serve.delete("bench")
+    elapsed = time.perf_counter() - t_start
+    report = open_loop_report(args, rows, dict(machine=machine(), actor=actor, tree=tree, rate=rate, sat_c=sat_c,
+                                               wait_s=wait_s, elapsed=elapsed, budgets=budgets))  # fmt: skip
+    print("\n" + report)
+    meta = dict(kind="meta", machine=machine(), mode=args.mode, saturation_rate=rate, saturation_concurrency=sat_c,
+                loads=loads, seed=args.seed, requests_per_point=n, bodies=args.bodies, max_tokens=budgets,
+                elapsed_s=elapsed)  # fmt: skip
+    write_results(args.out, "serve-open-loop", report, [meta, *rows])
+
+
+def open_loop_report(args, rows: list[dict], info: dict) -> str:
+    """The open-loop table (saturation rows, then each load static before continuous) with its header and
+    the issue's two targets computed."""
+    tree, choices = info["tree"], [int(x) for x in args.max_tokens_choices.split(",")]
+    header = (f"## Serve, open loop: static vs continuous batching (up to {args.max_batch_size} rows; static batches "
+              f"wait up to {info['wait_s']:g} s to fill), demo model, `{args.mode}` (tree top_k={tree.top_k} "
+              f"total={tree.total_tokens} depth={tree.depth}), 1 replica ({info['actor']}) on {info['machine']}; "
+              f"greedy, streamed (SSE)\n\n"
+              f"Saturation rate: {info['rate']:.2f} requests/s, continuous batching's closed-loop throughput at "
+              f"concurrency {info['sat_c']} (rows `closed`), measured in this run; loads are fractions of it. "
+              f"{args.requests_per_point} requests per point, Poisson arrivals (seed {args.seed}; the same schedule, "
+              f"time-scaled, and the same bodies for both modes) over {args.bodies} held-out image questions as "
+              f"data: URLs, max_tokens drawn from {choices} (mean {statistics.mean(info['budgets']):.1f}). "
+              f"Latencies (ms) from each request's scheduled arrival; time to first token = the first content "
+              f"delta. identical_to_ar: every answer equals `ar` without batching. run: the order the rows ran "
+              f"in (each mode deployed in turn, the order alternating between load points).")  # fmt: skip
+    key = {"static": 0, "continuous": 1}
+    ordered = sorted(rows, key=lambda r: (r["kind"] != "saturation", r.get("offered_per_s", 0), key[r["batching"]]))
+    lines = [header, "", to_markdown(ordered, OPEN_COLS), ""]
+    by = {(r["batching"], r["load"]): r for r in rows}
+    sat = [r for r in rows if r["kind"] == "saturation"]
+    if 0.8 in [r["load"] for r in rows]:
+        c, s = by[("continuous", 0.8)]["ttft_p99_ms"], by[("static", 0.8)]["ttft_p99_ms"]
+        lines.append(f"- At 0.8x: p99 time to first token {c:.0f} ms continuous vs {s:.0f} ms static "
+                     f"({c / s:.2f}x; target <= 0.5x).")  # fmt: skip
+    if len(sat) == 2:
+        c, s = (next(r["requests_per_s"] for r in sat if r["batching"] == b) for b in ("continuous", "static"))
+        lines.append(f"- Saturation: {c:.2f} requests/s continuous vs {s:.2f} static ({c / s:.2f}x; target >= 1x).")
+    same = all(r["identical_to_ar"] is True for r in rows)
+    lines.append(f"- Every answer identical to `ar`: {same}. The whole run took {info['elapsed'] / 60:.1f} min.")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

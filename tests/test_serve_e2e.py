@@ -235,27 +235,30 @@ def test_64_requests_at_16_concurrent(server, reference):
 
 def test_a_request_arriving_mid_decode_finishes_before_the_long_ones(server, ar_answer):
     """Continuous batching: long streamed requests decode; a short one sent once the first long one has streamed
-    text joins the running batch at the next round and is answered before any long one ends. Every answer is
-    `ar`'s."""
+    text joins the running batch at the next round and is answered before any long one ends, and so is a short
+    streamed one (its first text as well: time to first token is a round, not the running batch). Streamed text
+    arrives round by round, not all at the end. Every answer is `ar`'s."""
     n_long, long_tokens = 6, 64
     long_refs = [ar_answer(server.images[i % 4], long_tokens) for i in range(n_long)]
-    short_ref = ar_answer(server.images[2], 4)
+    short_ref, streamed_ref = ar_answer(server.images[2], 4), ar_answer(server.images[3], 4)
     assert all(len(r.split()) > 20 for r in long_refs)  # the demo model talks on to max_tokens
+
+    async def streamed(client, image: str, max_tokens: int, decoding: asyncio.Event | None = None):
+        """(text, arrival time of each content chunk)"""
+        parts, times = [], []
+        stream = await client.chat.completions.create(
+            model=MODEL, messages=user(QUESTION, image), max_tokens=max_tokens, temperature=0, stream=True)  # fmt: skip
+        async for c in stream:
+            if c.choices and c.choices[0].delta.content:
+                parts.append(c.choices[0].delta.content)
+                times.append(time.perf_counter())
+                if decoding is not None:
+                    decoding.set()
+        return "".join(parts), times
 
     async def main():
         client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0, timeout=120)
         decoding = asyncio.Event()
-
-        async def long(i):
-            parts = []
-            stream = await client.chat.completions.create(
-                model=MODEL, messages=user(QUESTION, server.images[i % 4]), max_tokens=long_tokens, temperature=0,
-                stream=True)  # fmt: skip
-            async for c in stream:
-                if c.choices and c.choices[0].delta.content:
-                    parts.append(c.choices[0].delta.content)
-                    decoding.set()
-            return "".join(parts), time.perf_counter()
 
         async def short():
             await decoding.wait()
@@ -263,17 +266,26 @@ def test_a_request_arriving_mid_decode_finishes_before_the_long_ones(server, ar_
             r = await ask_async(client, user(QUESTION, server.images[2]), max_tokens=4)
             return r.choices[0].message.content, t0, time.perf_counter()
 
+        async def short_streamed():
+            await decoding.wait()
+            return await streamed(client, server.images[3], 4)
+
         try:
-            return await asyncio.gather(short(), *(long(i) for i in range(n_long)))
+            return await asyncio.gather(short(), short_streamed(),
+                                        *(streamed(client, server.images[i % 4], long_tokens, decoding)
+                                          for i in range(n_long)))  # fmt: skip
         finally:
             await client.close()
 
-    (short_text, sent, answered), *longs = asyncio.run(main())
-    first_end = min(end for _, end in longs)
+    (short_text, sent, answered), (streamed_text, streamed_times), *longs = asyncio.run(main())
+    first_end = min(times[-1] for _, times in longs)
     print(f"short request: answered {answered - sent:.2f} s after it was sent, {first_end - answered:.2f} s "
-          f"before the first of {n_long} long requests ended")  # fmt: skip
-    assert short_text == short_ref and [text for text, _ in longs] == long_refs
-    assert answered < first_end
+          f"before the first of {n_long} long requests ended; the streamed one's first text "
+          f"{first_end - streamed_times[0]:.2f} s before it")  # fmt: skip
+    assert short_text == short_ref and streamed_text == streamed_ref and [text for text, _ in longs] == long_refs
+    assert answered < first_end and streamed_times[-1] < first_end
+    for _, times in longs:  # ~10+ rounds each: chunks spread over them (a buffered response arrives at once)
+        assert len(times) > 3 and times[-1] - times[0] > 0.05
 
 
 async def ask_async(client, messages, **kw):
