@@ -1,9 +1,10 @@
-"""`ChatRunner` and `EngineLoop`: chat requests -> engine rows -> per-round text updates. No Ray, no HTTP.
+"""`ChatRunner` and `ChatJob`: chat requests -> engine rows -> per-round text updates. No Ray, no HTTP.
 
 Legend: B batch rows, T prompt tokens, N images.
 
 The Serve deployment (`actors.serving`) owns the threads; this module owns the
-translation and the scheduling, so both are tested by calling them directly:
+translation, and `actors.engine_loop.EngineLoop` the scheduling, so both are
+tested by calling them directly:
 
     ChatRunner.prepare(request, image_bytes) -> ChatJob   chat template + images -> one row's processor inputs,
                                                           prompt and context limits (OpenAIError 4xx)
@@ -17,30 +18,24 @@ the next round, up to ``max_rows`` rows decoding at once; in ``static`` mode a
 batch runs to its end before the next one starts. Each row decodes under its
 own sampling settings (`ChatJob.sampling`); a seeded request's output does not
 depend on its neighbours (the engine gives each row its own generator and
-tree). Each row's `TextStream` turns its new tokens into text after every
-round; a stop string, the row's own ``max_tokens`` or a client that went away
-ends that row (`SpecVLMEngine.finish`), and it frees its place at the next
-round.
+tree). A `ChatJob` is the loop's `Job`: its `TextStream` turns the row's new
+tokens into text after every round (`ChatJob.push`); a stop string, the row's
+own ``max_tokens`` or a client that went away ends that row
+(`SpecVLMEngine.finish`), and it frees its place at the next round.
 """
 
 from __future__ import annotations
 
-import logging
-import threading
-import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
 
 from specvlm.config import SamplingConfig
-from specvlm.inputs import CONCAT_KEYS, collate, encode, pad_token_id
+from specvlm.inputs import CONCAT_KEYS, encode, pad_token_id
 from specvlm.media import MediaError, MediaLimits, check_dimensions, decode_image, image_size
 
+from .engine_loop import EngineLoop
 from .openai_protocol import ChatRequest, OpenAIError, TextStream, completion_tokens_budget, usage
 from .serve_config import ServeLimits
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -56,7 +51,8 @@ class RowUpdate:
 
 @dataclass
 class ChatJob:
-    """One prepared request: its processor inputs (batch of one) and how to turn its tokens into text."""
+    """One prepared request (an `EngineLoop` `Job`): its processor inputs (batch of one) and how to turn its
+    tokens into text."""
 
     inputs: dict  # input_ids [1, T], attention_mask [1, T], and what collate takes: pixel_values [N, ...],
     # image_sizes [N, 2] (LLaVA-NeXT); Qwen-VL: mm_token_type_ids [1, T], pixel_values [P, D], image_grid_thw [N, 3]
@@ -75,11 +71,22 @@ class ChatJob:
         return SamplingConfig(max_new_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
                               top_k=self.top_k, seed=self.seed)  # fmt: skip
 
+    def push(self, tokens: list[int], finished: bool, stats: dict) -> tuple[RowUpdate | None, bool]:
+        """One round's tokens -> its text delta (None when empty); the last update, with ``finish_reason``,
+        usage and the engine's stats, when the text ended (EOS, a stop string, ``max_tokens``)."""
+        delta = self.text.push(tokens, finished)
+        if self.text.finish_reason is None:
+            return (RowUpdate(delta) if delta else None), False
+        use = usage(self.prompt_tokens, len(self.text.tokens), stats)
+        return RowUpdate(delta, self.text.finish_reason, use, stats), True
+
+    def fail(self, reason: str, exc: BaseException | None) -> RowUpdate:
+        """The last update of a request that was cancelled (``error="cancelled"``) or whose batch failed."""
+        return RowUpdate(error=reason)
+
 
 Sink = Callable[[RowUpdate], None]  # where one request's updates go (called in the engine thread)
 Post = Callable[[dict[int, RowUpdate]], None]  # `ChatRunner.run`: {batch index: update}
-CANCELLED = "cancelled"  # the error of a row whose client went away
-BatchingMode = Literal["continuous", "static"]
 
 
 class ChatRunner:
@@ -212,204 +219,3 @@ def resized_pixels(width: int, height: int, image_processor) -> int:
         scale = min(get("max_height") / height, get("max_width") / width)
         return max(int(height * scale), 1) * max(int(width * scale), 1)
     return width * height
-
-
-@dataclass
-class _Request:
-    job: ChatJob
-    sink: Sink
-
-
-class EngineLoop:
-    """The replica's one engine loop: requests wait in one queue; one thread steps the engine.
-
-    Each iteration (`run_once`) ends the rows of clients that left, admits waiting requests (a cancelled one
-    gets its last update, ``error="cancelled"``, without decoding) while fewer than ``max_rows`` rows decode,
-    adds them to the engine as one left-padded batch (`collate`, each row with its own `ChatJob.sampling`),
-    runs one `SpecVLMEngine.step` (a round for the rows decoding, the prefill of the rows just added) and
-    routes each row's new tokens to its request: a text delta per round, and a last update with
-    ``finish_reason``, usage and the engine's stats. A row that ends early (a stop string, its own
-    ``max_tokens``, its client gone) is finished in the engine and frees its place at the next round.
-
-    ``mode``: ``continuous`` admits requests at every round (a short request that arrives while a long one
-    decodes joins at the next round and may finish first); ``static`` admits only when no row decodes,
-    so a batch runs to its end (`SpecVLMEngine.generate`'s behaviour), after an idle engine waited up to
-    ``wait_s`` for the batch to fill. An exception in a step fails the rows it was decoding (an ``error``
-    update each), resets the engine and the loop goes on. `run` blocks on a condition variable while
-    nothing decodes or waits.
-
-    ``on_round(rows)`` is called after each step with the rows it decoded or prefilled, ``on_depth(waiting,
-    active)`` whenever the queue depth or the rows decoding change. Only the engine thread touches the
-    engine; `submit` and `stop` may be called from any thread.
-    """
-
-    def __init__(self, engine, pad_id: int, max_rows: int, mode: BatchingMode = "continuous", wait_s: float = 0.0,
-                 on_round: Callable[[int], None] | None = None,
-                 on_depth: Callable[[int, int], None] | None = None):  # fmt: skip
-        if max_rows < 1 or mode not in ("continuous", "static"):
-            raise ValueError(f"max_rows must be >= 1 and mode continuous or static, got {max_rows}, {mode!r}")
-        self.engine, self.pad_id, self.max_rows, self.mode, self.wait_s = engine, pad_id, max_rows, mode, wait_s
-        self.on_round, self.on_depth = on_round, on_depth
-        self._waiting: deque[_Request] = deque()
-        self._rows: dict[int, _Request] = {}  # engine row id -> its request, while it decodes (engine thread)
-        self._cond = threading.Condition()
-        self._stopped = False
-        self._depth = (0, 0)
-        self.steps = 0  # engine steps run
-
-    # ------------------------------------------------------------------ any thread
-    @property
-    def waiting(self) -> int:
-        """Requests waiting for a place in the engine."""
-        return len(self._waiting)
-
-    @property
-    def active(self) -> int:
-        """Rows decoding (their requests not finished yet)."""
-        return len(self._rows)
-
-    @property
-    def busy(self) -> bool:
-        """Anything waiting, decoding, or finished but not yet out of the engine (asks the engine: engine thread)."""
-        return bool(self._waiting or self._rows or self.engine.num_rows)
-
-    def submit(self, job: ChatJob, sink: Sink) -> None:
-        """Queue a request; ``sink`` gets its updates (in the engine thread), the last one with ``finish_reason``
-        or ``error``. Setting ``job.cancelled`` ends it at the next round (or before it starts)."""
-        with self._cond:
-            self._waiting.append(_Request(job, sink))
-            self._cond.notify()
-        self._report()
-
-    def stop(self) -> None:
-        """`run` returns after its current iteration."""
-        with self._cond:
-            self._stopped = True
-            self._cond.notify_all()
-
-    # ------------------------------------------------------------------ engine thread
-    def run(self) -> None:
-        """The engine thread: iterate until `stop`, blocking while nothing waits or decodes."""
-        while self._wait_for_work():
-            try:
-                self.run_once()
-            except Exception as e:  # a bug in the loop itself: fail what it holds, never the thread
-                log.exception("engine loop iteration failed")
-                self._fail_rows(f"{type(e).__name__}: {e}")
-
-    def _wait_for_work(self) -> bool:
-        with self._cond:
-            idle = not self.busy
-            while not self._stopped and not self.busy:
-                self._cond.wait()
-            if idle and self.mode == "static" and self.wait_s > 0:
-                deadline = time.monotonic() + self.wait_s  # an idle engine's first request: let the batch fill
-                while not self._stopped and len(self._waiting) < self.max_rows:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        break
-                    self._cond.wait(left)
-            return not self._stopped
-
-    def run_once(self) -> None:
-        """One iteration: end cancelled rows, admit waiting requests, one engine step, route its tokens."""
-        gone = [rid for rid, req in self._rows.items() if req.job.cancelled]
-        if gone:
-            self.engine.finish(gone)  # they leave at this step
-            for rid in gone:
-                self._last(self._rows.pop(rid), RowUpdate(error=CANCELLED))
-        self._add(self._admit())
-        if self.engine.num_rows:
-            try:
-                event = self.engine.step()
-                self.steps += 1
-                if self.on_round is not None and event.tokens:
-                    self.on_round(len(event.tokens))
-                self._route(event)
-            except Exception as e:  # an engine failure fails its rows, never the replica
-                log.exception("engine step failed with %d rows", len(self._rows))
-                self._fail_rows(f"{type(e).__name__}: {e}")
-        if self._rows and not self.engine.num_rows:  # (a bug: the engine reports every row)
-            self._fail_rows("the engine stopped without finishing this row")
-        self._report()
-
-    def _admit(self) -> list[_Request]:
-        """Waiting requests that get a place now (oldest first); cancelled ones are answered and dropped."""
-        with self._cond:
-            dropped = [r for r in self._waiting if r.job.cancelled]
-            if dropped:
-                self._waiting = deque(r for r in self._waiting if not r.job.cancelled)
-            room = self.max_rows - len(self._rows) if self.mode == "continuous" or not self._rows else 0
-            take = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
-        for req in dropped:
-            self._last(req, RowUpdate(error=CANCELLED))
-        return take
-
-    def _add(self, reqs: list[_Request]) -> None:
-        if not reqs:
-            return
-        jobs = [r.job for r in reqs]
-        try:
-            batch = collate([j.inputs for j in jobs], self.pad_id)
-            rids = self.engine.add(**batch, sampling=[j.sampling() for j in jobs])
-        except Exception as e:  # nothing was queued (add checks before it touches the running batch)
-            log.exception("engine add failed for %d rows", len(reqs))
-            for req in reqs:
-                self._last(req, RowUpdate(error=f"{type(e).__name__}: {e}"))
-            return
-        self._rows.update(zip(rids, reqs))
-
-    def _route(self, event) -> None:
-        """Each row's new tokens -> its request's text delta; rows whose text ended are finished in the engine."""
-        end = []
-        for rid, toks in event.tokens.items():
-            req = self._rows.get(rid)
-            if req is None:  # finished by us already
-                continue
-            job = req.job
-            if job.cancelled:
-                end.append(rid)
-                self._last(self._rows.pop(rid), RowUpdate(error=CANCELLED))
-                continue
-            delta = job.text.push(toks, rid in event.finished)
-            if job.text.finish_reason is None:
-                if delta:
-                    self._post(req, RowUpdate(delta))
-                continue
-            if rid not in event.finished:  # a stop string or max_tokens: the engine would go on
-                end.append(rid)
-            stats = event.stats[rid]
-            use = usage(job.prompt_tokens, len(job.text.tokens), stats)
-            self._last(self._rows.pop(rid), RowUpdate(delta, job.text.finish_reason, use, stats))
-        if end:
-            self.engine.finish(end)
-
-    def _fail_rows(self, error: str) -> None:
-        """Every decoding row gets ``error`` as its last update; the engine drops them all."""
-        rows, self._rows = list(self._rows.values()), {}
-        try:
-            self.engine.reset()
-        except Exception:
-            log.exception("engine reset failed")
-        for req in rows:
-            self._last(req, RowUpdate(error=error))
-
-    def _last(self, req: _Request, update: RowUpdate) -> None:
-        req.job.done = True
-        self._post(req, update)
-
-    def _post(self, req: _Request, update: RowUpdate) -> None:
-        try:
-            req.sink(update)
-        except Exception:  # e.g. the replica's event loop has closed: nobody waits for this request
-            log.exception("could not deliver an update")
-            req.job.cancelled = True
-
-    def _report(self) -> None:
-        if self.on_depth is None:
-            return
-        with self._cond:
-            depth = (len(self._waiting), len(self._rows))
-            if depth != self._depth:
-                self._depth = depth
-                self.on_depth(*depth)

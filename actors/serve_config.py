@@ -112,7 +112,7 @@ def _is_ip(text: str) -> bool:
 
 
 class BatchingConfig(StrictModel):
-    """How a replica's engine loop batches concurrent requests (`actors.chat_runner.EngineLoop`)."""
+    """How a replica's engine loop batches concurrent requests (`actors.engine_loop.EngineLoop`)."""
 
     mode: Literal["continuous", "static"] = Field(
         "continuous", description="continuous: waiting requests join the running batch at the next round; static: "

@@ -60,7 +60,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .chat_runner import ChatJob, ChatRunner, EngineLoop, RowUpdate
+from .chat_runner import ChatJob, ChatRunner, RowUpdate
+from .engine_loop import EngineLoop
 from .image_urls import image_bytes
 from .openai_protocol import (
     ChatRequest,

@@ -21,7 +21,8 @@ import pytest
 import torch
 from PIL import Image
 
-from actors.chat_runner import ChatJob, ChatRunner, EngineLoop
+from actors.chat_runner import ChatJob, ChatRunner
+from actors.engine_loop import EngineLoop
 from actors.image_urls import check_url, decode_data_url, fetch_image_bytes, image_bytes, is_public
 from actors.openai_protocol import OpenAIError, TextStream, parse_chat_request
 from actors.serve_config import ImageFetchConfig, ServeAppConfig, ServeFile, ServeLimits, load_serve_file
@@ -735,7 +736,7 @@ def test_protocol_modules_do_not_import_ray():
     import subprocess
     import sys
 
-    code = ("import sys, actors.openai_protocol, actors.image_urls, actors.chat_runner, actors.serve_config; "
-            "print('ray' in sys.modules)")  # fmt: skip
+    code = ("import sys, actors.openai_protocol, actors.image_urls, actors.chat_runner, actors.engine_loop, "
+            "actors.serve_config; print('ray' in sys.modules)")  # fmt: skip
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
