@@ -12,7 +12,9 @@ What runs where::
                   targets, else tiled into one image) -> raw RGB rows, regrouped into blocks of exactly
                   batch_size rows (so every model call but the last is full)
     actor pool    `actors.captioner.Captioner` (ActorPoolStrategy(min, max), num_gpus per actor): one engine
-                  per actor, one batched generate per batch; rows with an error pass through
+                  and one engine loop thread per actor; ``batching: continuous`` runs two calls at once per
+                  actor so the next batch's rows join as the previous batch's rows finish (up to max_rows
+                  decoding); rows with an error pass through
     write tasks   parquet part files named ``<run id>_<write uuid>_<task>-<i>.parquet`` under the output
 
 Every input id ends up in the output exactly once:
@@ -39,6 +41,7 @@ import uuid
 import warnings
 from collections import Counter
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -60,6 +63,9 @@ from . import caption_io as cio
 from .ray_cluster import add_address_flag, init_ray
 
 MAX_INPUT_BLOCKS = 1000  # listed files are cut into at most this many blocks (small jobs: one row per block)
+# continuous batching: one call's rows decode while the next call's wait in the actor's loop and take the places
+# of rows that finish; more calls would only queue more rows (max_rows bounds the engine either way)
+CALLS_PER_ACTOR = 2
 
 
 class ActorPool(StrictModel):
@@ -91,7 +97,16 @@ class CaptionJobConfig(StrictModel):
     actor_resources: dict[str, float] = Field(
         {}, description="custom Ray resources per actor (e.g. {accelerator_node: 1} to pin actors to labelled nodes)"
     )
-    batch_size: int = Field(8, ge=1, description="rows per actor call (one batched generate)")
+    batch_size: int = Field(8, ge=1, description="rows per actor call")
+    batching: Literal["continuous", "static"] = Field(
+        "continuous", description="continuous: an actor takes CALLS_PER_ACTOR calls at once and rows of the next "
+        "batch join its engine as rows of the previous one finish; static: one call at a time, each batch decoded "
+        "to its end (one batched generate per call, for comparison)",
+    )  # fmt: skip
+    max_rows: int | None = Field(
+        None, ge=1, description="rows decoding at once in an actor's engine (bounds its KV memory); None = "
+        "batch_size",
+    )  # fmt: skip
     gpus_per_actor: float | None = Field(
         None, ge=0, description="None = 1 if the cluster has GPUs, else 0; 0.5 puts two actors on a GPU"
     )
@@ -103,6 +118,14 @@ class CaptionJobConfig(StrictModel):
         -1, ge=-1, description="retries of a batch whose actor died or is restarting (-1 = until it is done)"
     )
     rows_per_file: int = Field(256, ge=1, description="rows buffered per parquet part (a crash redoes at most these)")
+
+    def engine_rows(self) -> int:
+        """The actor engine loop's ``max_rows``: ``max_rows``, else ``batch_size``."""
+        return self.max_rows or self.batch_size
+
+    def calls_per_actor(self) -> int:
+        """Calls Ray Data runs at once on one actor: `CALLS_PER_ACTOR` when continuous, else 1."""
+        return CALLS_PER_ACTOR if self.batching == "continuous" else 1
 
     @field_validator("input", "output")
     @classmethod
@@ -207,8 +230,13 @@ def build_dataset(cfg: CaptionJobConfig, inputs: cio.Inputs, done, captioner=Non
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
         return ds.map_batches(
             captioner,
-            fn_constructor_kwargs={"model": cfg.model, "engine": cfg.engine, "sampling": cfg.sampling},
-            compute=ray.data.ActorPoolStrategy(min_size=cfg.actors.min, max_size=cfg.actors.max),
+            fn_constructor_kwargs={"model": cfg.model, "engine": cfg.engine, "sampling": cfg.sampling,
+                                   "batching": cfg.batching, "max_rows": cfg.engine_rows()},
+            # calls_per_actor() calls at once, each in its own thread of the actor (without true multi-threading
+            # Ray Data runs the calls themselves one at a time); the Captioner's loop thread owns the engine
+            compute=ray.data.ActorPoolStrategy(min_size=cfg.actors.min, max_size=cfg.actors.max,
+                                               max_concurrent_calls_per_actor=cfg.calls_per_actor(),
+                                               enable_true_multi_threading=cfg.calls_per_actor() > 1),
             batch_size=cfg.batch_size, batch_format="pyarrow", num_gpus=gpus, num_cpus=cfg.cpus_per_actor,
             **remote_args,
         )  # fmt: skip
@@ -323,6 +351,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-new-tokens", type=int, help="sampling.max_new_tokens")
     ap.add_argument("--actors", type=_actors, help="actor pool MIN:MAX (or N)")
     ap.add_argument("--batch-size", type=int, help="rows per actor call")
+    ap.add_argument("--batching", choices=("continuous", "static"), help="batching (the actors' engine loops)")
     ap.add_argument("--gpus-per-actor", type=float, help="GPUs per actor (fractions share a GPU)")
     ap.add_argument("--mode", choices=("ar", "eagle", "specvlm"), help="engine.mode")
     ap.add_argument("--print-config", action="store_true",
@@ -340,7 +369,7 @@ def _config(args: argparse.Namespace) -> CaptionJobConfig:
     cfg = load_config(args.config, CaptionJobConfig) if args.config else CaptionJobConfig()
     data = cfg.model_dump()
     flat = {"input": args.input, "output": args.output, "actors": args.actors, "batch_size": args.batch_size,
-            "gpus_per_actor": args.gpus_per_actor}  # fmt: skip
+            "gpus_per_actor": args.gpus_per_actor, "batching": args.batching}  # fmt: skip
     data.update({k: v for k, v in flat.items() if v is not None})
     if args.prompt is not None:
         data["decode"]["prompt"] = args.prompt

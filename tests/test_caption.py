@@ -3,6 +3,7 @@ then real jobs on the session's Ray cluster: bad-input corpus, resume, a killed 
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -341,7 +342,8 @@ def test_captioner_matches_the_engine_and_passes_errors_through(small_demo, demo
     listed = [{"id": f"i{k}", "uri": f"i{k}.png", "data": save(im, "PNG")} for k, im in enumerate(images)]
     listed.insert(1, {"id": "bad", "uri": "bad.png", "data": b"nope"})
     batch = cio.decode_rows(cio.listed_table(listed), OPTS)
-    cap = Captioner(ModelConfig(**demo_paths), EngineConfig(mode="ar"), SamplingConfig(max_new_tokens=10))
+    cap = Captioner(ModelConfig(**demo_paths), EngineConfig(mode="ar"), SamplingConfig(max_new_tokens=10),
+                    batching="static", max_rows=4)  # fmt: skip
     out = cap(batch)
     assert out.schema == OUTPUT_SCHEMA and out["id"].to_pylist() == ["i0", "bad", "i1", "i2"]
     rows = out.to_pylist()
@@ -355,20 +357,6 @@ def test_captioner_matches_the_engine_and_passes_errors_through(small_demo, demo
     assert [r["caption"] for r in ok] == captions
     assert all(r["num_tokens"] == len(s) and r["accept_length"] == 1.0 for r, s in zip(ok, ref.sequences))
     assert all(r["compressor"] == "none" and r["latency_ms"] > 0 and r["draft_version"] is None for r in ok)
-
-
-def test_captioner_raises_fatal_engine_errors(demo_paths, monkeypatch):
-    from actors.captioner import Captioner
-
-    cap = Captioner(ModelConfig(**demo_paths), EngineConfig(mode="eagle"), SamplingConfig(max_new_tokens=4))
-    batch = cio.decode_rows(cio.listed_table([{"id": "a", "uri": "a.png", "data": save(shapes(1)[0][0], "PNG")}]), OPTS)
-
-    def boom(**kw):
-        raise RuntimeError("CUDA out of memory (simulated)")
-
-    monkeypatch.setattr(cap.engine, "generate", boom)
-    with pytest.raises(RuntimeError, match="out of memory"):
-        cap(batch)
 
 
 # ----------------------------------------------------------------------------- jobs on the session's Ray cluster
@@ -423,14 +411,14 @@ def test_model_batches_are_full_whatever_the_input_blocks(ray_local, tmp_path, m
     from pipelines import caption
 
     class CountingCaptioner:  # defined here so that Ray pickles it by value
-        def __init__(self, model, engine, sampling):
-            self.tag, self.calls = uuid.uuid4().hex[:8], 0
+        def __init__(self, model, engine, sampling, batching, max_rows):
+            self.tag, self.calls = uuid.uuid4().hex[:8], itertools.count()
 
-        def __call__(self, batch: pa.Table) -> pa.Table:
-            self.calls += 1
+        def __call__(self, batch: pa.Table) -> pa.Table:  # two at once per actor: next() is atomic, += is not
+            call = next(self.calls)
             n = batch.num_rows
             cols = {c: [None] * n for c in OUTPUT_SCHEMA.names}
-            cols |= {"id": batch["id"].to_pylist(), "caption": [f"{self.tag}-{self.calls}"] * n}
+            cols |= {"id": batch["id"].to_pylist(), "caption": [f"{self.tag}-{call}"] * n}
             return pa.Table.from_pydict(cols, schema=OUTPUT_SCHEMA)
 
     png = save(Image.new("RGB", (8, 8)), "PNG")
@@ -444,6 +432,40 @@ def test_model_batches_are_full_whatever_the_input_blocks(ray_local, tmp_path, m
     assert sorted(r["id"] for r in rows) == [f"{i:02d}.png" for i in range(40)]
     calls = Counter(r["caption"] for r in rows)
     assert sorted(calls.values()) == [8] * 5, calls
+
+
+@pytest.mark.parametrize("batching, calls", [("continuous", 2), ("static", 1)])
+def test_a_continuous_actor_runs_two_calls_at_once(ray_local, tmp_path, batching, calls):
+    """Ray Data runs `CaptionJobConfig.calls_per_actor` calls at once in one actor (in two threads: so a
+    batch's rows can join the engine while the previous batch's decode); static runs one at a time."""
+    from actors.captioner import OUTPUT_SCHEMA
+    from pipelines import caption
+
+    class ProbeCaptioner:  # defined here so that Ray pickles it by value
+        def __init__(self, model, engine, sampling, batching, max_rows):
+            self.lock, self.now, self.most, self.pid = threading.Lock(), 0, 0, os.getpid()
+
+        def __call__(self, batch: pa.Table) -> pa.Table:
+            with self.lock:
+                self.now += 1
+                self.most = max(self.most, self.now)
+            time.sleep(0.5)
+            with self.lock:
+                self.now -= 1
+                seen = f"{self.pid}:{self.most}"
+            cols = {c: [None] * batch.num_rows for c in OUTPUT_SCHEMA.names}
+            cols |= {"id": batch["id"].to_pylist(), "caption": [seen] * batch.num_rows}
+            return pa.Table.from_pydict(cols, schema=OUTPUT_SCHEMA)
+
+    png = save(Image.new("RGB", (8, 8)), "PNG")
+    for i in range(12):
+        (tmp_path / f"{i:02d}.png").write_bytes(png)
+    cfg = CaptionJobConfig(input=str(tmp_path), output=str(tmp_path / "out"), batch_size=2, batching=batching)
+    assert cfg.calls_per_actor() == calls
+    ds = caption.build_dataset(cfg, cio.list_inputs(cfg.input), pa.array([], pa.string()), captioner=ProbeCaptioner)
+    seen = [r["caption"] for r in ds.take_all()]
+    assert len({s.split(":")[0] for s in seen}) == 1  # one actor
+    assert max(int(s.split(":")[1]) for s in seen) == calls
 
 
 def _captioner_pids(dashboard: str) -> list[int]:

@@ -79,7 +79,8 @@ def captioner(qwen, mode: str):
     from actors.captioner import Captioner
 
     model = ModelConfig(target=qwen.target, draft=qwen.draft)
-    return Captioner(model, EngineConfig(mode=mode, tree=CPU_TREE), SamplingConfig(max_new_tokens=TOKENS))
+    return Captioner(model, EngineConfig(mode=mode, tree=CPU_TREE), SamplingConfig(max_new_tokens=TOKENS),
+                     batching="continuous", max_rows=4)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- the Captioner, called directly
