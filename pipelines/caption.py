@@ -105,7 +105,7 @@ class CaptionJobConfig(StrictModel):
     )  # fmt: skip
     max_rows: int | None = Field(
         None, ge=1, description="rows decoding at once in an actor's engine (bounds its KV memory); None = "
-        "batch_size",
+        "batch_size: the peak memory of a static batch",
     )  # fmt: skip
     gpus_per_actor: float | None = Field(
         None, ge=0, description="None = 1 if the cluster has GPUs, else 0; 0.5 puts two actors on a GPU"
