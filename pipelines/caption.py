@@ -99,9 +99,9 @@ class CaptionJobConfig(StrictModel):
     )
     batch_size: int = Field(8, ge=1, description="rows per actor call")
     batching: Literal["continuous", "static"] = Field(
-        "continuous", description="continuous: an actor takes CALLS_PER_ACTOR calls at once and rows of the next "
-        "batch join its engine as rows of the previous one finish; static: one call at a time, each batch decoded "
-        "to its end (one batched generate per call, for comparison)",
+        "continuous", description="continuous: an actor takes two calls at once and rows of the next batch join "
+        "its engine as rows of the previous one finish; static: one call at a time, each batch decoded to its end "
+        "(one batched generate per call, for comparison)",
     )  # fmt: skip
     max_rows: int | None = Field(
         None, ge=1, description="rows decoding at once in an actor's engine (bounds its KV memory); None = "
