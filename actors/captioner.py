@@ -95,12 +95,13 @@ class Captioner:
         t0 = time.perf_counter()
         self.engine, self.processor, info = load_engine(model, engine)
         self.sampling = sampling
-        self.model_name, self.draft_version = info["model"], info["draft_version"]
+        self.model_name = info["model"]
         self.mode = self.engine.config.mode
         self.pid = os.getpid()
         # calls run in several threads; a fast tokenizer used from two at once can raise "Already borrowed"
         self._processor_lock = threading.Lock()
-        self.loop = EngineLoop(self.engine, pad_token_id(self.processor.tokenizer), max_rows, batching)
+        self.loop = EngineLoop(self.engine, pad_token_id(self.processor.tokenizer), max_rows, batching,
+                               draft_version=info["draft_version"])  # fmt: skip
         self._thread = threading.Thread(target=self.loop.run, name="specvlm-engine", daemon=True)
         self._thread.start()
         self.load_s = time.perf_counter() - t0
@@ -118,7 +119,7 @@ class Captioner:
         out = {name: [None] * len(rows) for name in OUTPUT_SCHEMA.names}
         for i, r in enumerate(rows):
             out["id"][i], out["uri"][i], out["prompt"][i], out["error"][i] = r["id"], r["uri"], r["prompt"], r["error"]
-            out["model"][i], out["draft_version"][i] = self.model_name, self.draft_version
+            out["model"][i], out["draft_version"][i] = self.model_name, self.loop.draft_version
         encoded = {}
         for i, r in enumerate(rows):
             if r["error"] is not None:
@@ -154,6 +155,7 @@ class Captioner:
             out["num_tokens"][i] = st["num_tokens"]
             out["accept_length"][i] = st["accept_length"]
             out["compressor"][i] = st.get("compressor") or "none"
+            out["draft_version"][i] = st.get("draft_version")  # the draft that decoded this row
             out["latency_ms"][i] = st["prefill_ms"] + st["draft_ms"] + st["verify_ms"]
         return pa.Table.from_pydict(out, schema=OUTPUT_SCHEMA)
 

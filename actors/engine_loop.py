@@ -5,6 +5,7 @@ Legend: B batch rows, T prompt tokens.
     EngineLoop.submit(job, sink)    queue one row (any thread); sink(update) when the job says so, and once last
     EngineLoop.run()                the engine thread: admit, step, route, until stop()
     EngineLoop.run_once()           one iteration, for callers that step the loop themselves (tests, batches)
+    EngineLoop.swap_draft(d, name)  decode with draft d from the next time the engine is empty (any thread)
 
 The loop drives the engine's stepping core (`SpecVLMEngine.add` / `step` /
 `finish`) and knows nothing of what a row is for: a `Job` gives it its
@@ -87,12 +88,18 @@ class EngineLoop:
 
     ``on_round(rows)`` is called after each step with the rows it decoded or prefilled, ``on_depth(waiting,
     active)`` whenever the queue depth or the rows decoding change. Only the engine thread touches the
-    engine; `submit` and `stop` may be called from any thread.
+    engine; `submit`, `swap_draft` and `stop` may be called from any thread.
+
+    Drafts: ``draft_version`` names the draft decoding now; each row's stats (``Job.push``) carry the
+    ``draft_version`` that decoded it. `swap_draft` holds new rows back while the rows decoding finish, then
+    swaps (`SpecVLMEngine.set_draft`) and admits again, so no row mixes two drafts; a draft the engine
+    refuses is logged and the old one stays.
     """
 
     def __init__(self, engine, pad_id: int, max_rows: int, mode: BatchingMode = "continuous", wait_s: float = 0.0,
                  on_round: Callable[[int], None] | None = None,
-                 on_depth: Callable[[int, int], None] | None = None):  # fmt: skip
+                 on_depth: Callable[[int, int], None] | None = None,
+                 draft_version: str | None = None):  # fmt: skip
         if max_rows < 1 or mode not in ("continuous", "static"):
             raise ValueError(f"max_rows must be >= 1 and mode continuous or static, got {max_rows}, {mode!r}")
         self.engine, self.pad_id, self.max_rows, self.mode, self.wait_s = engine, pad_id, max_rows, mode, wait_s
@@ -103,6 +110,8 @@ class EngineLoop:
         self._stopped = False
         self._depth = (0, 0)
         self.steps = 0  # engine steps run
+        self.draft_version = draft_version
+        self._next_draft: tuple[Any, str] | None = None  # (draft, its name), swapped in once the engine is empty
 
     # ------------------------------------------------------------------ any thread
     @property
@@ -117,8 +126,16 @@ class EngineLoop:
 
     @property
     def busy(self) -> bool:
-        """Anything waiting, decoding, or finished but not yet out of the engine (asks the engine: engine thread)."""
-        return bool(self._waiting or self._rows or self.engine.num_rows)
+        """Anything waiting, decoding, finished but not yet out of the engine (asks the engine: engine thread), or
+        a draft to swap in."""
+        return bool(self._waiting or self._rows or self.engine.num_rows or self._next_draft)
+
+    def swap_draft(self, draft, version: str) -> None:
+        """Decode with ``draft`` (named ``version`` in the rows' stats) once the rows decoding now have finished;
+        rows waiting or submitted meanwhile are admitted after the swap. A later call replaces a pending one."""
+        with self._cond:
+            self._next_draft = (draft, version)
+            self._cond.notify()
 
     def submit(self, job: Job, sink: Sink) -> None:
         """Queue a row; ``sink`` gets its updates (in the engine thread), the last one when the row ends, fails
@@ -181,13 +198,34 @@ class EngineLoop:
             self._fail_rows(RuntimeError("the engine stopped without finishing this row"))
         self._report()
 
+    def _swap(self) -> bool:
+        """Swap in the pending draft if the engine is empty; whether rows may be admitted now."""
+        with self._cond:
+            pending = self._next_draft
+        if pending is None:
+            return True
+        if self._rows or self.engine.num_rows:
+            return False  # the rows decoding finish with the draft they started with
+        with self._cond:
+            self._next_draft = None
+        draft, version = pending
+        try:
+            self.engine.set_draft(draft)
+            self.draft_version = version
+            log.info("now decoding with draft %s", version)
+        except Exception:
+            log.exception("draft %s refused; still decoding with %s", version, self.draft_version)
+        return True
+
     def _admit(self) -> list[_Request]:
         """Waiting rows that get a place now (oldest first); cancelled ones are answered and dropped."""
+        swapped = self._swap()
         with self._cond:
             dropped = [r for r in self._waiting if r.job.cancelled]
             if dropped:
                 self._waiting = deque(r for r in self._waiting if not r.job.cancelled)
             room = self.max_rows - len(self._rows) if self.mode == "continuous" or not self._rows else 0
+            room = room if swapped else 0
             take = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
         for req in dropped:
             self._last(req, req.job.fail(CANCELLED, None))
@@ -219,7 +257,7 @@ class EngineLoop:
                 self._last(self._rows.pop(rid), req.job.fail(CANCELLED, None))
                 continue
             finished = rid in event.finished
-            update, ended = req.job.push(toks, finished, event.stats[rid])
+            update, ended = req.job.push(toks, finished, {**event.stats[rid], "draft_version": self.draft_version})
             if not (ended or finished):
                 if update is not None:
                     self._post(req, update)

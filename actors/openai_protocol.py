@@ -334,8 +334,9 @@ def now() -> int:
 
 
 def usage(prompt_tokens: int, completion_tokens: int, stats: dict | None) -> dict:
-    """OpenAI usage plus the engine's accept length (tokens per target forward), target forwards and, in
-    ``specvlm`` mode, the compressor the gate chose and the visual tokens the draft read for this request."""
+    """OpenAI usage plus the engine's accept length (tokens per target forward), target forwards, the draft that
+    decoded the request (``draft_version``, with a draft) and, in ``specvlm`` mode, the compressor the gate chose
+    and the visual tokens the draft read for this request."""
     stats = stats or {}
     out = {
         "prompt_tokens": prompt_tokens,
@@ -347,6 +348,8 @@ def usage(prompt_tokens: int, completion_tokens: int, stats: dict | None) -> dic
     if stats.get("compressor", "none") != "none":
         out["compressor"] = stats["compressor"]
         out["draft_visual_tokens"] = int(stats.get("draft_visual_tokens", 0))
+    if stats.get("draft_version") is not None:
+        out["draft_version"] = stats["draft_version"]
     return out
 
 

@@ -125,6 +125,16 @@ class BatchingConfig(StrictModel):
     )  # fmt: skip
 
 
+class DraftUpdate(StrictModel):
+    """A replica's ``user_config`` (Ray Serve's `reconfigure`): which draft to decode with. Changing only it in a
+    ``serve deploy`` file or a RayService updates running replicas without restarting them."""
+
+    draft: str | None = Field(None, description="draft folder or s3:// prefix (EagleDraft.save_pretrained); None "
+                              "= keep the draft the replica has")  # fmt: skip
+    draft_version: str | None = Field(None, description="the name responses report in usage.draft_version; None = "
+                                      "the draft's path")  # fmt: skip
+
+
 class DeploymentConfig(StrictModel):
     """Serve deployment options (`Deployment.options`)."""
 
@@ -139,6 +149,10 @@ class DeploymentConfig(StrictModel):
     )  # fmt: skip
     retry_after_s: int = Field(2, ge=0, description="Retry-After of a 429, from Serve's queue or a replica")
     ray_actor_options: dict = Field(default_factory=lambda: {"num_cpus": 1}, description="e.g. {num_gpus: 1}")
+    user_config: DraftUpdate | None = Field(
+        None, description="a draft swapped into every replica once it is up (SpecVLMServer.reconfigure); a later "
+        "deploy that changes only this swaps drafts without restarting replicas",
+    )  # fmt: skip
 
     @field_validator("autoscaling_config")
     @classmethod
@@ -163,6 +177,8 @@ class DeploymentConfig(StrictModel):
             backpressure_config={"status_code": 429, "retry_after_s": self.retry_after_s},  # Serve's default: 503
             ray_actor_options=dict(self.ray_actor_options),
         )
+        if self.user_config is not None:
+            opts["user_config"] = self.user_config.model_dump()
         if self.autoscaling_config is not None:
             opts["autoscaling_config"] = dict(self.autoscaling_config)
         else:

@@ -76,7 +76,7 @@ from .openai_protocol import (
     sse,
     usage_chunk,
 )
-from .serve_config import ServeAppConfig, ServeLimits
+from .serve_config import DraftUpdate, ServeAppConfig, ServeLimits
 
 log = logging.getLogger("ray.serve")
 
@@ -240,11 +240,30 @@ class SpecVLMServer:
         self._prep = ThreadPoolExecutor(cfg.limits.prep_threads, thread_name_prefix="specvlm-prep")
         b, m = cfg.batching, self.metrics
         self.engine_loop = EngineLoop(engine, self.runner.pad_id, b.max_batch_size, b.mode, b.batch_wait_timeout_s,
-                                      on_round=m.batch_rows.observe, on_depth=m.depth)  # fmt: skip
+                                      on_round=m.batch_rows.observe, on_depth=m.depth,
+                                      draft_version=info["draft_version"])  # fmt: skip
         self._engine_thread = threading.Thread(target=self.engine_loop.run, name="specvlm-engine", daemon=True)
         self._engine_thread.start()
         log.info("specvlm serving %s (mode %s, %s batching of up to %d rows, auth %s)", self.model_name,
                  cfg.engine.mode, b.mode, b.max_batch_size, cfg.auth)  # fmt: skip
+
+    def reconfigure(self, user_config: dict) -> None:
+        """Ray Serve's ``user_config`` hook (`DraftUpdate`): load the named draft and swap it in once the rows
+        decoding now have finished (`EngineLoop.swap_draft`); requests meanwhile wait for the swap, none fails.
+        A bad config or a draft that does not load raises, so Serve reports the update as failed and the
+        replica keeps its draft."""
+        from specvlm.config import parse_config
+        from specvlm.loading import load_draft
+
+        update = parse_config(dict(user_config or {}), DraftUpdate, source="user_config")
+        if update.draft is None:
+            return
+        if self.cfg.engine.mode == "ar":
+            raise ValueError("user_config.draft: this replica decodes in mode 'ar', without a draft")
+        draft = load_draft(update.draft)
+        draft.check_fits(self.runner.engine.target)  # refused here, before the engine thread would
+        self.engine_loop.swap_draft(draft, update.draft_version or update.draft)
+        log.info("draft %s loaded; it decodes from the next time the engine is empty", update.draft)
 
     def check_health(self) -> None:
         """Serve's health check: a replica whose engine thread has gone is restarted."""
@@ -259,7 +278,7 @@ class SpecVLMServer:
     # ---------------------------------------------------------------- routes
     @fastapi_app.get("/health")
     async def health(self) -> dict:
-        return {"status": "ok", "model": self.model_name}
+        return {"status": "ok", "model": self.model_name, "draft_version": self.engine_loop.draft_version}
 
     @fastapi_app.get("/v1/models")
     async def models(self, request: Request):
@@ -392,7 +411,10 @@ class SpecVLMServer:
 def application(cfg: ServeAppConfig):
     """The Serve application for a validated config: `SpecVLMServer` with its deployment options, bound to
     ``cfg`` itself (a frozen pydantic model; Serve pickles it into each replica)."""
-    return SpecVLMServer.options(**cfg.deployment.options()).bind(cfg)
+    # the replicas' init argument leaves user_config out: a deploy that changes only it is then a lightweight
+    # update (`reconfigure` on the running replicas), not a new version of the deployment
+    init = cfg.model_copy(update={"deployment": cfg.deployment.model_copy(update={"user_config": None})})
+    return SpecVLMServer.options(**cfg.deployment.options()).bind(init)
 
 
 def build_app(args: dict):

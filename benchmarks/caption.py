@@ -37,8 +37,8 @@ from benchmarks.report import RESULTS, to_markdown, write_results
 
 COLS = ["method", "actors", "rows", "wall_s", "images_per_s", "tokens_per_s", "steady_images_per_s",
         "steady_tokens_per_s", "overhead", "accept_length"]  # fmt: skip
-ACTOR_COLS = ["batching", "batch", "max_rows", "callers", "rows", "wall_s", "images_per_s", "tokens_per_s",
-              "speedup", "rows_per_step", "accept_length", "diff_rows"]  # fmt: skip
+ACTOR_COLS = ["batching", "batch", "max_rows", "callers", "rows", "wall_s", "images_per_s", "images_per_s_range",
+              "tokens_per_s", "speedup", "rows_per_step", "accept_length", "diff_rows"]  # fmt: skip
 
 
 def write_inputs(folder: Path, n: int, p_video: float = 0.2, seed: int = 31337) -> list[Path]:
@@ -138,9 +138,12 @@ def actor(cfg, batches: list, batching: str, max_rows: int, callers: int) -> tup
     return row, {r["id"]: (r["caption"], r["num_tokens"], r["error"]) for r in outs}
 
 
-def actor_sweep(base, paths: list[Path], batch_sizes: tuple[int, ...] = (8, 16)) -> list[dict]:
+def actor_sweep(base, paths: list[Path], batch_sizes: tuple[int, ...] = (8, 16), rounds: int = 3) -> list[dict]:
     """Static (one caller) vs continuous (two callers, max_rows = batch and 2 x batch) at each batch size, on
-    the same inputs decoded once beforehand."""
+    the same inputs decoded once beforehand: ``rounds`` interleaved rounds (the first variant rotating), each
+    row the median run of its variant with the range of images/s."""
+    import statistics
+
     from pipelines import caption_io as cio
 
     listed = [{"id": p.name, "uri": str(p)} for p in paths]
@@ -148,14 +151,21 @@ def actor_sweep(base, paths: list[Path], batch_sizes: tuple[int, ...] = (8, 16))
     for b in batch_sizes:
         cfg = base.model_copy(update={"batch_size": b})
         batches = [cio.decode_rows(cio.listed_table(listed[i : i + b]), cfg.decode) for i in range(0, len(listed), b)]
-        ref, ref_out = actor(cfg, batches, "static", b, 1)
-        ref["speedup"], ref["diff_rows"] = 1.0, 0
-        rows.append(ref)
-        print(to_markdown(rows[-1:], ACTOR_COLS).splitlines()[-1], flush=True)
-        for max_rows in (b, 2 * b):
-            row, out = actor(cfg, batches, "continuous", max_rows, 2)
-            row["speedup"] = row["images_per_s"] / ref["images_per_s"]
-            row["diff_rows"] = sum(out.get(k) != v for k, v in ref_out.items()) + len(out.keys() - ref_out.keys())
+        variants = [("static", b, 1), ("continuous", b, 2), ("continuous", 2 * b, 2)]
+        runs: dict[tuple, list[tuple[dict, dict]]] = {v: [] for v in variants}
+        for r in range(rounds):
+            for v in variants[r % 3 :] + variants[: r % 3]:
+                runs[v].append(actor(cfg, batches, *v))
+        ref_out = runs[variants[0]][0][1]
+        medians = {}
+        for v in variants:
+            rates = [row["images_per_s"] for row, _ in runs[v]]
+            row = dict(sorted((row for row, _ in runs[v]), key=lambda x: x["images_per_s"])[len(rates) // 2])
+            row["images_per_s_range"] = f"{min(rates):.1f}-{max(rates):.1f}"
+            row["diff_rows"] = max(sum(out.get(k) != x for k, x in ref_out.items()) + len(out.keys() - ref_out.keys())
+                                   for _, out in runs[v])  # fmt: skip
+            medians[v] = statistics.median(rates)
+            row["speedup"] = medians[v] / medians[variants[0]]
             rows.append(row)
             print(to_markdown(rows[-1:], ACTOR_COLS).splitlines()[-1], flush=True)
     return rows
@@ -193,6 +203,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--small", type=int, default=32, help="inputs of the run that measures the fixed per-job cost")
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=3, help="--actor-sweep: interleaved rounds (medians, ranges)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--actor-sweep", action="store_true",
                     help="only the Captioner's batching, called directly: static vs continuous at batch 8 and 16 "
@@ -254,17 +265,18 @@ def main(argv: list[str] | None = None) -> None:
 
 def main_actor_sweep(args, base, load_before: float) -> None:
     with tempfile.TemporaryDirectory(prefix="specvlm-bench-caption-") as tmp:
-        rows = actor_sweep(base, write_inputs(Path(tmp), args.num))
+        rows = actor_sweep(base, write_inputs(Path(tmp), args.num), rounds=args.repeats)
     header = (
         f"## Captioner batching, called directly: demo model ({base.engine.mode}, CPU tree), {args.num} inputs "
-        f"(~20% videos), greedy, max {args.max_new_tokens} new tokens, CPU (1 torch thread)"
+        f"(~20% videos), greedy, max {args.max_new_tokens} new tokens, CPU (1 torch thread); the median of "
+        f"{args.repeats} interleaved rounds (range)"
     )
     notes = (
         "\n\nstatic: one caller thread, each call's batch decoded to its end (the engine loop in static mode). "
         "continuous: two caller threads, as Ray Data runs two calls at once per actor; the engine loop admits "
         "rows at every round while fewer than max_rows decode. Inputs are decoded before the clock starts; a "
         "warm-up call per variant is excluded. rows_per_step: mean rows per engine step (decoded or prefilled). "
-        "speedup: images/s over static at the same batch. diff_rows: rows whose caption, token count or error "
+        "speedup: median images/s over static's at the same batch. diff_rows: rows whose caption, token count or error "
         "differ from static's (must be 0: greedy rows do not depend on their neighbours). "
         f"1-minute load average of the machine: {load_before:.1f} before, {os.getloadavg()[0]:.1f} after "
         f"({os.cpu_count()} cores).\n"

@@ -17,8 +17,8 @@ Two policies, one interface (`tree_for(rows)`, `trees()`, `observe(...)`):
   `EngineConfig.auto_rows` live rows, on synthetic text prompts); a round
   speculates while its cost per expected token beats a plain step's, the
   expected tokens per round being the accept length measured on the
-  engine's own rounds (`EngineConfig.auto_accept_length` before any).
-  Between measured sizes the largest one not above the rows decides.
+  engine's own rounds (`EngineConfig.auto_accept_length` before any), and
+  the costs corrected by what the engine's own rounds take.
 
 Outputs never depend on the policy: every tree (and no tree) is lossless.
 """
@@ -60,49 +60,69 @@ class TablePolicy:
 
 
 class AutoPolicy:
-    """Speculate at ``rows`` live rows while ``spec_ms / accept_length < ar_ms`` at the largest measured size
-    not above ``rows`` (below the smallest: the smallest's decision).
+    """Speculate at ``rows`` live rows while ``spec_ms(rows) / accept_length < ar_ms(rows)``.
 
-    What it learns from the engine's own rounds (`observe`):
+    The costs are the start-up measurements (`SpecVLMEngine.calibrate`), linear between measured sizes (below
+    the smallest: the smallest's; beyond the largest: its last segment extended), each scaled by what the
+    engine's own rounds show: synthetic prompts give full trees where real traffic, which the draft predicts
+    better, gives smaller bounded ones, so every measured round moves a running ratio of measured to
+    calibrated cost for its kind (speculative or plain) at its number of rows.
 
-    * the accept length: a running mean of every speculative round's tokens per row (the prior counts as one
-      round, then an exponential average of weight ``smoothing``); it does not depend on the batch size, since
-      each row's tree and acceptance are its own;
-    * the step costs, where a round ran at exactly a measured size (an exponential average of the same
-      weight): start-up timed synthetic prompts, real traffic keeps the table true;
-    * while a size runs without speculation, every ``explore``-th round there speculates anyway, so a draft
-      that got better (or a prior that was too low) is noticed.
+    The accept length is the tokens per row-round of the speculative rounds so far, pooled (each round
+    weighs by its rows, as `engine.pooled_accept_length` does) with a decay of ``smoothing`` per round; the
+    prior counts as one row-round. It does not depend on the batch size: each row's tree is its own.
+
+    A decision flips only when the other side wins by more than ``margin`` (switching costs the draft a
+    catch-up forward), and while a size runs without speculation every ``explore``-th round there speculates
+    anyway, so a better draft (or a prior that was too low) is noticed.
 
     Args:
         tree: the tree every speculative round uses.
-        costs: `StepCost` per measured size (`SpecVLMEngine.calibrate`).
+        costs: `StepCost` per measured size.
         accept_length: the expected tokens per round before any round was observed.
-        smoothing: weight of the newest round in the running averages.
+        smoothing: weight of the newest round in the running estimates.
+        margin: the relative win that flips a decision.
         explore: a speculative round every this many plain ones.
     """
 
     def __init__(self, tree: TreeConfig, costs: list[StepCost], accept_length: float, smoothing: float = 0.05,
-                 explore: int = 32):  # fmt: skip
+                 margin: float = 0.05, explore: int = 32):  # fmt: skip
         if not costs:
             raise ValueError("AutoPolicy needs at least one measured step cost")
         self.tree = tree
-        self.costs = {c.rows: c for c in sorted(costs, key=lambda c: c.rows)}
-        self.accept_length = accept_length
-        self.smoothing, self.explore = smoothing, explore
+        self.costs = sorted(costs, key=lambda c: c.rows)
+        self.smoothing, self.margin, self.explore = smoothing, margin, explore
+        self._tokens, self._row_rounds = accept_length, 1.0  # decayed sums behind accept_length
+        self.scale = {"spec": 1.0, "ar": 1.0}  # measured / calibrated cost, running
         self.rounds = 0  # speculative rounds observed
+        self._on = True  # the last decision
         self._plain = 0  # plain rounds since the last speculative one
 
-    def _cost(self, rows: int) -> StepCost:
-        sizes = list(self.costs)
-        return self.costs[max((s for s in sizes if s <= rows), default=sizes[0])]
+    @property
+    def accept_length(self) -> float:
+        return self._tokens / self._row_rounds
+
+    def calibrated(self, rows: int) -> tuple[float, float]:
+        """``(ar_ms, spec_ms)`` at ``rows`` live rows from the start-up table alone."""
+        c = self.costs
+        if rows <= c[0].rows or len(c) == 1:
+            return c[0].ar_ms, c[0].spec_ms
+        lo, hi = next(((a, b) for a, b in zip(c, c[1:]) if rows <= b.rows), (c[-2], c[-1]))
+        t = (rows - lo.rows) / (hi.rows - lo.rows)
+        return lo.ar_ms + t * (hi.ar_ms - lo.ar_ms), lo.spec_ms + t * (hi.spec_ms - lo.spec_ms)
+
+    def _per_token(self, rows: int) -> tuple[float, float]:
+        ar, spec = self.calibrated(rows)
+        return ar * self.scale["ar"], spec * self.scale["spec"] / self.accept_length
 
     def speculates(self, rows: int) -> bool:
-        """Whether speculation pays at ``rows`` live rows by the current estimates."""
-        c = self._cost(rows)
-        return c.spec_ms / self.accept_length < c.ar_ms
+        """Whether speculation pays at ``rows`` live rows by the current estimates (with the flip margin)."""
+        ar, spec = self._per_token(rows)
+        return spec < ar * (1 + self.margin) if self._on else spec * (1 + self.margin) < ar
 
     def tree_for(self, rows: int) -> TreeConfig | None:
-        if self.speculates(rows) or self._plain + 1 >= self.explore:
+        self._on = self.speculates(rows)
+        if self._on or self._plain + 1 >= self.explore:
             self._plain = 0
             return self.tree
         self._plain += 1
@@ -114,30 +134,26 @@ class AutoPolicy:
     def observe(self, rows: int, ms: float, accepted: list[int] | None) -> None:
         """One round at ``rows`` live rows took ``ms``; ``accepted``: each row's tokens from a speculative
         round (accepted path + bonus), None for a plain step."""
-        w = self.smoothing
+        keep = 1 - self.smoothing
         if accepted:
-            mean = sum(accepted) / len(accepted)
-            self.accept_length += max(w, 1 / (self.rounds + 2)) * (mean - self.accept_length)
+            self._tokens = keep * self._tokens + sum(accepted)
+            self._row_rounds = keep * self._row_rounds + len(accepted)
             self.rounds += 1
-        c = self.costs.get(rows)
-        if c is not None:
-            if accepted is None:
-                self.costs[rows] = StepCost(rows, c.ar_ms + w * (ms - c.ar_ms), c.spec_ms)
-            else:
-                self.costs[rows] = StepCost(rows, c.ar_ms, c.spec_ms + w * (ms - c.spec_ms))
+        kind = "ar" if accepted is None else "spec"
+        base = self.calibrated(rows)[0 if accepted is None else 1]
+        if base > 0:
+            self.scale[kind] += self.smoothing * (ms / base - self.scale[kind])
 
     def crossover(self) -> int | None:
-        """The smallest measured size from which rounds run without speculation (None: speculation pays at
-        every measured size)."""
-        return next((r for r in self.costs if not self.speculates(r)), None)
+        """The smallest measured size from which plain decoding is cheaper per token by the current estimates
+        (None: speculation pays at every measured size)."""
+        return next((c.rows for c in self.costs if self._per_token(c.rows)[1] >= self._per_token(c.rows)[0]), None)
 
     def describe(self) -> dict:
         return {
             "policy": "auto",
             "accept_length": round(self.accept_length, 3),
             "crossover": self.crossover(),
-            "costs": [
-                {"rows": c.rows, "ar_ms": round(c.ar_ms, 3), "spec_ms": round(c.spec_ms, 3)}
-                for c in self.costs.values()
-            ],  # fmt: skip
+            "scale": {k: round(v, 3) for k, v in self.scale.items()},
+            "costs": [{"rows": c.rows, "ar_ms": round(c.ar_ms, 3), "spec_ms": round(c.spec_ms, 3)} for c in self.costs],
         }

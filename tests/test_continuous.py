@@ -180,24 +180,29 @@ def test_batch_aware_trees_never_change_outputs(trained_pair):
 
 
 def test_auto_policy_decides_from_costs_learns_accept_length_and_explores():
-    """`AutoPolicy`: speculate while a round's cost per expected token beats a plain step's; the accept
-    length and the costs at measured sizes follow the engine's rounds; an off size still speculates every
+    """`AutoPolicy`: speculate while a round's cost per expected token beats a plain step's (costs linear
+    between measured sizes); the accept length (pooled over row-rounds) and a measured/calibrated cost ratio
+    follow the engine's rounds; a decision flips only past the margin; an off size still speculates every
     ``explore``-th round."""
     from specvlm.policy import AutoPolicy, StepCost
 
     tree = EngineConfig().tree
     costs = [StepCost(1, 4.0, 10.0), StepCost(4, 5.0, 14.0), StepCost(16, 8.0, 40.0)]
     policy = AutoPolicy(tree, costs, accept_length=3.0, explore=4)
-    assert [policy.speculates(r) for r in (1, 3, 4, 15, 16, 64)] == [True, True, True, True, False, False]
+    assert policy.calibrated(10) == pytest.approx((6.5, 27.0)) and policy.calibrated(28) == pytest.approx((11.0, 66.0))
+    assert [policy.speculates(r) for r in (1, 3, 4, 15, 16, 64)] == [True, True, True, False, False, False]
     assert policy.crossover() == 16
     assert [policy.tree_for(16) is not None for _ in range(8)] == [False, False, False, True] * 2
-    policy.observe(4, 14.0, [2, 2])  # the prior counts as one round: (3 + 2) / 2
-    assert policy.accept_length == pytest.approx(2.5) and policy.rounds == 1
-    assert not policy.speculates(4)  # 14 / 2.5 > 5
-    policy.observe(4, 5.0, None)  # a plain step at a measured size moves its cost
-    assert policy.costs[4].ar_ms == pytest.approx(5.0)
-    policy.observe(3, 99.0, None)  # not a measured size: no cost moves
-    assert [c.ar_ms for c in policy.costs.values()] == [4.0, 5.0, 8.0]
+    policy.observe(4, 14.0, [2, 2])  # the prior counts as one row-round: (0.95 * 3 + 4) / (0.95 + 2)
+    assert policy.accept_length == pytest.approx(6.85 / 2.95) and policy.rounds == 1
+    assert policy.scale == {"spec": 1.0, "ar": 1.0}  # the round took what the table said
+    policy.observe(4, 10.0, None)  # plain steps take twice the table's time: the ratio moves by 5%
+    assert policy.scale["ar"] == pytest.approx(1.05)
+
+    tie = AutoPolicy(tree, [StepCost(1, 10.0, 31.0)], accept_length=3.0)
+    assert tie.tree_for(1) is not None  # 10.33 per token against 10: within the margin, stays on
+    tie.observe(1, 40.0, [2])  # a slow round that accepted little
+    assert tie.tree_for(1) is None
     with pytest.raises(ValueError, match="at least one"):
         AutoPolicy(tree, [], 3.0)
 

@@ -443,6 +443,33 @@ def test_loop_a_short_request_joins_mid_decode_and_finishes_first(tiny):
     assert depths[-1] == (0, 0) and tiny.engine.num_rows == 0
 
 
+def test_loop_swaps_a_draft_once_the_rows_decoding_have_finished(tiny):
+    """`EngineLoop.swap_draft`: the row decoding keeps its draft to the end, a row arriving meanwhile waits and
+    decodes with the new one; usage names the draft of each; a draft the engine refuses leaves the old one."""
+    from specvlm import EagleDraft
+    from specvlm.tiny import tiny_llava
+
+    engine, old = tiny.engine, tiny.engine.draft
+    new = EagleDraft.from_target(engine.target.model, seed=5)
+    loop = EngineLoop(engine, 0, max_rows=4, draft_version="v1")
+    try:
+        a = Request(tiny, loop, 0).submit()
+        loop.run_once()
+        loop.swap_draft(new, "v2")
+        b = Request(tiny, loop, 1).submit()
+        loop.run_once()
+        assert loop.active == 1 and loop.waiting == 1 and engine.draft is old  # b waits for a to end
+        drain(loop)
+        assert engine.draft is new and loop.draft_version == "v2"
+        assert [r.updates[-1][1].usage["draft_version"] for r in (a, b)] == ["v1", "v2"]
+        assert a.job.text.tokens == tiny.ar[0] and b.job.text.tokens == tiny.ar[1]
+        loop.swap_draft(EagleDraft.from_target(tiny_llava(hidden=32)), "other-target")  # made for another target
+        drain(loop)
+        assert engine.draft is new and loop.draft_version == "v2"
+    finally:
+        engine.set_draft(old)
+
+
 def test_loop_a_cancelled_request_frees_its_row_at_the_next_round(tiny):
     loop = EngineLoop(tiny.engine, 0, max_rows=2)
     a, b = Request(tiny, loop, 0).submit(), Request(tiny, loop, 1).submit()

@@ -29,6 +29,7 @@ class Server:
     url: str  # http://127.0.0.1:PORT
     port: int
     images: list[str]  # data: URLs of demo scenes
+    config: str  # the app's args, as JSON
 
     def client(self, **kw):
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key=KEY, max_retries=0, **kw)
@@ -76,7 +77,8 @@ def server(ray_local, small_demo, tmp_path_factory):
     serve.run(build_app(cfg), name="specvlm-test", route_prefix="/")
     world = ShapesWorld(21)
     try:
-        yield Server(f"http://127.0.0.1:{port}", port, [png_url(world.image_scene()[0]) for _ in range(4)])
+        yield Server(f"http://127.0.0.1:{port}", port, [png_url(world.image_scene()[0]) for _ in range(4)],
+                     json.dumps(cfg))  # fmt: skip
     finally:
         serve.shutdown()
 
@@ -322,3 +324,27 @@ def test_replica_still_answers_correctly(server, reference):
     assert httpx.get(f"{server.url}/health").status_code == 200
     for i in (0, 3):
         assert ask(server.client(), user(QUESTION, server.images[i])).choices[0].message.content == reference[i]
+
+
+def test_a_user_config_update_swaps_the_draft_without_restarting_the_replica(server, reference, small_demo, tmp_path):
+    """`SpecVLMServer.reconfigure`: redeploying with only ``deployment.user_config`` changed swaps the draft in the
+    running replica (same replica: its ``created`` stays); answers stay the target's, usage names the new draft."""
+    from ray import serve
+
+    from actors.serving import build_app
+    from specvlm import EagleDraft
+
+    demo, _ = small_demo
+    EagleDraft.from_target(demo.target, seed=3).save_pretrained(tmp_path / "v2")
+    created = server.client().models.list().data[0].created
+    before = ask(server.client(), user(QUESTION, server.images[0]))
+    assert before.usage.model_extra["draft_version"] == str(demo.path / "draft")
+    cfg = json.loads(server.config)
+    cfg["deployment"]["user_config"] = {"draft": str(tmp_path / "v2"), "draft_version": "v2"}
+    serve.run(build_app(cfg), name="specvlm-test", route_prefix="/")
+    deadline = time.monotonic() + 60
+    while httpx.get(f"{server.url}/health").json()["draft_version"] != "v2" and time.monotonic() < deadline:
+        time.sleep(0.2)
+    after = ask(server.client(), user(QUESTION, server.images[0]))
+    assert after.usage.model_extra["draft_version"] == "v2" and after.choices[0].message.content == reference[0]
+    assert server.client().models.list().data[0].created == created  # the same replica
