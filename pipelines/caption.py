@@ -105,7 +105,8 @@ class CaptionJobConfig(StrictModel):
     )  # fmt: skip
     max_rows: int | None = Field(
         None, ge=1, description="rows decoding at once in an actor's engine (bounds its KV memory); None = "
-        "batch_size: the peak memory of a static batch",
+        "batch_size times the calls an actor takes at once (continuous: 2 x batch_size; set batch_size to keep a "
+        "static batch's peak memory)",
     )  # fmt: skip
     gpus_per_actor: float | None = Field(
         None, ge=0, description="None = 1 if the cluster has GPUs, else 0; 0.5 puts two actors on a GPU"
@@ -120,8 +121,8 @@ class CaptionJobConfig(StrictModel):
     rows_per_file: int = Field(256, ge=1, description="rows buffered per parquet part (a crash redoes at most these)")
 
     def engine_rows(self) -> int:
-        """The actor engine loop's ``max_rows``: ``max_rows``, else ``batch_size``."""
-        return self.max_rows or self.batch_size
+        """The actor engine loop's ``max_rows``: ``max_rows``, else every row of the calls an actor runs at once."""
+        return self.max_rows or self.batch_size * self.calls_per_actor()
 
     def calls_per_actor(self) -> int:
         """Calls Ray Data runs at once on one actor: `CALLS_PER_ACTOR` when continuous, else 1."""
@@ -354,6 +355,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--batching", choices=("continuous", "static"), help="batching (the actors' engine loops)")
     ap.add_argument("--gpus-per-actor", type=float, help="GPUs per actor (fractions share a GPU)")
     ap.add_argument("--mode", choices=("ar", "eagle", "specvlm"), help="engine.mode")
+    ap.add_argument("--draft", help="model.draft: the draft to decode with (an EagleDraft folder or s3:// prefix, "
+                    "e.g. from specvlm distill)")  # fmt: skip
     ap.add_argument("--print-config", action="store_true",
                     help="print the job config (every default, with --config and the flags above applied) as YAML "
                     "and exit")  # fmt: skip
@@ -377,6 +380,8 @@ def _config(args: argparse.Namespace) -> CaptionJobConfig:
         data["sampling"]["max_new_tokens"] = args.max_new_tokens
     if args.mode is not None:
         data["engine"]["mode"] = args.mode
+    if args.draft is not None:
+        data["model"]["draft"] = args.draft
     return parse_config(data, CaptionJobConfig, source="command line")
 
 

@@ -62,11 +62,11 @@ class TablePolicy:
 class AutoPolicy:
     """Speculate at ``rows`` live rows while ``spec_ms(rows) / accept_length < ar_ms(rows)``.
 
-    The costs are the start-up measurements (`SpecVLMEngine.calibrate`), linear between measured sizes (below
-    the smallest: the smallest's; beyond the largest: its last segment extended), each scaled by what the
-    engine's own rounds show: synthetic prompts give full trees where real traffic, which the draft predicts
-    better, gives smaller bounded ones, so every measured round moves a running ratio of measured to
-    calibrated cost for its kind (speculative or plain) at its number of rows.
+    The costs are the start-up measurements (`SpecVLMEngine.calibrate`, made non-decreasing in the rows),
+    linear between measured sizes (below the smallest: the smallest's; beyond the largest: its last segment
+    extended), each scaled by what the engine's own rounds show: synthetic prompts give full trees where
+    real traffic, which the draft predicts better, gives smaller bounded ones, so every measured round moves
+    a running ratio of measured to calibrated cost for its kind (speculative or plain) at its rows.
 
     The accept length is the tokens per row-round of the speculative rounds so far, pooled (each round
     weighs by its rows, as `engine.pooled_accept_length` does) with a decay of ``smoothing`` per round; the
@@ -90,7 +90,11 @@ class AutoPolicy:
         if not costs:
             raise ValueError("AutoPolicy needs at least one measured step cost")
         self.tree = tree
-        self.costs = sorted(costs, key=lambda c: c.rows)
+        # a step over more rows never costs less: a timing below a smaller size's is noise, raised to it
+        self.costs, ar, spec = [], 0.0, 0.0
+        for c in sorted(costs, key=lambda c: c.rows):
+            ar, spec = max(ar, c.ar_ms), max(spec, c.spec_ms)
+            self.costs.append(StepCost(c.rows, ar, spec))
         self.smoothing, self.margin, self.explore = smoothing, margin, explore
         self._tokens, self._row_rounds = accept_length, 1.0  # decayed sums behind accept_length
         self.scale = {"spec": 1.0, "ar": 1.0}  # measured / calibrated cost, running

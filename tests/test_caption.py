@@ -109,6 +109,7 @@ def test_cli_flags_override_the_config(tmp_path):
     assert (cfg.input, cfg.actors.min, cfg.actors.max, cfg.sampling.max_new_tokens) == ("s3://b/in", 1, 3, 5)
     assert (cfg.engine.mode, cfg.gpus_per_actor, cfg.batch_size, cfg.decode.prompt) == ("eagle", 0.5, 2, "what is it?")
     assert parse_args(["--actors", "2"]).actors.max == 2
+    assert parse_args(["--draft", "s3://b/drafts/v3"]).model.draft == "s3://b/drafts/v3"
     with pytest.raises(ConfigError, match="batch_size"):
         parse_args(["--batch-size", "0"])
 

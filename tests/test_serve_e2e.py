@@ -326,25 +326,48 @@ def test_replica_still_answers_correctly(server, reference):
         assert ask(server.client(), user(QUESTION, server.images[i])).choices[0].message.content == reference[i]
 
 
-def test_a_user_config_update_swaps_the_draft_without_restarting_the_replica(server, reference, small_demo, tmp_path):
-    """`SpecVLMServer.reconfigure`: redeploying with only ``deployment.user_config`` changed swaps the draft in the
-    running replica (same replica: its ``created`` stays); answers stay the target's, usage names the new draft."""
-    from ray import serve
-
-    from actors.serving import build_app
+def test_a_user_config_update_swaps_the_draft_without_restarting_the_replica(server, small_demo, ray_head, tmp_path):
+    """`SpecVLMServer.reconfigure`, as a RayService or `serve deploy` drives it: a config deploy (Serve's REST API)
+    whose only change is ``user_config`` swaps the draft in the running replica (same replica: its ``created``
+    stays); answers stay the target's and usage names the new draft."""
     from specvlm import EagleDraft
 
     demo, _ = small_demo
     EagleDraft.from_target(demo.target, seed=3).save_pretrained(tmp_path / "v2")
-    created = server.client().models.list().data[0].created
-    before = ask(server.client(), user(QUESTION, server.images[0]))
-    assert before.usage.model_extra["draft_version"] == str(demo.path / "draft")
-    cfg = json.loads(server.config)
-    cfg["deployment"]["user_config"] = {"draft": str(tmp_path / "v2"), "draft_version": "v2"}
-    serve.run(build_app(cfg), name="specvlm-test", route_prefix="/")
-    deadline = time.monotonic() + 60
-    while httpx.get(f"{server.url}/health").json()["draft_version"] != "v2" and time.monotonic() < deadline:
-        time.sleep(0.2)
-    after = ask(server.client(), user(QUESTION, server.images[0]))
-    assert after.usage.model_extra["draft_version"] == "v2" and after.choices[0].message.content == reference[0]
-    assert server.client().models.list().data[0].created == created  # the same replica
+    args = json.loads(server.config)
+    args.pop("image_fetch")
+    app = {"name": "specvlm-drafts", "route_prefix": "/drafts", "import_path": "actors.serving:build_app",
+           "args": args}  # fmt: skip
+    api = f"{ray_head.dashboard_url}/api/serve/applications/"
+    http = {"host": "127.0.0.1", "port": server.port}
+
+    def deploy(user_config: dict | None) -> None:
+        body = {"http_options": http, "applications": [{**app, "deployments": [
+            {"name": "SpecVLMServer", **({"user_config": user_config} if user_config else {})}]}]}  # fmt: skip
+        assert httpx.put(api, json=body, timeout=60).status_code == 200
+
+    def health() -> dict:
+        r = httpx.get(f"{server.url}/drafts/health", timeout=10)
+        return r.json() if r.status_code == 200 else {}
+
+    def wait_for(version: str) -> None:
+        deadline = time.monotonic() + 120
+        while health().get("draft_version") != version and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert health().get("draft_version") == version
+
+    client = openai.OpenAI(base_url=f"{server.url}/drafts/v1", api_key=KEY, max_retries=0)
+    try:
+        deploy(None)
+        wait_for(str(demo.path / "draft"))
+        created = client.models.list().data[0].created
+        before = ask(client, user(QUESTION, server.images[0]))
+        assert before.usage.model_extra["draft_version"] == str(demo.path / "draft")
+        deploy({"draft": str(tmp_path / "v2"), "draft_version": "v2"})
+        wait_for("v2")
+        after = ask(client, user(QUESTION, server.images[0]))
+        assert after.usage.model_extra["draft_version"] == "v2"
+        assert after.choices[0].message.content == before.choices[0].message.content  # lossless either way
+        assert client.models.list().data[0].created == created  # the same replica: reconfigured, not restarted
+    finally:
+        httpx.delete(api, timeout=60)
