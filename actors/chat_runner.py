@@ -85,7 +85,6 @@ class ChatJob:
         return RowUpdate(error=reason)
 
 
-Sink = Callable[[RowUpdate], None]  # where one request's updates go (called in the engine thread)
 Post = Callable[[dict[int, RowUpdate]], None]  # `ChatRunner.run`: {batch index: update}
 
 

@@ -257,7 +257,9 @@ class EngineLoop:
                 self._last(self._rows.pop(rid), req.job.fail(CANCELLED, None))
                 continue
             finished = rid in event.finished
-            update, ended = req.job.push(toks, finished, {**event.stats[rid], "draft_version": self.draft_version})
+            stats = event.stats[rid]  # the engine builds these dicts afresh each step
+            stats["draft_version"] = self.draft_version  # the draft that decoded the row (swaps wait for empty)
+            update, ended = req.job.push(toks, finished, stats)
             if not (ended or finished):
                 if update is not None:
                     self._post(req, update)

@@ -255,12 +255,17 @@ def main(argv: list[str] | None = None) -> None:
         f"load). steady_*: the marginal rate between the {args.num}-input run and a {args.small}-input run "
         "(fixed per-job cost cancelled). overhead = 1 - steady images/s of the 1-actor pipeline / direct images/s "
         "(target <= 15%). "
-        f"1-minute load average of the machine: {load_before:.1f} before, {os.getloadavg()[0]:.1f} after "
-        f"({os.cpu_count()} cores; other users' work shows up here).\n"
     )
-    report = header + "\n\n" + to_markdown(rows, COLS) + notes
+    _report(args.out, "caption", header, rows, COLS, notes, load_before)
+
+
+def _report(out: Path, name: str, header: str, rows: list[dict], cols: list[str], notes: str, load_before: float):
+    """Print and write ``results/<name>``: header, table, notes and the machine's load around the run."""
+    load = (f"1-minute load average of the machine: {load_before:.1f} before, {os.getloadavg()[0]:.1f} after "
+            f"({os.cpu_count()} cores; other users' work shows up here).\n")  # fmt: skip
+    report = header + "\n\n" + to_markdown(rows, cols) + notes + load
     print(report)
-    write_results(args.out, "caption", report, rows)
+    write_results(out, name, report, rows)
 
 
 def main_actor_sweep(args, base, load_before: float) -> None:
@@ -278,12 +283,8 @@ def main_actor_sweep(args, base, load_before: float) -> None:
         "warm-up call per variant is excluded. rows_per_step: mean rows per engine step (decoded or prefilled). "
         "speedup: median images/s over static's at the same batch. diff_rows: rows whose caption, token count or error "
         "differ from static's (must be 0: greedy rows do not depend on their neighbours). "
-        f"1-minute load average of the machine: {load_before:.1f} before, {os.getloadavg()[0]:.1f} after "
-        f"({os.cpu_count()} cores).\n"
     )
-    report = header + "\n\n" + to_markdown(rows, ACTOR_COLS) + notes
-    print(report)
-    write_results(args.out, "caption-actor", report, rows)
+    _report(args.out, "caption-actor", header, rows, ACTOR_COLS, notes, load_before)
     if any(r["diff_rows"] for r in rows):
         raise SystemExit("continuous batching changed some outputs (diff_rows > 0)")
 

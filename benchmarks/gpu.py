@@ -156,7 +156,7 @@ def verify_cost(model, inputs: dict, nodes: list[int], repeats: int, device: tor
     causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()[None] & mask.bool()[:, None, :]  # [B, T, T]
     rope = tgt.rotary_table(kv.max_len)
     feats = tgt.forward(prompt.embeds, prompt.positions, kv.begin(T, causal), kv, rope)  # [B, T, D]
-    kv.advance(torch.full((B,), T, device=device))
+    kv.advance(T)
     root = tgt.logits(feats[:, -1]).argmax(-1)  # [B]
     pos = prompt.next_position  # [B]
     committed = kv.lengths.clone()

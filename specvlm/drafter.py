@@ -78,7 +78,7 @@ class Drafter:
         self.kv.valid[:, :T2] = d_valid
         rope = self.rope = self.rope.covering(max(self.kv.max_len, max_pos))
         g = draft.decode(h, d_pos, self.kv.begin(T2, d_causal), self.kv, rope)  # [N, T', D]
-        self.kv.advance(torch.full((N,), T2, device=dev), T2)
+        self.kv.advance(T2)
         self.kv.set_window()
         self.hidden = torch.cat([self.hidden, g[:, -1]])  # [R, D]
         L = self.lag_tokens.shape[1]

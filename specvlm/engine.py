@@ -473,7 +473,7 @@ class SpecVLMEngine:
         max_pos = max(self.kv.max_len, int(pos.max()) + extra)  # M-RoPE positions may run past the slots
         rope = self._rope = self._rope.covering(max_pos)
         feats = tgt.forward(prompt.embeds, prompt.positions, self.kv.begin(T, causal), self.kv, rope, prompt.deepstack)
-        self.kv.advance(torch.full((N,), T, device=ids.device), T)
+        self.kv.advance(T)
         self.kv.set_window()
         root = self._choose(tgt.logits(feats[:, -1]), group.rows)  # [N]
         target_ms = clock.lap() + group.prompt_ms
@@ -503,7 +503,7 @@ class SpecVLMEngine:
         one = torch.ones(R, 1, 1, dtype=torch.bool, device=dev)  # [R, Q=1, 1] each token sees itself
         f = tgt.forward(tgt.embed_tokens(self._root[:, None]), self._pos[:, None], self.kv.begin(1, one), self.kv,
                         self._rope)  # fmt: skip  # [R, 1, D]
-        self.kv.advance(torch.ones(R, dtype=torch.long, device=dev), 1)
+        self.kv.advance(1)
         root = self._choose(tgt.logits(f[:, 0]), rows)
         verify_ms = clock.lap()
         if self.drafter is not None:

@@ -189,18 +189,19 @@ class SlotKVCache(Cache):
         return keys[:, :, :v], values[:, :, :v]
 
     # ----------------------------------------------------------------- commit
-    def _count(self, n: torch.Tensor, n_host: list[int] | int | None) -> None:
-        """Add ``n`` (``[B]``) to the window's host lengths: ``n_host`` is the caller's host copy of it (a list,
-        or one count for every row); without one, ``n`` is read back (a device-to-host sync)."""
+    def _count(self, n: torch.Tensor | int, n_host: list[int] | None) -> None:
+        """Add ``n`` (``[B]``, or one count for every row) to the window's host lengths: ``n_host`` is the
+        caller's host copy of a tensor ``n``; without one, ``n`` is read back (a device-to-host sync)."""
         a, b = self._win
-        if n_host is None:
+        if isinstance(n, int):
+            n_host = [n] * (b - a)
+        elif n_host is None:
             n_host = n.tolist()
-        elif isinstance(n_host, int):
-            n_host = [n_host] * (b - a)
         self._host[a:b] = [x + y for x, y in zip(self._host[a:b], n_host)]
 
-    def advance(self, n: torch.Tensor, n_host: list[int] | int | None = None) -> None:
-        """Keep the first ``n[b]`` pending slots of each row as written. n: ``[B]``; n_host: see `_count`."""
+    def advance(self, n: torch.Tensor | int, n_host: list[int] | None = None) -> None:
+        """Keep the first ``n[b]`` pending slots of each row as written. n: ``[B]``, or one count for every
+        row; n_host: see `_count`."""
         self.lengths.add_(n)
         self._count(n, n_host)
 

@@ -54,10 +54,6 @@ class TablePolicy:
     def observe(self, rows: int, ms: float, accepted: list[int] | None) -> None:
         """A fixed table learns nothing."""
 
-    def describe(self) -> dict:
-        table = self.config.batch_trees or {}
-        return {"policy": "table", "table": {k: ("off" if v == "off" else v.model_dump()) for k, v in table.items()}}
-
 
 class AutoPolicy:
     """Speculate at ``rows`` live rows while ``spec_ms(rows) / accept_length < ar_ms(rows)``.

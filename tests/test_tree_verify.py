@@ -179,7 +179,7 @@ def test_kv_pool_rows_join_leave_and_overflow():
     assert kv.lengths.tolist() == [1, 4, 3, 0, 0, 0] and kv.keys[0, :3, 0, 0, 0].tolist() == [10.0, 40.0, 30.0]
     kv.set_window(3, 6)
     assert kv.lengths.shape == (3,)
-    kv.advance(torch.ones(3, dtype=torch.long), 1)  # the window's rows only
+    kv.advance(1)  # the window's rows only
     kv.set_window()
     assert kv.lengths.tolist() == kv.host_lengths == [1, 4, 3, 1, 1, 1]
     with pytest.raises(RuntimeError, match="overflow"):
