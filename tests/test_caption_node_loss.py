@@ -101,18 +101,30 @@ def test_lost_node_costs_time_not_the_job(ray_local, ray_head, small_demo, tmp_p
                 time.sleep(0.5)
         killed: list[tuple[int, float]] = []  # (part files written when the node was lost, time)
 
+        worker_ports = {p_port for _, p_port in workers}
+        failures: list[str] = []  # what went wrong in the killer thread, for the assertion message
+
         def kill_the_actors_node():
             deadline, first_seen = time.monotonic() + 120, None
             while time.monotonic() < deadline:
-                alive = list_actors(address=ray_head.dashboard_url, filters=[("state", "=", "ALIVE")],
-                                    raise_on_missing_output=False)  # fmt: skip
-                nodes = {a.node_id for a in alive if "Captioner" in (a.class_name or "")}
+                try:
+                    alive = list_actors(address=ray_head.dashboard_url, filters=[("state", "=", "ALIVE")],
+                                        raise_on_missing_output=False)  # fmt: skip
+                except Exception as e:  # the state API can time out on a loaded 2-core machine: ask again
+                    failures.append(repr(e))
+                    time.sleep(0.2)
+                    continue
+                ports = {nd["NodeID"]: nd["NodeManagerPort"] for nd in ray.nodes()}
+                # only this test's worker nodes: an earlier test's Captioner may still be shutting down
+                # on the head node
+                nodes = {a.node_id for a in alive if "Captioner" in (a.class_name or "")
+                         and ports.get(a.node_id) in worker_ports}  # fmt: skip
                 first_seen = first_seen or (time.monotonic() if nodes else None)
                 # mid-job: a first part file is written, or the actor has been up for 0.5 s with batches queued
                 # for it (on a fast machine the whole job takes a few seconds and its part files may arrive in
                 # one burst at the end, so waiting for a file can miss the job)
                 if nodes and (list(out.glob("*.parquet")) or time.monotonic() - first_seen > 0.5):
-                    port = {nd["NodeID"]: nd["NodeManagerPort"] for nd in ray.nodes()}.get(nodes.pop())
+                    port = ports[nodes.pop()]
                     [proc] = [p for p, p_port in workers if p_port == port]
                     os.kill(raylet_pid(proc), signal.SIGKILL)  # the node is gone, its actor and objects with it
                     killed.append((len(list(out.glob("*.parquet"))), time.monotonic()))
@@ -129,7 +141,7 @@ def test_lost_node_costs_time_not_the_job(ray_local, ray_head, small_demo, tmp_p
         t0 = time.monotonic()
         summary = run(cfg)
         killer.join(5)
-        assert killed and killed[0][0] < n // 2, "the actor's node was not lost mid-job"
+        assert killed and killed[0][0] < n // 2, f"the actor's node was not lost mid-job {failures[-3:]}"
         ids = cio.read_output(str(out), columns=["id"])["id"].to_pylist()
         assert sorted(ids) == [f"{i:02d}.png" for i in range(n)]  # every id exactly once
         assert summary["errors"] == {} and summary["duplicates_removed"] == 0
