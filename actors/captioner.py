@@ -83,10 +83,13 @@ class Captioner:
         sampling: per-row decoding settings.
         batching: the loop's mode, ``continuous`` or ``static`` (`EngineLoop`).
         max_rows: rows decoding at once in the engine, at most (bounds its KV pools).
+        online: online distillation (`pipelines.online_distill`): ``{"buffer": RowBuffer actor handle, "store":
+            draft store root, "poll_s": seconds}``. Each finished row goes to the buffer (`BufferFeeder`: never
+            waits), and each call first looks for a newly promoted draft (`DraftFollower`) and swaps it in.
     """
 
     def __init__(self, model: ModelConfig, engine: EngineConfig, sampling: SamplingConfig, *,
-                 batching: BatchingMode, max_rows: int):  # fmt: skip
+                 batching: BatchingMode, max_rows: int, online: dict | None = None):  # fmt: skip
         from specvlm.inputs import pad_token_id
         from specvlm.loading import load_engine
 
@@ -104,6 +107,14 @@ class Captioner:
                                draft_version=info["draft_version"])  # fmt: skip
         self._thread = threading.Thread(target=self.loop.run, name="specvlm-engine", daemon=True)
         self._thread.start()
+        self.feeder = self.follower = None
+        if online is not None:
+            from specvlm.draft_store import DraftFollower
+
+            from .row_buffer import BufferFeeder
+
+            self.feeder = BufferFeeder(online["buffer"])
+            self.follower = DraftFollower(online["store"], online["poll_s"], current=info["draft_version"])
         self.load_s = time.perf_counter() - t0
 
     def __del__(self) -> None:
@@ -115,6 +126,8 @@ class Captioner:
         from specvlm.engine import row_seed
         from specvlm.inputs import encode, question_chat
 
+        if self.follower is not None and (newer := self.follower.poll()) is not None:
+            self.loop.swap_draft(*newer)  # between batches: the rows decoding finish with the old draft
         rows = batch.select(["id", "uri", "prompt", "pixels", "width", "height", "frames", "fps", "error"]).to_pylist()
         out = {name: [None] * len(rows) for name in OUTPUT_SCHEMA.names}
         for i, r in enumerate(rows):
@@ -157,6 +170,8 @@ class Captioner:
             out["compressor"][i] = st.get("compressor") or "none"
             out["draft_version"][i] = st.get("draft_version")  # the draft that decoded this row
             out["latency_ms"][i] = st["prefill_ms"] + st["draft_ms"] + st["verify_ms"]
+        if self.feeder is not None:  # the target's own outputs, as training rows (dropped if the buffer lags)
+            self.feeder.offer([{"inputs": encoded[i], "response": job.tokens} for i, job in jobs.items()])
         return pa.Table.from_pydict(out, schema=OUTPUT_SCHEMA)
 
 

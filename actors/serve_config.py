@@ -133,6 +133,11 @@ class DraftUpdate(StrictModel):
                               "= keep the draft the replica has")  # fmt: skip
     draft_version: str | None = Field(None, description="the name responses report in usage.draft_version; None = "
                                       "the draft's path")  # fmt: skip
+    draft_store: str | None = Field(
+        None, description="a draft store (specvlm.draft_store: local folder or s3:// prefix, e.g. a caption job's "
+        "<output>/_drafts) whose promoted versions the replica swaps in as they appear; None = follow none",
+    )  # fmt: skip
+    poll_s: float = Field(30.0, gt=0, description="draft_store: how often the replica looks for a promoted version")
 
 
 class DeploymentConfig(StrictModel):

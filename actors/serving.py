@@ -244,6 +244,7 @@ class SpecVLMServer:
                                       draft_version=info["draft_version"])  # fmt: skip
         self._engine_thread = threading.Thread(target=self.engine_loop.run, name="specvlm-engine", daemon=True)
         self._engine_thread.start()
+        self._following: threading.Event | None = None  # set to stop the draft-store follower (reconfigure)
         log.info("specvlm serving %s (mode %s, %s batching of up to %d rows, auth %s)", self.model_name,
                  cfg.engine.mode, b.mode, b.max_batch_size, cfg.auth)  # fmt: skip
 
@@ -256,14 +257,45 @@ class SpecVLMServer:
         from specvlm.loading import load_draft
 
         update = parse_config(dict(user_config or {}), DraftUpdate, source="user_config")
+        if self.cfg.engine.mode == "ar" and (update.draft or update.draft_store):
+            raise ValueError("user_config: this replica decodes in mode 'ar', without a draft")
+        self._follow(update)
         if update.draft is None:
             return
-        if self.cfg.engine.mode == "ar":
-            raise ValueError("user_config.draft: this replica decodes in mode 'ar', without a draft")
         draft = load_draft(update.draft)
         draft.check_fits(self.runner.engine.target)  # refused here, before the engine thread would
         self.engine_loop.swap_draft(draft, update.draft_version or update.draft)
         log.info("draft %s loaded; it decodes from the next time the engine is empty", update.draft)
+
+    def _follow(self, update: DraftUpdate) -> None:
+        """Follow ``update.draft_store`` (or stop following): a thread polls it every ``poll_s`` seconds and swaps
+        each newly promoted version in (`DraftFollower`); a version that does not fit the target is logged and
+        skipped."""
+        from specvlm.draft_store import DraftFollower
+
+        if self._following is not None:
+            self._following.set()  # the old follower's thread ends at its next wake-up
+            self._following = None
+        if update.draft_store is None:
+            return
+        follower = DraftFollower(update.draft_store, update.poll_s, current=self.engine_loop.draft_version)
+        stop = self._following = threading.Event()
+
+        def follow() -> None:
+            while not stop.is_set():
+                newer = follower.poll()
+                if newer is not None:
+                    try:
+                        newer[0].check_fits(self.runner.engine.target)
+                    except ValueError:
+                        log.exception("draft store %s: version %s does not fit the target", update.draft_store,
+                                      newer[1])  # fmt: skip
+                    else:
+                        self.engine_loop.swap_draft(*newer)
+                        log.info("draft store %s: swapping in version %s", update.draft_store, newer[1])
+                stop.wait(update.poll_s)
+
+        threading.Thread(target=follow, name="specvlm-draft-follower", daemon=True).start()
 
     def check_health(self) -> None:
         """Serve's health check: a replica whose engine thread has gone is restarted."""
@@ -271,6 +303,8 @@ class SpecVLMServer:
             raise RuntimeError("the engine thread is not running")
 
     def __del__(self) -> None:  # Serve calls it when the replica shuts down
+        if getattr(self, "_following", None) is not None:
+            self._following.set()
         loop = getattr(self, "engine_loop", None)
         if loop is not None:
             loop.stop()

@@ -152,14 +152,14 @@ def speed(demo, n: int = 16, max_new_tokens: int = 48, repeats: int = 3, device:
 def accept_vs_steps(demo, steps: int = 400, eval_at=(0, 25, 50, 100, 200, 300, 400), n_eval: int = 16) -> list[dict]:
     """Distil a fresh draft on the demo target; measure real accept length at ``eval_at`` steps."""
     tree = TreeConfig(top_k=4, total_tokens=16, depth=5)
-    held_out = examples(seed=4242, n=n_eval, p_video=0.25, p_qa=0.35)
+    held_out = [encode_samples(demo.processor, [s]) for s in examples(seed=4242, n=n_eval, p_video=0.25, p_qa=0.35)]
     curve = []
 
     def on_step(step: int, draft) -> None:
         if step in eval_at:
             draft.eval()
             eng = SpecVLMEngine(demo.target, draft, EngineConfig(mode="eagle", tree=tree))
-            acc = evaluate_accept_length(eng, demo.processor, held_out)
+            acc = evaluate_accept_length(eng, held_out)
             curve.append({"step": step, "accept_length": acc})
             print(f"  step {step}: accept length {acc:.2f}", flush=True)
 

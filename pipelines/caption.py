@@ -60,6 +60,7 @@ from specvlm.config import (
 from specvlm.loading import VIDEO_FAMILIES, resolve_model, target_family
 
 from . import caption_io as cio
+from .online_distill import OnlineDistill, OnlineDistillConfig
 from .ray_cluster import add_address_flag, init_ray
 
 MAX_INPUT_BLOCKS = 1000  # listed files are cut into at most this many blocks (small jobs: one row per block)
@@ -119,6 +120,10 @@ class CaptionJobConfig(StrictModel):
         -1, ge=-1, description="retries of a batch whose actor died or is restarting (-1 = until it is done)"
     )
     rows_per_file: int = Field(256, ge=1, description="rows buffered per parquet part (a crash redoes at most these)")
+    online_distill: OnlineDistillConfig = Field(
+        OnlineDistillConfig(), description="distil the draft from this job's rows while it runs, and swap promoted "
+        "versions into the actors (pipelines.online_distill)",
+    )  # fmt: skip
 
     def engine_rows(self) -> int:
         """The actor engine loop's ``max_rows``: ``max_rows``, else every row of the calls an actor runs at once."""
@@ -134,6 +139,12 @@ class CaptionJobConfig(StrictModel):
         if v is not None and "://" in v and not v.startswith("s3://"):
             raise ValueError(f"{v!r}: use a local path or an s3:// URI")
         return v
+
+    @model_validator(mode="after")
+    def _online(self):
+        if self.online_distill.enabled and self.engine.mode == "ar":
+            raise ValueError("online_distill needs a draft to train: engine.mode eagle or specvlm, not ar")
+        return self
 
     @model_validator(mode="before")
     @classmethod
@@ -171,10 +182,12 @@ def resource_warning(cfg: CaptionJobConfig, gpus: float, nodes: list[dict]) -> s
     return None
 
 
-def build_dataset(cfg: CaptionJobConfig, inputs: cio.Inputs, done, captioner=None, native_video: bool = False):
+def build_dataset(cfg: CaptionJobConfig, inputs: cio.Inputs, done, captioner=None, native_video: bool = False,
+                  online: dict | None = None):  # fmt: skip
     """The lazy Ray Dataset of output rows (not executed). ``done``: ids to skip (a pyarrow string array);
     ``captioner``: the actor class (default `actors.captioner.Captioner`; tests pass a stand-in);
-    ``native_video``: the target takes videos (`cio.decode_rows`: frames, not one tiled image)."""
+    ``native_video``: the target takes videos (`cio.decode_rows`: frames, not one tiled image); ``online``:
+    the actors' online-distillation argument (`OnlineDistill.actor_kwargs`)."""
     import ray
     import ray.data
 
@@ -232,7 +245,8 @@ def build_dataset(cfg: CaptionJobConfig, inputs: cio.Inputs, done, captioner=Non
         return ds.map_batches(
             captioner,
             fn_constructor_kwargs={"model": cfg.model, "engine": cfg.engine, "sampling": cfg.sampling,
-                                   "batching": cfg.batching, "max_rows": cfg.engine_rows()},
+                                   "batching": cfg.batching, "max_rows": cfg.engine_rows(),
+                                   **({"online": online} if online is not None else {})},
             # calls_per_actor() calls at once, each in its own thread of the actor (without true multi-threading
             # Ray Data runs the calls themselves one at a time); the Captioner's loop thread owns the engine
             compute=ray.data.ActorPoolStrategy(min_size=cfg.actors.min, max_size=cfg.actors.max,
@@ -299,14 +313,26 @@ def run(cfg: CaptionJobConfig) -> dict:
     for p in state.partial:
         print(f"[caption] moved aside an unreadable (partially written) part file: {p}", flush=True)
     run_id = time.strftime("run-%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
-    ds = build_dataset(cfg, inputs, state.done, native_video=native_video)
-    if ds is not None:
-        fs, path = storage.filesystem(cfg.output)
-        ds.write_parquet(path, filesystem=fs, filename_provider=FilenameProvider(run_id, "parquet"),
-                         min_rows_per_file=cfg.rows_per_file)  # fmt: skip
+    online = None
+    if cfg.online_distill.enabled:
+        online = OnlineDistill.start(cfg, run_id, folders.draft_name)
+    try:
+        ds = build_dataset(cfg, inputs, state.done, native_video=native_video,
+                           online=online.actor_kwargs() if online is not None else None)  # fmt: skip
+        if ds is not None:
+            fs, path = storage.filesystem(cfg.output)
+            ds.write_parquet(path, filesystem=fs, filename_provider=FilenameProvider(run_id, "parquet"),
+                             min_rows_per_file=cfg.rows_per_file)  # fmt: skip
+    except BaseException:
+        if online is not None:  # the trainer belongs to this job: it does not outlive a failed one
+            online.abort()
+        raise
     removed = cio.dedupe_output(cfg.output)
     wall = time.perf_counter() - t0
     summary = summarize(cfg, run_id, wall, len(state.done), state.partial, removed, inputs.ignored)
+    if online is not None:
+        cols = ["draft_version", "accept_length", "error"]
+        summary["online_distill"] = online.finish(cio.read_output(cfg.output, cols, prefix=run_id).to_pylist())
     where = cio.write_text(cfg.output, "_summary.json", json.dumps(summary, indent=2) + "\n")
     print_summary(summary, where, cio.read_output(cfg.output, ["id", "caption", "error"], prefix=run_id).slice(0, 5))
     return summary
@@ -357,6 +383,9 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--mode", choices=("ar", "eagle", "specvlm"), help="engine.mode")
     ap.add_argument("--draft", help="model.draft: the draft to decode with (an EagleDraft folder or s3:// prefix, "
                     "e.g. from specvlm distill)")  # fmt: skip
+    ap.add_argument("--online-distill", action="store_true",
+                    help="online_distill.enabled: distil the draft from this job's rows while it runs and swap "
+                    "promoted versions into the actors (versions under <output>/_drafts)")  # fmt: skip
     ap.add_argument("--print-config", action="store_true",
                     help="print the job config (every default, with --config and the flags above applied) as YAML "
                     "and exit")  # fmt: skip
@@ -382,6 +411,8 @@ def _config(args: argparse.Namespace) -> CaptionJobConfig:
         data["engine"]["mode"] = args.mode
     if args.draft is not None:
         data["model"]["draft"] = args.draft
+    if args.online_distill:
+        data["online_distill"]["enabled"] = True
     return parse_config(data, CaptionJobConfig, source="command line")
 
 
@@ -400,7 +431,8 @@ def main(argv: list[str] | None = None) -> int:
     if not cfg.input or not cfg.output:
         sys.exit("specvlm caption: --input and --output are required (or input:/output: in the config)")
     # the job's tasks and actors get the driver's S3 / model-cache environment
-    started = init_ray(args.address, runtime_env={"env_vars": e} if (e := storage.job_env()) else None)
+    started = init_ray(args.address, runtime_env={"env_vars": e} if (e := storage.job_env()) else None,
+                       dashboard=cfg.online_distill.enabled)  # fmt: skip
     try:
         summary = run(cfg)
     except FileNotFoundError as e:

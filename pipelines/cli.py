@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 JOBS = ("caption", "distill", "serve")  # subcommands with their own argument parsers (pipelines/<name>.py)
-BENCHES = ("engine", "demo", "compressor", "caption", "serve")
+BENCHES = ("engine", "demo", "compressor", "caption", "serve", "online")
 DEMO_FAMILIES = ("llava", "qwen2_5_vl")  # specvlm.demo.recipe.DEMO_FAMILIES (not imported: the CLI starts fast)
 
 
@@ -113,9 +113,10 @@ def _bench(args: argparse.Namespace) -> None:
                 "the repository's root, or `make bench` there"
             ) from None
         sys.path.insert(0, str(Path.cwd()))
-    from benchmarks import caption, compressor, demo, engine, serve
+    from benchmarks import caption, compressor, demo, engine, online, serve
 
-    modules = {"engine": engine, "demo": demo, "compressor": compressor, "caption": caption, "serve": serve}
+    modules = {"engine": engine, "demo": demo, "compressor": compressor, "caption": caption, "serve": serve,
+               "online": online}  # fmt: skip
     for name in BENCHES if args.name == "all" else (args.name,):
         modules[name].main(args.rest)
 

@@ -60,7 +60,25 @@ from .distill_data import CaptionOutputData, DemoData, ManifestData, build_datas
 from .ray_cluster import add_address_flag, init_ray
 
 
-class DistillJobConfig(StrictModel):
+class DistillOptim(StrictModel):
+    """The optimizer and loss settings both trainers take (`specvlm distill`, the caption job's online_distill).
+
+    The paper's AdamW(0.9, 0.95), no warmup, weight decay 0; its lr is 8e-5 for 7B targets (see
+    configs/distill-llava-1.5-7b.yaml), the tiny demo draft trains at 1e-3."""
+
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    feature_noise: float = Field(0.0, ge=0, description="uniform noise U(-x, x) on the target features (EAGLE)")
+    max_grad_norm: float = Field(1.0, ge=0, description="gradient clipping; 0 = off")
+    logit_weight: float = Field(0.1, ge=0, description="weight of soft CE on the target's logits")
+    feat_weight: float = Field(1.0, ge=0, description="weight of SmoothL1 on the target's features")
+
+    def loss_kwargs(self) -> dict:
+        """`specvlm.distill.distill_step`'s loss keywords."""
+        return {"logit_weight": self.logit_weight, "feat_weight": self.feat_weight, "feature_noise": self.feature_noise}
+
+
+class DistillJobConfig(DistillOptim):
     """Everything `specvlm distill` takes, every default included (the demo job; ``--print-config`` prints it)."""
 
     model: ModelConfig = Field(
@@ -80,16 +98,8 @@ class DistillJobConfig(StrictModel):
         "target", description="train on the dataset's responses or on the target's own greedy output"
     )
     response_max_new_tokens: int = Field(64, ge=1, description="length cap of target responses")
-    # optimization: the paper's AdamW(0.9, 0.95), no warmup, weight decay 0; its lr is 8e-5 for 7B targets
-    # (see configs/distill-llava-1.5-7b.yaml), the tiny demo draft trains at 1e-3
     max_steps: int = Field(300, ge=1, description="optimizer steps in total, across resumes")
     batch_size: int = Field(8, ge=1, description="rows per worker per step (global batch = workers * batch_size)")
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    feature_noise: float = Field(0.0, ge=0, description="uniform noise U(-x, x) on the target features (EAGLE)")
-    max_grad_norm: float = Field(1.0, ge=0, description="gradient clipping; 0 = off")
-    logit_weight: float = Field(0.1, ge=0, description="weight of soft CE on the target's logits")
-    feat_weight: float = Field(1.0, ge=0, description="weight of SmoothL1 on the target's features")
     # logging, evaluation, checkpoints
     log_every: int = Field(1, ge=1, description="steps between metrics.jsonl lines")
     eval_every: int = Field(50, ge=0, description="steps between accept-length evaluations; 0 = never")
@@ -174,6 +184,7 @@ def train_loop_per_worker(config: dict) -> None:
         batch_to,
         collate,
         distill_step,
+        encode_samples,
         evaluate_accept_length,
         load_training_state,
         make_optimizer,
@@ -206,10 +217,10 @@ def train_loop_per_worker(config: dict) -> None:
 
     need_response = cfg.response_source == "dataset"
     ar = SpecVLMEngine(model, None, EngineConfig(mode="ar")) if not need_response else None
-    eval_samples = []
+    eval_samples = []  # held-out prompts, encoded once
     for row in config["eval_rows"] if rank == 0 else []:
         try:
-            eval_samples.append(sample_from_row(row, base, need_response=False))
+            eval_samples.append(encode_samples(processor, [sample_from_row(row, base, need_response=False)]))
         except BadSample as e:
             print(f"[distill] held-out row skipped ({e})", flush=True)
     blank = {"image": Image.new("RGB", (64, 64)), "prompt": "describe the image.", "response": ""}
@@ -233,10 +244,7 @@ def train_loop_per_worker(config: dict) -> None:
         else:  # every row was bad: still take part in DDP's all-reduce, with nothing to learn from
             batch = collate(processor, [blank])
             batch.loss_mask.zero_()
-        res = distill_step(
-            target, wrapped, batch_to(batch, device), optimizer, cfg.max_grad_norm,
-            logit_weight=cfg.logit_weight, feat_weight=cfg.feat_weight, feature_noise=cfg.feature_noise,
-        )  # fmt: skip
+        res = distill_step(target, wrapped, batch_to(batch, device), optimizer, cfg.max_grad_norm, **cfg.loss_kwargs())
 
         last = step == cfg.max_steps
         evaluate = cfg.evaluates and (step % cfg.eval_every == 0 or last)
@@ -268,9 +276,7 @@ def train_loop_per_worker(config: dict) -> None:
         if rank == 0:
             if evaluate and eval_samples:
                 engine = SpecVLMEngine(model, draft, EngineConfig(mode=cfg.mode, tree=cfg.tree))
-                record["accept_length"] = evaluate_accept_length(
-                    engine, processor, eval_samples, cfg.eval_max_new_tokens
-                )
+                record["accept_length"] = evaluate_accept_length(engine, eval_samples, cfg.eval_max_new_tokens)
             _append_jsonl(metrics_path, record)
             acc = f" accept_length {record['accept_length']:.3f}" if "accept_length" in record else ""
             print(
@@ -360,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
         resolve_model(cfg.model, cfg.mode, fresh_draft=True)  # a missing model fails before Ray starts
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"specvlm distill: {e}")
-    started = init_ray(args.address)
+    started = init_ray(args.address, dashboard=True)  # Ray Train's controller polls the state API
     try:
         run(cfg)
     finally:

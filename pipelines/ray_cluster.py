@@ -15,10 +15,12 @@ from __future__ import annotations
 import os
 
 
-def init_ray(address: str | None = None, runtime_env: dict | None = None) -> bool:
+def init_ray(address: str | None = None, runtime_env: dict | None = None, dashboard: bool = False) -> bool:
     """Connect this process to Ray by the rule above; returns True when it started its own local instance.
 
-    A process already connected (a test, a notebook, a Ray job's driver) keeps its connection.
+    A process already connected (a test, a notebook, a Ray job's driver) keeps its connection. ``dashboard``:
+    the private instance runs Ray's dashboard too (on 127.0.0.1), for what needs its state API (Ray Train's
+    controller polls it; without it every poll logs a warning).
     """
     import ray
 
@@ -30,7 +32,8 @@ def init_ray(address: str | None = None, runtime_env: dict | None = None) -> boo
         loopback = address.split("://")[-1].startswith(("127.", "localhost"))  # this driver stays on loopback too
         ray.init(address=address, runtime_env=runtime_env, **({"_node_ip_address": "127.0.0.1"} if loopback else {}))
         return False
-    ray.init(address="local", include_dashboard=False, runtime_env=runtime_env, _node_ip_address="127.0.0.1")
+    ray.init(address="local", include_dashboard=dashboard, dashboard_host="127.0.0.1", runtime_env=runtime_env,
+             _node_ip_address="127.0.0.1")  # fmt: skip
     return True
 
 

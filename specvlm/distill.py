@@ -24,6 +24,7 @@ from .decoder import causal_mask
 from .draft import EagleDraft
 from .engine import pooled_accept_length
 from .inputs import CONCAT_KEYS, IGNORE_INDEX, encode, left_pad, pad_token_id, question_chat
+from .inputs import collate as collate_inputs
 from .target import TargetAdapter
 
 
@@ -203,9 +204,22 @@ def collate(processor, samples: list[dict], responses: list[list[int]] | None = 
     if responses is None:
         responses = [tok(" " + s["response"].strip(), add_special_tokens=False).input_ids + [tok.eos_token_id]
                      for s in samples]  # fmt: skip
+    return _training_batch(enc, responses, pad_token_id(tok))
+
+
+def batch_from_inputs(rows: list[dict], responses: list[list[int]], pad_id: int) -> DistillBatch:
+    """Already-encoded prompts (`specvlm.inputs.encode` of one prompt each, as an engine decoded them) and the
+    target's response token ids (EOS included where it ended the row) -> a left-padded `DistillBatch`. The
+    online trainer's batches: the caption actors hand over what they encoded and decoded, nothing is read or
+    processed again."""
+    return _training_batch(collate_inputs(rows, pad_id), responses, pad_id)
+
+
+def _training_batch(enc: dict, responses: list[list[int]], pad_id: int) -> DistillBatch:
+    """A processor batch ``enc`` (left-padded prompts, media) + one response per row -> `DistillBatch`."""
     prompts = [ids[mask.bool()].tolist() for ids, mask in zip(enc["input_ids"], enc["attention_mask"])]
     media = {k: enc[k] for k in CONCAT_KEYS if k in enc and k != "pixel_values"}
-    return DistillBatch.from_padded(left_pad(prompts, pad_token_id(tok), responses), enc.get("pixel_values"), media)
+    return DistillBatch.from_padded(left_pad(prompts, pad_id, responses), enc.get("pixel_values"), media)
 
 
 def target_responses(engine, processor, samples: list[dict], max_new_tokens: int) -> list[list[int]]:
@@ -213,10 +227,11 @@ def target_responses(engine, processor, samples: list[dict], max_new_tokens: int
     return engine.generate(**encode_samples(processor, samples), max_new_tokens=max_new_tokens).sequences
 
 
-def evaluate_accept_length(engine, processor, samples: list[dict], max_new_tokens: int = 48) -> float:
-    """Accept length of ``engine`` (``eagle``/``specvlm`` mode) over held-out samples, greedy, batch 1,
-    pooled over the samples (`engine.pooled_accept_length`)."""
-    stats = [engine.generate(**encode_samples(processor, [s]), max_new_tokens=max_new_tokens).stats[0] for s in samples]
+def evaluate_accept_length(engine, inputs: list[dict], max_new_tokens: int = 48) -> float:
+    """Accept length of ``engine`` (``eagle``/``specvlm`` mode) over held-out prompts (``inputs``: processor
+    outputs of one prompt each, e.g. ``encode_samples(processor, [sample])``), greedy, batch 1, pooled over
+    the prompts (`engine.pooled_accept_length`)."""
+    stats = [engine.generate(**enc, max_new_tokens=max_new_tokens).stats[0] for enc in inputs]
     return pooled_accept_length(stats)
 
 

@@ -23,6 +23,7 @@ import hashlib
 import json
 import posixpath
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -136,12 +137,19 @@ class DraftStore:
         self._write_json(posixpath.join(folder, VERSION_FILE), asdict(version))
         return version
 
-    def promote(self, version: DraftVersion) -> bool:
+    def promote(self, version: DraftVersion, floor: float | None = None) -> bool:
         """Make ``version`` the promoted one if its held-out accept length is at least the current one's (a
-        version without one is promoted only when nothing is); returns whether it was."""
+        version without one is promoted only when nothing is); returns whether it was. ``floor``: the accept
+        length to reach instead, that of the draft the engines decode with now measured on the same rows as
+        ``version`` (a trainer's: the promoted version's own figure may come from other held-out rows)."""
         meta = self._read_json(self._join(PROMOTED_FILE)) or {"current": None, "history": []}
         current = meta["current"]
-        if current is not None:
+        if floor is not None:
+            if version.accept_length is None or version.accept_length < floor:
+                return False
+            if current is not None and version.version == current["version"]:
+                return False
+        elif current is not None:
             if version.accept_length is None or version.version == current["version"]:
                 return False
             if current["accept_length"] is not None and version.accept_length < current["accept_length"]:
@@ -149,3 +157,44 @@ class DraftStore:
         entry = {**asdict(version), "promoted_at": time.time()}
         self._write_json(self._join(PROMOTED_FILE), {"current": asdict(version), "history": [*meta["history"], entry]})
         return True
+
+
+class DraftFollower:
+    """What a running engine's owner calls between batches to follow a store: `poll` looks at the promoted
+    version at most every ``poll_s`` seconds and returns ``(draft, name)`` when it is not the one held, so
+    the caller swaps it in (`EngineLoop.swap_draft`). A version that fails to load is logged and tried again
+    at the next poll; the engine keeps its draft."""
+
+    def __init__(self, root: str, poll_s: float = 5.0, current: str | None = None):
+        self.store, self.poll_s, self.current = DraftStore(root), poll_s, current
+        self._next = 0.0  # monotonic time of the next look (0: the first poll looks)
+        self._lock = threading.Lock()
+
+    def poll(self):
+        """``(EagleDraft, version name)`` of a newly promoted version, else None. Thread-safe: while one thread
+        looks, another's poll returns None at once."""
+        if not self._lock.acquire(blocking=False):
+            return None
+        try:
+            return self._poll()
+        finally:
+            self._lock.release()
+
+    def _poll(self):
+        import logging
+
+        now = time.monotonic()
+        if now < self._next:
+            return None
+        self._next = now + self.poll_s
+        try:
+            version = self.store.promoted()
+            if version is None or version.name == self.current:
+                return None
+            draft = self.store.load(version)
+        except Exception:  # a store being written or unreachable for a moment: keep the draft, look again later
+            log = logging.getLogger(__name__)
+            log.exception("draft store %s: could not load the promoted version", self.store.root)
+            return None
+        self.current = version.name
+        return draft, version.name

@@ -329,8 +329,10 @@ def test_replica_still_answers_correctly(server, reference):
 def test_a_user_config_update_swaps_the_draft_without_restarting_the_replica(server, small_demo, ray_head, tmp_path):
     """`SpecVLMServer.reconfigure`, as a RayService or `serve deploy` drives it: a config deploy (Serve's REST API)
     whose only change is ``user_config`` swaps the draft in the running replica (same replica: its ``created``
-    stays); answers stay the target's and usage names the new draft."""
+    stays); answers stay the target's and usage names the new draft. Then a ``user_config`` naming a draft
+    store makes the replica follow it: a version promoted there decodes the next answers."""
     from specvlm import EagleDraft
+    from specvlm.draft_store import DraftStore
 
     demo, _ = small_demo
     EagleDraft.from_target(demo.target, seed=3).save_pretrained(tmp_path / "v2")
@@ -369,5 +371,14 @@ def test_a_user_config_update_swaps_the_draft_without_restarting_the_replica(ser
         assert after.usage.model_extra["draft_version"] == "v2"
         assert after.choices[0].message.content == before.choices[0].message.content  # lossless either way
         assert client.models.list().data[0].created == created  # the same replica: reconfigured, not restarted
+        # following a draft store (what a caption job's online trainer publishes to): promoted versions swap in
+        store = DraftStore(str(tmp_path / "store"))
+        deploy({"draft_store": store.root, "poll_s": 0.5})
+        store.promote(store.publish(EagleDraft.from_target(demo.target, seed=4), step=10, accept_length=2.0))
+        wait_for("v000001")
+        followed = ask(client, user(QUESTION, server.images[0]))
+        assert followed.usage.model_extra["draft_version"] == "v000001"
+        assert followed.choices[0].message.content == before.choices[0].message.content
+        assert client.models.list().data[0].created == created
     finally:
         httpx.delete(api, timeout=60)

@@ -1,0 +1,246 @@
+"""Online distillation benchmark: a caption job that starts from a weak draft and trains it on its own rows,
+against the same job with the weak draft and no training, side by side in one Ray session.
+
+Run with ``specvlm bench online`` / ``python -m benchmarks.online``; writes ``results/online.md`` (+ .json)
+and ``docs/online_accept.png``.
+
+* Weak draft: the demo recipe's draft distilled for ``--weak-steps`` (25) steps by ``specvlm distill`` (built
+  once into ``--work``; or ``--weak-draft DIR``).
+* Inputs: ``--num`` unseen ShapesWorld inputs (~20% videos, another seed than training), written once.
+* Runs, each a whole `pipelines.caption.run` on one local Ray (``num_cpus=2``): ``weak`` (no training; the
+  first also pays the session's first-job warm-up) and ``online`` (``--online-distill``; the trainer reserves
+  no CPU and shares the two cores with the actor and the decode tasks, 1 CPU each), interleaved ``--repeats``
+  times (medians and ranges reported), then ``ar`` (the reference outputs, on the first ``--ar-num`` inputs).
+* Reported: accept length of the rows each draft version decoded (first = the weak draft, last = the last
+  promoted version), promoted versions, images/s over the first and the last ``--window`` rows (from the
+  times part files appear: ``rows_per_file`` rows each), wall time of each run, and rows whose caption differs
+  from ``ar``'s (must be 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import threading
+import time
+from pathlib import Path
+
+from benchmarks.caption import write_inputs
+from benchmarks.report import RESULTS, to_markdown, write_results
+
+ROOT = Path(__file__).resolve().parent.parent
+COLS = ["run", "rows", "wall_s", "images_per_s", "first_window_images_per_s", "last_window_images_per_s",
+        "accept_length", "first_version_accept", "last_version_accept", "versions_promoted", "compared_with_ar",
+        "diff_vs_ar"]  # fmt: skip
+
+
+def weak_draft(work: Path, steps: int) -> Path:
+    """The demo draft distilled for ``steps`` steps (built once under ``work``)."""
+    from pipelines.distill import DistillJobConfig, run
+
+    out = work / f"weak-{steps}"
+    if not (out / "draft" / "config.json").is_file():
+        run(DistillJobConfig(max_steps=steps, workers=1, eval_every=0, output=str(out), name=f"weak-{steps}"))
+    return out / "draft"
+
+
+class PartWatcher:
+    """Polls an output folder while a job runs: ``(seconds since start, part file)`` as each part appears."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.seen, self.t0 = folder, {}, time.monotonic()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.25):
+            for p in self.folder.glob("*.parquet") if self.folder.is_dir() else []:
+                self.seen.setdefault(p.name, time.monotonic() - self.t0)
+
+    def stop(self) -> list[tuple[float, str]]:
+        self._stop.set()
+        self._thread.join()
+        return sorted((t, name) for name, t in self.seen.items())
+
+
+def job(cfg, name: str, work: Path) -> tuple[dict, list[dict]]:
+    """Run one caption job; returns its summary and its rows in the order their part files appeared (each
+    with ``t``, the second its part file did)."""
+    import pyarrow.parquet as pq
+
+    from pipelines.caption import run
+
+    out = work / name
+    watcher = PartWatcher(out)
+    summary = run(cfg.model_copy(update={"output": str(out)}))
+    rows = []
+    for t, part in watcher.stop():
+        rows += [{**r, "t": t} for r in pq.read_table(out / part).to_pylist()]
+    seen = {r["id"] for r in rows}  # parts the watcher missed (written in its last 0.25 s): at the end
+    rows += [{**r, "t": summary["wall_s"]} for r in pq.read_table(out).to_pylist() if r["id"] not in seen]
+    return summary, rows
+
+
+def window_rate(rows: list[dict], first: bool, window: int) -> float:
+    """images/s over the first (or last) ``window`` rows, from the seconds their part files appeared."""
+    ts = sorted(r["t"] for r in rows)
+    if len(ts) < 2 * window:
+        window = len(ts) // 2
+    if first:
+        return window / ts[window - 1] if ts[window - 1] > 0 else float("nan")
+    span = ts[-1] - ts[-window - 1]
+    return window / span if span > 0 else float("nan")
+
+
+def plot(rows: list[dict], versions: list[dict], path: Path, smooth: int = 50) -> None:
+    """Accept length of the online run's rows (moving mean over ``smooth`` rows) against rows processed,
+    a vertical line where each promoted version starts decoding."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    acc = [r["accept_length"] or 0.0 for r in rows]
+    mean = [sum(w) / len(w) for w in (acc[max(0, i - smooth + 1) : i + 1] for i in range(len(acc)))]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    ax.plot(range(1, len(acc) + 1), mean, label=f"accept length (mean of the last {smooth} rows)")
+    first_row = {}
+    for i, r in enumerate(rows):
+        first_row.setdefault(r["draft_version"], i + 1)
+    promoted = [v for v in versions if v["promoted"] and v["version"] in first_row]
+    for v in promoted:
+        x = first_row[v["version"]]
+        ax.axvline(x, color="gray", lw=0.8, ls="--")
+        ax.text(x, ax.get_ylim()[1], f" {v['version'][-2:]}", fontsize=7, va="top", color="gray")
+    ax.set_xlabel("rows processed (in the order their part files were written)")
+    ax.set_ylabel("accept length")
+    ax.set_title("Online distillation on the demo: accept length while the job runs (dashed: a new draft version)")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="specvlm bench online", description=__doc__.splitlines()[0])
+    ap.add_argument("--num", type=int, default=3000, help="inputs (~20%% videos)")
+    ap.add_argument("--window", type=int, default=500, help="rows in the first/last throughput windows")
+    ap.add_argument("--weak-steps", type=int, default=25)
+    ap.add_argument("--weak-draft", type=Path, help="the starting draft (default: distilled --weak-steps steps)")
+    ap.add_argument("--publish-every", type=int, default=20)
+    ap.add_argument("--max-new-tokens", type=int, default=48)
+    ap.add_argument("--repeats", type=int, default=3, help="weak and online runs, interleaved")
+    ap.add_argument("--ar-num", type=int, help="inputs of the ar reference run (the first ones); default: all")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/specvlm-bench-online"), help="inputs, drafts, outputs")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--plot", type=Path, default=ROOT / "docs" / "online_accept.png")
+    args = ap.parse_args(argv)
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import shutil
+
+    import ray
+    import ray.data
+
+    from pipelines.caption import CaptionJobConfig
+    from specvlm.config import parse_config
+
+    load_before = os.getloadavg()[0]
+    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1")
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    work = args.work
+    src = work / f"inputs-{args.num}"
+    if not src.is_dir():
+        src.mkdir(parents=True)
+        write_inputs(src, args.num, seed=2027)
+    draft = args.weak_draft or weak_draft(work, args.weak_steps)
+    for name in ("online", "weak", "ar"):
+        shutil.rmtree(work / name, ignore_errors=True)
+    sampling = {"max_new_tokens": args.max_new_tokens}
+    base = {"input": str(src), "batch_size": 8, "rows_per_file": 50, "sampling": sampling,
+            "model": {"target": "demo", "draft": str(draft)}}  # fmt: skip
+    online = {"enabled": True, "publish_every": args.publish_every}
+    runs = {}
+    ar_src = src
+    if args.ar_num and args.ar_num < args.num:
+        ar_src = work / f"inputs-{args.num}-first-{args.ar_num}"
+        if not ar_src.is_dir():
+            ar_src.mkdir()
+            for p in sorted(src.iterdir())[: args.ar_num]:
+                (ar_src / p.name).write_bytes(p.read_bytes())
+    ar = {"engine": {"mode": "ar"}, "input": str(ar_src)}
+    plan = [(f"{name} #{k + 1}", extra) for k in range(args.repeats)
+            for name, extra in (("weak", {}), ("online", {"online_distill": online}))]  # fmt: skip
+    for name, extra in [*plan, ("ar", ar)]:  # weak and online interleaved, then the reference
+        cfg = parse_config({**base, **extra}, CaptionJobConfig)
+        runs[name] = job(cfg, name.replace(" #", "-"), work)
+    ray.shutdown()
+
+    ar_captions = {r["id"]: r["caption"] for r in runs["ar"][1]}
+    table = []
+    for name, (summary, rows) in runs.items():
+        by_version: dict = {}
+        for r in rows:
+            by_version.setdefault(r["draft_version"], []).append(r["accept_length"] or 0.0)
+        order = list(dict.fromkeys(r["draft_version"] for r in rows))  # versions in the order they decoded
+        acc = {v: sum(a) / len(a) for v, a in by_version.items()}
+        section = summary.get("online_distill") or {}
+        table.append({
+            "run": name, "rows": summary["rows"], "wall_s": summary["wall_s"], "images_per_s": summary["images_per_s"],
+            "first_window_images_per_s": window_rate(rows, True, args.window),
+            "last_window_images_per_s": window_rate(rows, False, args.window),
+            "accept_length": summary["mean_accept_length"],
+            "first_version_accept": acc[order[0]] if name != "ar" else None,
+            "last_version_accept": acc[order[-1]] if name != "ar" else None,
+            "versions_promoted": section.get("promoted", ""),
+            "diff_vs_ar": sum(r["id"] in ar_captions and ar_captions[r["id"]] != r["caption"] for r in rows),
+            "compared_with_ar": sum(r["id"] in ar_captions for r in rows),
+            "versions": [{"version": v, "rows": len(by_version[v]), "accept_length": acc[v]} for v in order],
+        })  # fmt: skip
+    for kind in ("weak", "online"):  # medians of the interleaved runs, with their ranges
+        mine = [r for r in table if r["run"].startswith(kind + " #")]
+        med = {"run": f"{kind}: median (range) of {len(mine)}"}
+        for col in COLS[1:]:
+            vals = sorted(r[col] for r in mine if isinstance(r.get(col), (int, float)))
+            if vals:
+                m = statistics.median(vals)
+                med[col] = f"{m:.2f} ({vals[0]:.2f}-{vals[-1]:.2f})" if isinstance(m, float) else m
+        table.append(med)
+    last = f"online #{args.repeats}"
+    online_summary = runs[last][0]["online_distill"]
+    plot(runs[last][1], online_summary["versions"], args.plot)
+    header = (
+        f"## Online distillation: demo model, {args.num} unseen inputs (~20% videos), greedy, max "
+        f"{args.max_new_tokens} new tokens, batch 8, 1 caption actor; starting draft distilled "
+        f"{args.weak_steps} steps; CPU (2 cores, float32)"
+    )
+    versions = "\n".join(f"- {v['version']}: step {v['step']}, held-out accept {v['held_out_accept_length']}, "
+                         f"{'promoted' if v['promoted'] else 'not promoted'}, decoded {v['rows_decoded']} rows"
+                         for v in online_summary["versions"])  # fmt: skip
+    notes = (
+        "\n\nonline: `--online-distill` (trainer sharing the cores, one torch thread; publishing every "
+        f"{args.publish_every} steps of 8 rows); "
+        "weak: the same job, no training; ar: the reference outputs. first/last_version_accept: mean accept "
+        "length of the rows the first (the starting draft) and the last draft version decoded. *_window_images_per_s: "
+        f"the first and last {args.window} rows, timed by when their part files ({base['rows_per_file']} rows) "
+        f"appeared. compared_with_ar / diff_vs_ar: rows also captioned by the ar run, and those "
+        "whose caption differs from ar's (must be 0).\n\nTraining (the last online run): "
+        f"{online_summary['status']}, {online_summary['steps']} steps; rows {json.dumps(online_summary['rows'])}; "
+        f"starting draft's held-out accept {online_summary['start_draft']['held_out_accept_length']}.\n\n"
+        f"Versions of the last online run (plotted):\n\n{versions}\n\n"
+    )
+    load = (f"1-minute load average of the machine: {load_before:.1f} before, {os.getloadavg()[0]:.1f} after "
+            f"({os.cpu_count()} cores).\n")  # fmt: skip
+    report = header + "\n\n" + to_markdown(table, COLS) + notes + load
+    print(report)
+    write_results(args.out, "online", report, table)
+    if any(r["diff_vs_ar"] for r in table):
+        raise SystemExit("some captions differ from ar's")
+
+
+if __name__ == "__main__":
+    main()
