@@ -117,7 +117,7 @@ def plot(rows: list[dict], versions: list[dict], path: Path, smooth: int = 50) -
         ax.text(x, ax.get_ylim()[1], f" {v['version'][-2:]}", fontsize=7, va="top", color="gray")
     ax.set_xlabel("rows processed (in the order their part files were written)")
     ax.set_ylabel("accept length")
-    ax.set_title("Online distillation on the demo: accept length while the job runs (dashed: a new draft version)")
+    ax.set_title("Online distillation on the demo (dashed: a newly promoted draft version)", fontsize=10)
     ax.legend(loc="lower right")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -134,6 +134,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--publish-every", type=int, default=20)
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--repeats", type=int, default=3, help="weak and online runs, interleaved")
+    ap.add_argument("--max-steps", type=int, help="online_distill.max_steps: the trainer stops after these steps")
+    ap.add_argument("--name", default="online", help="results/<name>.md and .json")
     ap.add_argument("--ar-num", type=int, help="inputs of the ar reference run (the first ones); default: all")
     ap.add_argument("--work", type=Path, default=Path("/tmp/specvlm-bench-online"), help="inputs, drafts, outputs")
     ap.add_argument("--out", type=Path, default=RESULTS)
@@ -158,12 +160,12 @@ def main(argv: list[str] | None = None) -> None:
         src.mkdir(parents=True)
         write_inputs(src, args.num, seed=2027)
     draft = args.weak_draft or weak_draft(work, args.weak_steps)
-    for name in ("online", "weak", "ar"):
-        shutil.rmtree(work / name, ignore_errors=True)
+    for out in [work / "ar", *work.glob("weak-*"), *work.glob("online-*")]:  # every run writes a fresh output
+        shutil.rmtree(out, ignore_errors=True)
     sampling = {"max_new_tokens": args.max_new_tokens}
     base = {"input": str(src), "batch_size": 8, "rows_per_file": 50, "sampling": sampling,
             "model": {"target": "demo", "draft": str(draft)}}  # fmt: skip
-    online = {"enabled": True, "publish_every": args.publish_every}
+    online = {"enabled": True, "publish_every": args.publish_every, "max_steps": args.max_steps}
     runs = {}
     ar_src = src
     if args.ar_num and args.ar_num < args.num:
@@ -194,8 +196,8 @@ def main(argv: list[str] | None = None) -> None:
             "first_window_images_per_s": window_rate(rows, True, args.window),
             "last_window_images_per_s": window_rate(rows, False, args.window),
             "accept_length": summary["mean_accept_length"],
-            "first_version_accept": acc[order[0]] if name != "ar" else None,
-            "last_version_accept": acc[order[-1]] if name != "ar" else None,
+            "first_version_accept": acc[order[0]] if name != "ar" else "",
+            "last_version_accept": acc[order[-1]] if name != "ar" else "",
             "versions_promoted": section.get("promoted", ""),
             "diff_vs_ar": sum(r["id"] in ar_captions and ar_captions[r["id"]] != r["caption"] for r in rows),
             "compared_with_ar": sum(r["id"] in ar_captions for r in rows),
@@ -216,13 +218,14 @@ def main(argv: list[str] | None = None) -> None:
     header = (
         f"## Online distillation: demo model, {args.num} unseen inputs (~20% videos), greedy, max "
         f"{args.max_new_tokens} new tokens, batch 8, 1 caption actor; starting draft distilled "
-        f"{args.weak_steps} steps; CPU (2 cores, float32)"
+        f"{args.weak_steps} steps; trainer max_steps {args.max_steps}; CPU (2 cores, float32)"
     )
-    versions = "\n".join(f"- {v['version']}: step {v['step']}, held-out accept {v['held_out_accept_length']}, "
+    versions = "\n".join(f"- {v['version']}: step {v['step']}, held-out accept {v['held_out_accept_length']:.3f}, "
                          f"{'promoted' if v['promoted'] else 'not promoted'}, decoded {v['rows_decoded']} rows"
                          for v in online_summary["versions"])  # fmt: skip
     notes = (
-        "\n\nonline: `--online-distill` (trainer sharing the cores, one torch thread; publishing every "
+        "\n\nonline: `--online-distill` (the trainer shares the cores at SCHED_IDLE priority, one torch thread; "
+        "publishing every "
         f"{args.publish_every} steps of 8 rows); "
         "weak: the same job, no training; ar: the reference outputs. first/last_version_accept: mean accept "
         "length of the rows the first (the starting draft) and the last draft version decoded. *_window_images_per_s: "
@@ -230,14 +233,14 @@ def main(argv: list[str] | None = None) -> None:
         f"appeared. compared_with_ar / diff_vs_ar: rows also captioned by the ar run, and those "
         "whose caption differs from ar's (must be 0).\n\nTraining (the last online run): "
         f"{online_summary['status']}, {online_summary['steps']} steps; rows {json.dumps(online_summary['rows'])}; "
-        f"starting draft's held-out accept {online_summary['start_draft']['held_out_accept_length']}.\n\n"
+        f"starting draft's held-out accept {online_summary['start_draft']['held_out_accept_length']:.3f}.\n\n"
         f"Versions of the last online run (plotted):\n\n{versions}\n\n"
     )
     load = (f"1-minute load average of the machine: {load_before:.1f} before, {os.getloadavg()[0]:.1f} after "
             f"({os.cpu_count()} cores).\n")  # fmt: skip
     report = header + "\n\n" + to_markdown(table, COLS) + notes + load
     print(report)
-    write_results(args.out, "online", report, table)
+    write_results(args.out, args.name, report, table)
     if any(r["diff_vs_ar"] for r in table):
         raise SystemExit("some captions differ from ar's")
 

@@ -30,6 +30,7 @@ restarts the trainer from the store's promoted version (its optimizer state star
 
 from __future__ import annotations
 
+import os
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -65,6 +66,11 @@ class OnlineDistillConfig(DistillOptim):
     max_failures: int = Field(0, ge=-1, description="trainer restarts after a worker failure (-1 = unlimited); "
                               "past them training stops and the caption job goes on")  # fmt: skip
     stop_timeout_s: float = Field(120.0, gt=0, description="how long the job waits for the trainer to stop at its end")
+    idle_priority: bool | None = Field(
+        None, description="run the trainer's threads under Linux SCHED_IDLE: they get only the CPU time the job's "
+        "actors and tasks leave idle, so training never slows the captioning; None = when cpus_per_worker is 0 "
+        "(it shares their cores)",
+    )  # fmt: skip
     wait_for_trainer_s: float = Field(
         0.0, ge=0, description="hold captioning back until the trainer is up, this long at most (a short job's "
         "first rows then train too); 0 = start at once (the rows decoded before it is up only fill the buffer)",
@@ -110,6 +116,8 @@ def train_loop_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device()
     if device.type == "cpu":  # the CPUs it reserved (at least one thread; 0 reserved = it shares the job's cores)
         torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+    if cfg.idle_priority if cfg.idle_priority is not None else cfg.cpus_per_worker == 0:
+        idle_priority()
 
     folders = resolve_model(model_cfg, mode)
     model, processor = load_target(folders.target, model_cfg.dtype or folders.dtype, str(device))
@@ -180,7 +188,21 @@ def train_loop_per_worker(config: dict) -> None:
             buffer.report.remote(report)
     if rank == 0:
         buffer.report.remote(report)
-        print(f"[online-distill] trainer stopped after {step - first} steps (the caption job ended)", flush=True)
+        why = "max_steps reached" if cfg.max_steps is not None and step >= cfg.max_steps else "the caption job ended"
+        print(f"[online-distill] trainer stopped after {step - first} steps ({why})", flush=True)
+
+
+def idle_priority() -> bool:
+    """Put every thread of this process under SCHED_IDLE (Linux; threads started later inherit it): it then
+    runs only on CPU time nothing else wants. Returns whether it could (False elsewhere)."""
+    if not hasattr(os, "SCHED_IDLE"):
+        return False
+    try:
+        for tid in os.listdir("/proc/self/task"):
+            os.sched_setscheduler(int(tid), os.SCHED_IDLE, os.sched_param(0))
+    except OSError:
+        return False
+    return True
 
 
 def _fit(trainer_args: dict) -> None:

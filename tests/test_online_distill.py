@@ -98,7 +98,8 @@ def test_job_publishes_promotes_swaps_and_survives_its_trainer_killed(ray_local,
     base = {"input": str(src), "batch_size": 4, "rows_per_file": 8, "decode_batch_size": 8, "cpus_per_actor": 0.5,
             "cpus_per_decode_task": 0.5, "sampling": {"max_new_tokens": 48}, "model": model}  # fmt: skip
     online = {"enabled": True, "batch_size": 1, "publish_every": 1, "held_out_rows": 1, "lr": 1e-12,
-              "eval_max_new_tokens": 8, "poll_s": 0.2, "stop_timeout_s": 60, "wait_for_trainer_s": 180}  # fmt: skip
+              "eval_max_new_tokens": 8, "poll_s": 0.2, "stop_timeout_s": 60, "wait_for_trainer_s": 180,
+              "idle_priority": False}  # fmt: skip
     store = out / "_drafts"
     killed: list[int] = []
 
