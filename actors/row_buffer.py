@@ -16,9 +16,12 @@ length and never handed out for training.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import deque
+
+log = logging.getLogger(__name__)
 
 
 class RowBuffer:
@@ -92,16 +95,28 @@ class BufferFeeder:
     def __init__(self, buffer, max_in_flight: int = 8):
         self.buffer, self.max_in_flight = buffer, max_in_flight
         self._in_flight: list = []
+        self._lock = threading.Lock()  # an actor runs two calls at once (continuous batching): both offer
         self.dropped = 0  # not yet reported to the buffer
         self.dropped_total = 0
 
     def offer(self, rows: list[dict]) -> bool:
         """Hand ``rows`` to the buffer if fewer than ``max_in_flight`` puts are outstanding; returns whether
-        they went (False: dropped from training)."""
-        import ray
-
+        they went (False: dropped from training). Thread-safe; never raises (a buffer that is gone or fails
+        only loses training rows)."""
         if not rows:
             return True
+        with self._lock:
+            try:
+                return self._offer(rows)
+            except Exception:
+                log.exception("online distillation: rows could not reach the buffer (dropped from training)")
+                self.dropped += len(rows)
+                self.dropped_total += len(rows)
+                return False
+
+    def _offer(self, rows: list[dict]) -> bool:
+        import ray
+
         if self._in_flight:  # forget the puts that have finished (or failed: the buffer is gone; rows lost)
             _, self._in_flight = ray.wait(self._in_flight, num_returns=len(self._in_flight), timeout=0)
         if len(self._in_flight) >= self.max_in_flight:
