@@ -269,8 +269,8 @@ class SpecVLMServer:
 
     def _follow(self, update: DraftUpdate) -> None:
         """Follow ``update.draft_store`` (or stop following): a thread polls it every ``poll_s`` seconds and swaps
-        each newly promoted version in (`DraftFollower`); a version that does not fit the target is logged and
-        skipped."""
+        each newly promoted version in (`DraftFollower`); a version that does not fit the target is refused by the
+        engine loop (logged) and skipped."""
         from specvlm.draft_store import DraftFollower
 
         if self._following is not None:
@@ -283,16 +283,9 @@ class SpecVLMServer:
 
         def follow() -> None:
             while not stop.is_set():
-                newer = follower.poll()
-                if newer is not None:
-                    try:
-                        newer[0].check_fits(self.runner.engine.target)
-                    except ValueError:
-                        log.exception("draft store %s: version %s does not fit the target", update.draft_store,
-                                      newer[1])  # fmt: skip
-                    else:
-                        self.engine_loop.swap_draft(*newer)
-                        log.info("draft store %s: swapping in version %s", update.draft_store, newer[1])
+                if (newer := follower.poll()) is not None:  # one the target refuses: logged by the loop, skipped
+                    self.engine_loop.swap_draft(*newer)
+                    log.info("draft store %s: swapping in version %s", update.draft_store, newer[1])
                 stop.wait(update.poll_s)
 
         threading.Thread(target=follow, name="specvlm-draft-follower", daemon=True).start()

@@ -39,8 +39,6 @@ from pydantic import Field
 
 from .distill import DistillOptim
 
-POLL_S_DEFAULT = 5.0
-
 
 class OnlineDistillConfig(DistillOptim):
     """The caption job's ``online_distill`` block (`specvlm caption --online-distill` switches it on)."""
@@ -54,7 +52,7 @@ class OnlineDistillConfig(DistillOptim):
     held_out_rows: int = Field(16, ge=1, description="the job's first rows, kept aside to measure accept length on")
     eval_max_new_tokens: int | None = Field(None, ge=1, description="held-out decode length; None = the job's "
                                             "sampling.max_new_tokens")  # fmt: skip
-    poll_s: float = Field(POLL_S_DEFAULT, gt=0, description="actors look for a promoted version at most this often")
+    poll_s: float = Field(5.0, gt=0, description="actors look for a promoted version at most this often")
     workers: int = Field(1, ge=1, description="trainer workers (DDP over the draft)")
     cpus_per_worker: float = Field(
         0.0, ge=0, description="CPUs reserved per trainer worker; 0 = none: it shares the cores of the job's actors "
@@ -132,6 +130,7 @@ def train_loop_per_worker(config: dict) -> None:
     # last version it promoted
     origin = {k: v.detach().clone() for k, v in draft.state_dict().items()} if rank == 0 else None
     floor: float | None = None
+    held: list[dict] = []  # the held-out rows, fetched from the buffer until all held_out_rows are there
     optimizer = make_optimizer(draft, lr=cfg.lr, weight_decay=cfg.weight_decay)
     ddp_kwargs = {"find_unused_parameters": True} if draft.compressor is not None else {}
     wrapped = WrappedDraft(draft, ray.train.torch.prepare_model(draft, parallel_strategy_kwargs=ddp_kwargs))
@@ -149,8 +148,9 @@ def train_loop_per_worker(config: dict) -> None:
         return evaluate_accept_length(engine, inputs, config["eval_max_new_tokens"])
 
     def publish() -> None:
-        nonlocal floor
-        held = ray.get(buffer.held_out.remote())
+        nonlocal floor, held
+        if len(held) < cfg.held_out_rows:
+            held = ray.get(buffer.held_out.remote())
         if len(held) < cfg.held_out_rows:  # versions are compared on one fixed set of rows: wait for all of it
             print(f"[online-distill] step {step}: {len(held)}/{cfg.held_out_rows} held-out rows so far; "
                   "not publishing yet", flush=True)  # fmt: skip
@@ -174,7 +174,7 @@ def train_loop_per_worker(config: dict) -> None:
         while len(rows) < cfg.batch_size and not closed:
             got, closed = ray.get(buffer.take.remote(cfg.batch_size - len(rows), 1.0))
             rows += got
-        stop = torch.tensor([float(closed)], device=device)  # the job has ended: its rows are all decoded
+        stop = torch.tensor([float(closed)], device=device)  # [1] 1.0 once the job has ended: its rows are all decoded
         if world > 1:
             dist.all_reduce(stop, op=dist.ReduceOp.MAX)
         if stop.item():
@@ -279,14 +279,14 @@ class OnlineDistill:
         try:
             ray.get(self.buffer.close.remote())
         except ray.exceptions.RayError as e:  # the buffer actor died: the trainer cannot have gone on either
-            status, reason = "stopped", f"the row buffer failed: {_first_line(e)}"
+            status, reason = "stopped", f"the row buffer failed: {_reason(e)}"
         try:
             ray.get(self.fit_ref, timeout=self.cfg.online_distill.stop_timeout_s)
         except ray.exceptions.GetTimeoutError:
             ray.cancel(self.fit_ref, force=True)
             status, reason = "stopped", f"the trainer did not stop within {self.cfg.online_distill.stop_timeout_s} s"
         except Exception as e:  # TrainingFailedError, a killed task: training stopped, the job did not
-            status, reason = "stopped", reason or f"the trainer failed: {_first_line(e)}"
+            status, reason = "stopped", reason or f"the trainer failed: {_reason(e)}"
         try:
             stats = ray.get(self.buffer.stats.remote())  # after the trainer's last report
         except ray.exceptions.RayError:
@@ -298,7 +298,7 @@ class OnlineDistill:
         return section
 
 
-def _first_line(e: BaseException, limit: int = 240) -> str:
+def _reason(e: BaseException, limit: int = 240) -> str:
     """``Type: message`` of an exception for the summary: the last line of its text (Ray's chained reports
     end with the cause), cut to ``limit`` characters."""
     text = str(e).strip().splitlines()

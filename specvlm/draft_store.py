@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import posixpath
 import tempfile
 import threading
@@ -31,6 +32,8 @@ from pathlib import Path
 import pyarrow.fs as pafs
 
 from .storage import filesystem, mirror
+
+log = logging.getLogger(__name__)
 
 VERSION_FILE = "version.json"
 PROMOTED_FILE = "promoted.json"
@@ -144,16 +147,14 @@ class DraftStore:
         ``version`` (a trainer's: the promoted version's own figure may come from other held-out rows)."""
         meta = self._read_json(self._join(PROMOTED_FILE)) or {"current": None, "history": []}
         current = meta["current"]
-        if floor is not None:
-            if version.accept_length is None or version.accept_length < floor:
+        if current is not None and version.version == current["version"]:
+            return False
+        if floor is None and current is not None:
+            if version.accept_length is None:
                 return False
-            if current is not None and version.version == current["version"]:
-                return False
-        elif current is not None:
-            if version.accept_length is None or version.version == current["version"]:
-                return False
-            if current["accept_length"] is not None and version.accept_length < current["accept_length"]:
-                return False
+            floor = current["accept_length"]
+        if floor is not None and (version.accept_length is None or version.accept_length < floor):
+            return False
         entry = {**asdict(version), "promoted_at": time.time()}
         self._write_json(self._join(PROMOTED_FILE), {"current": asdict(version), "history": [*meta["history"], entry]})
         return True
@@ -181,8 +182,6 @@ class DraftFollower:
             self._lock.release()
 
     def _poll(self):
-        import logging
-
         now = time.monotonic()
         if now < self._next:
             return None
@@ -193,7 +192,6 @@ class DraftFollower:
                 return None
             draft = self.store.load(version)
         except Exception:  # a store being written or unreachable for a moment: keep the draft, look again later
-            log = logging.getLogger(__name__)
             log.exception("draft store %s: could not load the promoted version", self.store.root)
             return None
         self.current = version.name
