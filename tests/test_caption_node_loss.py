@@ -43,6 +43,23 @@ def start_worker(head_address: str, env: dict, log: Path, k: int) -> tuple[subpr
     return proc, port
 
 
+def join_worker(ray, head, log: Path, k: int, attempts: int = 3) -> tuple[subprocess.Popen, int]:
+    """Start worker ``k`` and wait until it is an alive node of the cluster. ``ray start`` gives its raylet a
+    fixed 30 s to register with the GCS and exits when that passes; on a loaded 2-core host (an earlier test's
+    job still shutting down) it can, so a start that exits is retried with fresh ports, up to ``attempts``."""
+    logs = []
+    for attempt in range(attempts):
+        proc, port = start_worker(head.address, head.env, log, k)
+        deadline = time.monotonic() + 90
+        while proc.poll() is None and time.monotonic() < deadline:
+            if sum(1 for nd in ray.nodes() if nd["Alive"] and RESOURCE in nd["Resources"]) > k:
+                return proc, port
+            time.sleep(0.5)
+        logs.append(f"attempt {attempt + 1}: exit {proc.poll()}\n{log.read_text()[-2000:]}")
+        stop(proc)
+    raise AssertionError(f"worker {k} did not join the cluster:\n" + "\n".join(logs))
+
+
 def stop(proc: subprocess.Popen) -> None:
     """Stop a ``ray start --block`` this test started, and the processes of its group."""
     if proc.poll() is None:
@@ -93,12 +110,7 @@ def test_lost_node_costs_time_not_the_job(ray_local, ray_head, small_demo, tmp_p
     workers = []
     try:
         for k in range(2):  # one after the other: two raylets starting at once on one host race for socket names
-            workers.append(start_worker(ray_head.address, ray_head.env, tmp_path / f"worker-{k}.log", k))
-            deadline = time.monotonic() + 60
-            while sum(1 for nd in ray.nodes() if nd["Alive"] and RESOURCE in nd["Resources"]) <= k:
-                log = (tmp_path / f"worker-{k}.log").read_text()[-3000:]
-                assert workers[-1][0].poll() is None and time.monotonic() < deadline, log
-                time.sleep(0.5)
+            workers.append(join_worker(ray, ray_head, tmp_path / f"worker-{k}.log", k))
         killed: list[tuple[int, float]] = []  # (part files written when the node was lost, time)
 
         worker_ports = {p_port for _, p_port in workers}
