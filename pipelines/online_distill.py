@@ -48,6 +48,13 @@ class OnlineDistillConfig(DistillOptim):
     batch_size: int = Field(8, ge=1, description="rows per trainer worker per step")
     publish_every: int = Field(20, ge=1, description="steps between published (and maybe promoted) versions")
     max_steps: int | None = Field(None, ge=1, description="steps at most, across resumes; None = until the job ends")
+    patience: int | None = Field(
+        3, ge=1, description="stop training once this many published versions in a row have not raised the best "
+        "held-out accept length by min_improvement: the draft has converged on this job's rows, and the rest of "
+        "the job runs with the cores to itself; None = train until the job ends or max_steps",
+    )  # fmt: skip
+    min_improvement: float = Field(0.02, ge=0, description="relative gain in held-out accept length that counts "
+                                   "as progress for patience (0.02 = 2%)")  # fmt: skip
     buffer_rows: int = Field(256, ge=1, description="training rows buffered at most (then the oldest are dropped)")
     held_out_rows: int = Field(16, ge=1, description="the job's first rows, kept aside to measure accept length on")
     eval_max_new_tokens: int | None = Field(None, ge=1, description="held-out decode length; None = the job's "
@@ -130,6 +137,7 @@ def train_loop_per_worker(config: dict) -> None:
     # last version it promoted
     origin = {k: v.detach().clone() for k, v in draft.state_dict().items()} if rank == 0 else None
     floor: float | None = None
+    patience = Patience(cfg.patience, cfg.min_improvement)
     held: list[dict] = []  # the held-out rows, fetched from the buffer until all held_out_rows are there
     optimizer = make_optimizer(draft, lr=cfg.lr, weight_decay=cfg.weight_decay)
     ddp_kwargs = {"find_unused_parameters": True} if draft.compressor is not None else {}
@@ -147,18 +155,20 @@ def train_loop_per_worker(config: dict) -> None:
         inputs = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in r["inputs"].items()} for r in held]
         return evaluate_accept_length(engine, inputs, config["eval_max_new_tokens"])
 
-    def publish() -> None:
+    def publish() -> bool:
+        """Publish (and maybe promote) the draft; returns whether training has converged (patience)."""
         nonlocal floor, held
         if len(held) < cfg.held_out_rows:
             held = ray.get(buffer.held_out.remote())
         if len(held) < cfg.held_out_rows:  # versions are compared on one fixed set of rows: wait for all of it
             print(f"[online-distill] step {step}: {len(held)}/{cfg.held_out_rows} held-out rows so far; "
                   "not publishing yet", flush=True)  # fmt: skip
-            return
+            return False
         if floor is None:
             now = {k: v.detach().clone() for k, v in draft.state_dict().items()}
             draft.load_state_dict(origin)
             floor = report["start_accept_length"] = held_out_accept(held)
+            patience.update(floor)
             draft.load_state_dict(now)
         acc = held_out_accept(held)
         version = store.publish(draft, step, acc, len(held))
@@ -168,28 +178,63 @@ def train_loop_per_worker(config: dict) -> None:
               flush=True)  # fmt: skip
         if promoted:
             floor = acc
+        return patience.update(acc)
 
+    why = "the caption job ended"
     while cfg.max_steps is None or step < cfg.max_steps:
         rows, closed = [], False
         while len(rows) < cfg.batch_size and not closed:
             got, closed = ray.get(buffer.take.remote(cfg.batch_size - len(rows), 1.0))
             rows += got
-        stop = torch.tensor([float(closed)], device=device)  # [1] 1.0 once the job has ended: its rows are all decoded
+        # [2]: (no rows, closed) on any rank: all ranks step together or stop together. The job has ended once
+        # the buffer is closed (its rows are all decoded); the rows that came with the close are the last step.
+        ended = torch.tensor([float(not rows), float(closed)], device=device)
         if world > 1:
-            dist.all_reduce(stop, op=dist.ReduceOp.MAX)
-        if stop.item():
+            dist.all_reduce(ended, op=dist.ReduceOp.MAX)
+        if ended[0].item():
             break
         batch = batch_from_inputs([r["inputs"] for r in rows], [r["response"] for r in rows], pad)
         distill_step(target, wrapped, batch_to(batch, device), optimizer, cfg.max_grad_norm, **cfg.loss_kwargs())
         step += 1
         report["steps"] = step - first
+        converged = torch.zeros(1, device=device)  # [1] 1.0 once rank 0 finds the draft converged
         if rank == 0 and (step - first) % cfg.publish_every == 0:
-            publish()
+            converged[0] = float(publish())
             buffer.report.remote(report)
+        if world > 1:
+            dist.all_reduce(converged, op=dist.ReduceOp.MAX)
+        if converged.item():
+            why = (f"converged: {cfg.patience} versions in a row without a {cfg.min_improvement:.0%} gain in held-out "
+                   "accept length" + (f" over its best, {patience.best:.3f}" if rank == 0 else ""))  # fmt: skip
+            break
+        if ended[1].item():
+            break
+    else:
+        why = "max_steps reached"
     if rank == 0:
+        report["ended"] = why
         buffer.report.remote(report)
-        why = "max_steps reached" if cfg.max_steps is not None and step >= cfg.max_steps else "the caption job ended"
+        if why != "the caption job ended":  # stopped for good: the actors stop sending rows
+            buffer.retire.remote()
         print(f"[online-distill] trainer stopped after {step - first} steps ({why})", flush=True)
+
+
+class Patience:
+    """Early stopping on held-out accept length: `update` with each measurement (the starting draft's first)
+    returns True once ``patience`` in a row have not beaten the best one that counted by ``min_improvement``
+    (relative). ``patience`` None: never."""
+
+    def __init__(self, patience: int | None, min_improvement: float):
+        self.patience, self.min_improvement = patience, min_improvement
+        self.best: float | None = None
+        self.stale = 0
+
+    def update(self, accept_length: float) -> bool:
+        if self.best is None or accept_length >= self.best * (1 + self.min_improvement):
+            self.best, self.stale = accept_length, 0
+        else:
+            self.stale += 1
+        return self.patience is not None and self.stale >= self.patience
 
 
 def idle_priority() -> bool:
@@ -247,8 +292,9 @@ class OnlineDistill:
             "run_config": RunConfig(name=f"online-distill-{run_id}", failure_config=FailureConfig(o.max_failures),
                                     storage_path=str(Path(tempfile.gettempdir()) / "specvlm-online-distill")),
         }  # fmt: skip
+        # not waiting for the buffer to be up: its first rows queue in the actors' feeders (or are dropped from
+        # training past the feeder's ``max_in_flight``), while the caption actors start at once
         fit_ref = ray.remote(num_cpus=0, max_retries=0)(_fit).remote(trainer_args)
-        ray.get(buffer.stats.remote())  # the buffer is up before any actor offers it rows
         deadline = time.monotonic() + o.wait_for_trainer_s
         while time.monotonic() < deadline and not ray.get(buffer.stats.remote())["trainer"]:
             if ray.wait([fit_ref], timeout=0.5)[0]:  # the trainer ended before it was up: finish() says why
@@ -332,7 +378,7 @@ def summarize(root: str, rows: list[dict], stats: dict, status: str, reason: str
     return {
         "store": root,
         "status": status,
-        "reason": reason,
+        "reason": reason or trainer.get("ended"),
         "steps": trainer.get("steps", 0),
         "start_draft": {
             "version": draft_name,

@@ -36,6 +36,38 @@ def test_buffer_holds_out_the_first_rows_drops_the_oldest_and_ends_on_close():
                            "buffered": 0, "trainer": {}}  # fmt: skip
 
 
+def test_feeder_stops_sending_once_the_buffer_is_retired(ray_local):
+    import ray
+
+    buf = ray.remote(num_cpus=0, max_concurrency=4)(RowBuffer).remote(8, 1)
+    feeder = BufferFeeder(buf)
+    assert feeder.offer([{"i": 0}, {"i": 1}])
+    deadline = time.monotonic() + 30
+    while ray.get(buf.stats.remote())["received"] < 2 and time.monotonic() < deadline:  # (a threaded actor's calls
+        time.sleep(0.05)  # run in any order)
+    ray.get(buf.retire.remote())  # the trainer stopped for good: the buffered rows go, no more are taken
+    assert feeder.offer([{"i": 2}])  # sent: the feeder learns from this put's answer
+    deadline = time.monotonic() + 30
+    while not feeder.retired and time.monotonic() < deadline:
+        feeder.offer([{"i": 3}])
+        time.sleep(0.05)
+    assert feeder.retired and not feeder.offer([{"i": 4}]) and feeder.dropped_total == 0
+    stats = ray.get(buf.stats.remote())
+    assert stats["received"] == 2 and stats["held_out"] == 1 and stats["buffered"] == 0
+    ray.kill(buf)
+
+
+def test_patience_stops_after_versions_without_a_gain():
+    from pipelines.online_distill import Patience
+
+    p = Patience(2, 0.02)
+    # the starting draft, two gains, then 4.05 and 4.12 (< 2% over 4.1): converged at the second
+    assert [p.update(a) for a in (2.6, 3.3, 4.1, 4.05, 4.12)] == [False, False, False, False, True]
+    assert p.best == 4.1
+    never = Patience(None, 0.02)
+    assert not any(never.update(2.6) for _ in range(10))
+
+
 def test_feeder_never_waits_for_a_buffer_that_lags(ray_local):
     import ray
 
@@ -99,7 +131,7 @@ def test_job_publishes_promotes_swaps_and_survives_its_trainer_killed(ray_local,
             "cpus_per_decode_task": 0.5, "sampling": {"max_new_tokens": 48}, "model": model}  # fmt: skip
     online = {"enabled": True, "batch_size": 1, "publish_every": 1, "held_out_rows": 1, "lr": 1e-12,
               "eval_max_new_tokens": 8, "poll_s": 0.2, "stop_timeout_s": 60, "wait_for_trainer_s": 180,
-              "idle_priority": False}  # fmt: skip
+              "idle_priority": False, "patience": None}  # fmt: skip
     store = out / "_drafts"
     killed: list[int] = []
 
@@ -137,12 +169,15 @@ def test_job_publishes_promotes_swaps_and_survives_its_trainer_killed(ray_local,
     # row decodes with the promoted version (which rows of the first job did depends on timing)
     more = tmp_path / "more"
     more.mkdir()
-    for i, (im, _) in enumerate(shapes(8, seed=6)):
+    for i, (im, _) in enumerate(shapes(24, seed=6)):
         (more / f"m{i}.png").write_bytes(save(im, "PNG"))
     (src / "m0.png").write_bytes((more / "m0.png").read_bytes())
+    # (patience 1: the first version without a gain, at its first step, ends training as converged)
     resumed = run(parse_config({**base, "input": str(more), "output": str(out),
-                                "online_distill": {**online, "wait_for_trainer_s": 0}}, CaptionJobConfig))  # fmt: skip
-    assert resumed["rows"] == 8 and resumed["errors"] == {}
+                                "online_distill": {**online, "patience": 1}}, CaptionJobConfig))  # fmt: skip
+    assert resumed["rows"] == 24 and resumed["errors"] == {}
+    again = resumed["online_distill"]
+    assert again["status"] == "finished" and again["reason"].startswith("converged") and again["steps"] == 1, again
     new_rows = [r for r in cio.read_output(str(out)).to_pylist() if r["id"].startswith("m")]
     assert all(r["draft_version"] in promoted for r in new_rows), "rows did not decode with a promoted version"
     rows.update({r["id"]: r for r in new_rows})
