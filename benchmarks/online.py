@@ -29,11 +29,12 @@ from pathlib import Path
 
 from benchmarks.caption import write_inputs
 from benchmarks.report import RESULTS, to_markdown, write_results
+from pipelines.online_distill import OnlineDistillConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 COLS = ["run", "rows", "wall_s", "images_per_s", "first_window_images_per_s", "last_window_images_per_s",
-        "accept_length", "first_version_accept", "last_version_accept", "versions_promoted", "compared_with_ar",
-        "diff_vs_ar"]  # fmt: skip
+        "accept_length", "first_version_accept", "last_version_accept", "versions_promoted", "trainer_steps",
+        "compared_with_ar", "diff_vs_ar"]  # fmt: skip
 
 
 def weak_draft(work: Path, steps: int) -> Path:
@@ -135,6 +136,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--repeats", type=int, default=3, help="weak and online runs, interleaved")
     ap.add_argument("--max-steps", type=int, help="online_distill.max_steps: the trainer stops after these steps")
+    ap.add_argument("--patience", type=int, default=OnlineDistillConfig().patience,
+                    help="online_distill.patience (0: train until the job ends)")  # fmt: skip
     ap.add_argument("--name", default="online", help="results/<name>.md and .json")
     ap.add_argument("--ar-num", type=int, help="inputs of the ar reference run (the first ones); default: all")
     ap.add_argument("--work", type=Path, default=Path("/tmp/specvlm-bench-online"), help="inputs, drafts, outputs")
@@ -165,7 +168,8 @@ def main(argv: list[str] | None = None) -> None:
     sampling = {"max_new_tokens": args.max_new_tokens}
     base = {"input": str(src), "batch_size": 8, "rows_per_file": 50, "sampling": sampling,
             "model": {"target": "demo", "draft": str(draft)}}  # fmt: skip
-    online = {"enabled": True, "publish_every": args.publish_every, "max_steps": args.max_steps}
+    online = {"enabled": True, "publish_every": args.publish_every, "max_steps": args.max_steps,
+              "patience": args.patience or None}  # fmt: skip
     runs = {}
     ar_src = src
     if args.ar_num and args.ar_num < args.num:
@@ -199,6 +203,7 @@ def main(argv: list[str] | None = None) -> None:
             "first_version_accept": acc[order[0]] if name != "ar" else "",
             "last_version_accept": acc[order[-1]] if name != "ar" else "",
             "versions_promoted": section.get("promoted", ""),
+            "trainer_steps": section.get("steps", ""),
             "diff_vs_ar": sum(r["id"] in ar_captions and ar_captions[r["id"]] != r["caption"] for r in rows),
             "compared_with_ar": sum(r["id"] in ar_captions for r in rows),
             "versions": [{"version": v, "rows": len(by_version[v]), "accept_length": acc[v]} for v in order],
@@ -218,7 +223,8 @@ def main(argv: list[str] | None = None) -> None:
     header = (
         f"## Online distillation: demo model, {args.num} unseen inputs (~20% videos), greedy, max "
         f"{args.max_new_tokens} new tokens, batch 8, 1 caption actor; starting draft distilled "
-        f"{args.weak_steps} steps; trainer max_steps {args.max_steps}; CPU (2 cores, float32)"
+        f"{args.weak_steps} steps; trainer max_steps {args.max_steps}, patience {args.patience or None}; CPU (2 cores, "
+        "float32)"
     )
     versions = "\n".join(f"- {v['version']}: step {v['step']}, held-out accept {v['held_out_accept_length']:.3f}, "
                          f"{'promoted' if v['promoted'] else 'not promoted'}, decoded {v['rows_decoded']} rows"
@@ -232,7 +238,8 @@ def main(argv: list[str] | None = None) -> None:
         f"the first and last {args.window} rows, timed by when their part files ({base['rows_per_file']} rows) "
         f"appeared. compared_with_ar / diff_vs_ar: rows also captioned by the ar run, and those "
         "whose caption differs from ar's (must be 0).\n\nTraining (the last online run): "
-        f"{online_summary['status']}, {online_summary['steps']} steps; rows {json.dumps(online_summary['rows'])}; "
+        f"{online_summary['status']} ({online_summary['reason']}), {online_summary['steps']} steps; rows "
+        f"{json.dumps(online_summary['rows'])}; "
         f"starting draft's held-out accept {online_summary['start_draft']['held_out_accept_length']:.3f}.\n\n"
         f"Versions of the last online run (plotted):\n\n{versions}\n\n"
     )

@@ -13,7 +13,9 @@ What runs where::
     trainer worker  load the frozen target once, start from the promoted version (resume) or the job's draft;
                     per step: batch_size rows from the buffer -> `specvlm.distill.distill_step`; every
                     publish_every steps (rank 0): held-out accept length -> DraftStore.publish -> promote if at
-                    least as good as the draft the actors decode with, measured on the same held-out rows
+                    least as good as the draft the actors decode with, measured on the same held-out rows;
+                    stops once converged (`Patience`) or at max_steps, and then retires the buffer (the actors
+                    stop sending rows)
 
 Training rows are what the actors already hold: the encoded prompt and the target's own greedy tokens; the
 trainer recomputes the target's features (one teacher forward per row). Sending the features instead would
