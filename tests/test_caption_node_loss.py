@@ -26,34 +26,31 @@ pytestmark = pytest.mark.slow
 RESOURCE = "caption_node_loss"  # only the worker nodes started here have it
 
 
-def start_worker(head_address: str, env: dict, log: Path, k: int) -> tuple[subprocess.Popen, int]:
-    """``ray start --block`` joining the session cluster as a 1-CPU node with RESOURCE; returns it and its
-    node manager port (how ``ray.nodes()`` tells the nodes apart). Its ports and worker port range are its
-    own, so that it does not collide with the head or the other worker on this host."""
-    port = free_port()
+def start_worker(head_address: str, env: dict, log: Path, k: int) -> subprocess.Popen:
+    """``ray start --block`` joining the session cluster as a 1-CPU node with RESOURCE. Its ports and worker
+    port range are its own, so that it does not collide with the head or the other worker on this host."""
     flags = {name: free_port() for name in ("object-manager-port", "dashboard-agent-listen-port",
              "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port")}  # fmt: skip
     cmd = [str(Path(sys.executable).parent / "ray"), "start", "--block", f"--address={head_address}",
-           "--node-ip-address=127.0.0.1", f"--node-manager-port={port}", "--num-cpus=1", "--num-gpus=0",
+           "--node-ip-address=127.0.0.1", f"--node-manager-port={free_port()}", "--num-cpus=1", "--num-gpus=0",
            f'--resources={{"{RESOURCE}": 1}}', "--object-store-memory=100000000", "--disable-usage-stats",
            f"--min-worker-port={30000 + 100 * k}", f"--max-worker-port={30099 + 100 * k}",
            *(f"--{k}={v}" for k, v in flags.items())]  # fmt: skip
     with log.open("w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    return proc, port
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
 
-def join_worker(ray, head, log: Path, k: int, attempts: int = 3) -> tuple[subprocess.Popen, int]:
+def join_worker(ray, head, log: Path, k: int, attempts: int = 3) -> subprocess.Popen:
     """Start worker ``k`` and wait until it is an alive node of the cluster. ``ray start`` gives its raylet a
     fixed 30 s to register with the GCS and exits when that passes; on a loaded 2-core host (an earlier test's
     job still shutting down) it can, so a start that exits is retried with fresh ports, up to ``attempts``."""
     logs = []
     for attempt in range(attempts):
-        proc, port = start_worker(head.address, head.env, log, k)
+        proc = start_worker(head.address, head.env, log, k)
         deadline = time.monotonic() + 90
         while proc.poll() is None and time.monotonic() < deadline:
             if sum(1 for nd in ray.nodes() if nd["Alive"] and RESOURCE in nd["Resources"]) > k:
-                return proc, port
+                return proc
             time.sleep(0.5)
         logs.append(f"attempt {attempt + 1}: exit {proc.poll()}\n{log.read_text()[-2000:]}")
         stop(proc)
@@ -75,31 +72,30 @@ def stop(proc: subprocess.Popen) -> None:
     proc.wait(10)
 
 
-def raylet_pid(proc: subprocess.Popen) -> int:
-    """The pid of the raylet among the descendants of ``proc`` (read from /proc)."""
-    parent, name = {}, {}
+def descendants(proc: subprocess.Popen) -> dict[int, str]:
+    """The processes below ``proc`` (read from /proc): pid -> argv[0], e.g. ``.../raylet`` or an actor's
+    process title ``ray::MapWorker(MapBatches(Captioner)).submit``."""
+    parent, argv0 = {}, {}
     for d in (d for d in Path("/proc").iterdir() if d.name.isdigit()):
         try:
-            comm, rest = (d / "stat").read_text().rsplit(")", 1)
-        except (OSError, ValueError):
+            rest = (d / "stat").read_text().rsplit(")", 1)[1]
+            argv0[int(d.name)] = (d / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+        except (OSError, IndexError):
             continue
-        pid = int(d.name)
-        parent[pid], name[pid] = int(rest.split()[1]), comm.split("(", 1)[1]
+        parent[int(d.name)] = int(rest.split()[1])
 
-    def descends(pid: int) -> bool:
+    def below(pid: int) -> bool:
         while pid > 1:
+            pid = parent.get(pid, 0)
             if pid == proc.pid:
                 return True
-            pid = parent.get(pid, 0)
         return False
 
-    [pid] = [p for p in name if name[p] == "raylet" and descends(p)]
-    return pid
+    return {pid: a for pid, a in argv0.items() if below(pid)}
 
 
 def test_lost_node_costs_time_not_the_job(ray_local, ray_head, small_demo, tmp_path):
     import ray
-    from ray.util.state import list_actors
 
     demo, _ = small_demo
     src, out = tmp_path / "in", tmp_path / "out"
@@ -113,32 +109,20 @@ def test_lost_node_costs_time_not_the_job(ray_local, ray_head, small_demo, tmp_p
             workers.append(join_worker(ray, ray_head, tmp_path / f"worker-{k}.log", k))
         killed: list[tuple[int, float]] = []  # (part files written when the node was lost, time)
 
-        worker_ports = {p_port for _, p_port in workers}
-        failures: list[str] = []  # what went wrong in the killer thread, for the assertion message
-
         def kill_the_actors_node():
+            # The actor's node is found from /proc (the Captioner's process is below one worker's ``ray start``),
+            # not through the state API: on a loaded 2-core host a state API call can hang past the whole job.
             deadline, first_seen = time.monotonic() + 120, None
             while time.monotonic() < deadline:
-                try:
-                    alive = list_actors(address=ray_head.dashboard_url, filters=[("state", "=", "ALIVE")],
-                                        raise_on_missing_output=False)  # fmt: skip
-                except Exception as e:  # the state API can time out on a loaded 2-core machine: ask again
-                    failures.append(repr(e))
-                    time.sleep(0.2)
-                    continue
-                ports = {nd["NodeID"]: nd["NodeManagerPort"] for nd in ray.nodes()}
-                # only this test's worker nodes: an earlier test's Captioner may still be shutting down
-                # on the head node
-                nodes = {a.node_id for a in alive if "Captioner" in (a.class_name or "")
-                         and ports.get(a.node_id) in worker_ports}  # fmt: skip
-                first_seen = first_seen or (time.monotonic() if nodes else None)
+                trees = [descendants(proc) for proc in workers]
+                holding = [k for k, tree in enumerate(trees) if any("Captioner" in a for a in tree.values())]
+                first_seen = first_seen or (time.monotonic() if holding else None)
                 # mid-job: a first part file is written, or the actor has been up for 0.5 s with batches queued
                 # for it (on a fast machine the whole job takes a few seconds and its part files may arrive in
                 # one burst at the end, so waiting for a file can miss the job)
-                if nodes and (list(out.glob("*.parquet")) or time.monotonic() - first_seen > 0.5):
-                    port = ports[nodes.pop()]
-                    [proc] = [p for p, p_port in workers if p_port == port]
-                    os.kill(raylet_pid(proc), signal.SIGKILL)  # the node is gone, its actor and objects with it
+                if holding and (list(out.glob("*.parquet")) or time.monotonic() - first_seen > 0.5):
+                    [raylet] = [pid for pid, a in trees[holding[0]].items() if a.endswith("/raylet")]
+                    os.kill(raylet, signal.SIGKILL)  # the node is gone, its actor and objects with it
                     killed.append((len(list(out.glob("*.parquet"))), time.monotonic()))
                     return
                 time.sleep(0.05)
@@ -153,11 +137,11 @@ def test_lost_node_costs_time_not_the_job(ray_local, ray_head, small_demo, tmp_p
         t0 = time.monotonic()
         summary = run(cfg)
         killer.join(5)
-        assert killed and killed[0][0] < n // 2, f"the actor's node was not lost mid-job {failures[-3:]}"
+        assert killed and killed[0][0] < n // 2, "the actor's node was not lost mid-job"
         ids = cio.read_output(str(out), columns=["id"])["id"].to_pylist()
         assert sorted(ids) == [f"{i:02d}.png" for i in range(n)]  # every id exactly once
         assert summary["errors"] == {} and summary["duplicates_removed"] == 0
         print(f"node lost after {killed[0][1] - t0:.1f} s; job done in {time.monotonic() - t0:.1f} s")
     finally:
-        for proc, _ in workers:
+        for proc in workers:
             stop(proc)
