@@ -79,7 +79,7 @@ def direct(cfg, paths: list[Path]) -> dict:
 
     torch.set_num_threads(1)
     t0 = time.perf_counter()
-    cap = Captioner(cfg.model, cfg.engine, cfg.sampling)
+    cap = Captioner(cfg.model, cfg.engine, cfg.sampling, batching="static", max_rows=cfg.batch_size)  # one caller
     load_s = time.perf_counter() - t0
     rows = [{"id": p.name, "uri": str(p)} for p in paths]
     cap(cio.decode_rows(cio.listed_table(rows[: cfg.batch_size]), cfg.decode))  # warm-up

@@ -96,6 +96,36 @@ def window_rate(rows: list[dict], first: bool, window: int) -> float:
     return window / span if span > 0 else float("nan")
 
 
+CEILING_COLS = ["method", "draft", "images_per_s", "images_per_s_range", "speedup", "accept_length"]
+
+
+def ceiling(base: dict, paths: list[Path], drafts: dict[str, Path | None], rounds: int) -> list[dict]:
+    """The most a better draft can give this job on this machine: the `Captioner` called directly (one process,
+    one thread, no Ray, no trainer; `benchmarks.caption.direct`) at the job's batch on ``paths``, for ``ar``
+    (draft None) and each draft, in ``rounds`` interleaved rounds. speedup: median images/s over the first
+    draft's (the starting draft)."""
+    from benchmarks.caption import direct
+    from pipelines.caption import CaptionJobConfig
+    from specvlm.config import parse_config
+
+    rates: dict[str, list[float]] = {name: [] for name in drafts}
+    accept = {}
+    for _ in range(rounds):
+        for name, draft in drafts.items():
+            model = {**base["model"], "draft": str(draft)} if draft else {"target": base["model"]["target"]}
+            engine = {} if draft else {"engine": {"mode": "ar"}}
+            cfg = parse_config({**base, "model": model, **engine}, CaptionJobConfig)
+            row = direct(cfg, paths)
+            rates[name].append(row["images_per_s"])
+            accept[name] = row["accept_length"]
+    first = statistics.median(rates[next(n for n, d in drafts.items() if d)])
+    return [{"method": "ar" if draft is None else "eagle", "draft": name,
+             "images_per_s": statistics.median(rates[name]),
+             "images_per_s_range": f"{min(rates[name]):.1f}-{max(rates[name]):.1f}",
+             "speedup": statistics.median(rates[name]) / first, "accept_length": accept[name]}
+            for name, draft in drafts.items()]  # fmt: skip
+
+
 def plot(rows: list[dict], versions: list[dict], path: Path, smooth: int = 50) -> None:
     """Accept length of the online run's rows (moving mean over ``smooth`` rows) against rows processed,
     a vertical line where each promoted version starts decoding."""
@@ -134,6 +164,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--weak-draft", type=Path, help="the starting draft (default: distilled --weak-steps steps)")
     ap.add_argument("--publish-every", type=int, default=20)
     ap.add_argument("--max-new-tokens", type=int, default=48)
+    ap.add_argument("--batch-size", type=int, default=8, help="the job's batch_size (rows per actor call)")
     ap.add_argument("--repeats", type=int, default=3, help="weak and online runs, interleaved")
     ap.add_argument("--max-steps", type=int, help="online_distill.max_steps: the trainer stops after these steps")
     ap.add_argument("--patience", type=int, default=OnlineDistillConfig().patience,
@@ -143,7 +174,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/specvlm-bench-online"), help="inputs, drafts, outputs")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--plot", type=Path, default=ROOT / "docs" / "online_accept.png")
+    ap.add_argument("--ceiling-num", type=int, default=256,
+                    help="inputs of the ceiling measurement (see `ceiling`; 0: skip it)")  # fmt: skip
+    ap.add_argument("--ceiling-only", type=Path, nargs="+", metavar="DRAFT",
+                    help="measure only the ceiling: ar, --weak-draft and each DRAFT (e.g. a run's last promoted "
+                         "version, the demo's own draft); "
+                         "writes results/<name>-ceiling.md")  # fmt: skip
     args = ap.parse_args(argv)
+    if args.ceiling_only:
+        return main_ceiling(args)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import shutil
@@ -166,7 +205,7 @@ def main(argv: list[str] | None = None) -> None:
     for out in [work / "ar", *work.glob("weak-*"), *work.glob("online-*")]:  # every run writes a fresh output
         shutil.rmtree(out, ignore_errors=True)
     sampling = {"max_new_tokens": args.max_new_tokens}
-    base = {"input": str(src), "batch_size": 8, "rows_per_file": 50, "sampling": sampling,
+    base = {"input": str(src), "batch_size": args.batch_size, "rows_per_file": 50, "sampling": sampling,
             "model": {"target": "demo", "draft": str(draft)}}  # fmt: skip
     online = {"enabled": True, "publish_every": args.publish_every, "max_steps": args.max_steps,
               "patience": args.patience or None}  # fmt: skip
@@ -185,6 +224,14 @@ def main(argv: list[str] | None = None) -> None:
         cfg = parse_config({**base, **extra}, CaptionJobConfig)
         runs[name] = job(cfg, name.replace(" #", "-"), work)
     ray.shutdown()
+    last = f"online #{args.repeats}"
+    online_summary = runs[last][0]["online_distill"]
+    promoted = [v["version"] for v in online_summary["versions"] if v["promoted"]]
+    ceiling_rows = []
+    if args.ceiling_num and promoted:
+        drafts = {"starting (weak)": draft, f"{promoted[-1]} ({last})": Path(online_summary["store"]) / promoted[-1],
+                  "none": None}  # fmt: skip
+        ceiling_rows = ceiling(base, sorted(src.iterdir())[: args.ceiling_num], drafts, args.repeats)
 
     ar_captions = {r["id"]: r["caption"] for r in runs["ar"][1]}
     table = []
@@ -217,12 +264,10 @@ def main(argv: list[str] | None = None) -> None:
                 m = statistics.median(vals)
                 med[col] = f"{m:.2f} ({vals[0]:.2f}-{vals[-1]:.2f})" if isinstance(m, float) else m
         table.append(med)
-    last = f"online #{args.repeats}"
-    online_summary = runs[last][0]["online_distill"]
     plot(runs[last][1], online_summary["versions"], args.plot)
     header = (
         f"## Online distillation: demo model, {args.num} unseen inputs (~20% videos), greedy, max "
-        f"{args.max_new_tokens} new tokens, batch 8, 1 caption actor; starting draft distilled "
+        f"{args.max_new_tokens} new tokens, batch {args.batch_size}, 1 caption actor; starting draft distilled "
         f"{args.weak_steps} steps; trainer max_steps {args.max_steps}, patience {args.patience or None}; CPU (2 cores, "
         "float32)"
     )
@@ -245,11 +290,42 @@ def main(argv: list[str] | None = None) -> None:
     )
     load = (f"1-minute load average of the machine: {load_before:.1f} before, {os.getloadavg()[0]:.1f} after "
             f"({os.cpu_count()} cores).\n")  # fmt: skip
-    report = header + "\n\n" + to_markdown(table, COLS) + notes + load
+    report = header + "\n\n" + to_markdown(table, COLS) + notes
+    if ceiling_rows:
+        report += ceiling_section(ceiling_rows, args.ceiling_num, args.batch_size, args.repeats)
+    report += load
     print(report)
     write_results(args.out, args.name, report, table)
     if any(r["diff_vs_ar"] for r in table):
         raise SystemExit("some captions differ from ar's")
+
+
+def ceiling_section(rows: list[dict], num: int, batch: int, rounds: int) -> str:
+    """The ceiling table (`ceiling`) with what it measures, as a report section."""
+    return (
+        f"### The ceiling: the Captioner called directly, {num} of the inputs, batch {batch}, one thread, no trainer; "
+        f"median of {rounds} interleaved rounds (range)\n\n{to_markdown(rows, CEILING_COLS)}\n\nspeedup: images/s "
+        "over the starting draft's. A better draft can speed this job up by at most this much on this machine; "
+        "the trainer's share of the cores has to be won back from it.\n\n"
+    )
+
+
+def main_ceiling(args) -> None:
+    """``--ceiling-only``: ar, the starting draft and each of ``args.ceiling_only`` on the first ``--ceiling-num``
+    inputs, written to ``results/<name>-ceiling.md``."""
+    src = args.work / f"inputs-{args.num}"
+    if not src.is_dir():
+        src.mkdir(parents=True)
+        write_inputs(src, args.num, seed=2027)
+    draft = args.weak_draft or weak_draft(args.work, args.weak_steps)
+    base = {"input": str(src), "batch_size": args.batch_size, "sampling": {"max_new_tokens": args.max_new_tokens},
+            "model": {"target": "demo", "draft": str(draft)}}  # fmt: skip
+    drafts = {"starting (weak)": draft, **{str(d): d for d in args.ceiling_only}, "none": None}
+    rows = ceiling(base, sorted(src.iterdir())[: args.ceiling_num], drafts, args.repeats)
+    report = ceiling_section(rows, args.ceiling_num, args.batch_size, args.repeats)
+    report += f"CPU: {os.cpu_count()} cores, float32.\n"
+    print(report)
+    write_results(args.out, f"{args.name}-ceiling", report, rows)
 
 
 if __name__ == "__main__":
