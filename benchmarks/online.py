@@ -296,7 +296,7 @@ def main(argv: list[str] | None = None) -> None:
     report += load
     print(report)
     write_results(args.out, args.name, report, table)
-    if any(r["diff_vs_ar"] for r in table):
+    if any(r["diff_vs_ar"] for r in table if " #" in r["run"] or r["run"] == "ar"):  # not the median rows
         raise SystemExit("some captions differ from ar's")
 
 
