@@ -21,7 +21,10 @@ being the rate the loads scale. Then at 0.5x, 0.8x and 1.0x of it, ``--requests-
 seeded exponential gaps (the same schedule and bodies for both modes), each mode deployed in turn so the
 order alternates between load points (C S, S C, C S). Reports time to first token and end-to-end
 p50/p99 (from each request's scheduled arrival), achieved requests/s and tokens/s, errors by status, and
-whether every answer equals `ar`'s.
+whether every answer equals `ar`'s. ``--in-process`` runs the same points without Ray, Serve or HTTP
+(`InProcessDriver`: the replica's `ChatRunner` and `EngineLoop` in this process, results in
+``serve-open-loop-in-process.md``), which separates the engine loop's scheduling from the HTTP stack sharing
+the cores.
 """
 
 from __future__ import annotations
@@ -32,9 +35,11 @@ import base64
 import contextlib
 import io
 import os
+import queue
 import random
 import socket
 import statistics
+import threading
 import time
 from pathlib import Path
 
@@ -186,6 +191,9 @@ def main(argv: list[str] | None = None) -> None:
     ol.add_argument("--saturation-concurrency", type=int, help="closed-loop concurrency (default: 2x the batch)")
     ol.add_argument("--saturation-requests", type=int, default=128, help="closed-loop requests per batching mode")
     ol.add_argument("--seed", type=int, default=0, help="arrival times, question order and budgets")
+    ol.add_argument("--in-process", action="store_true",
+                    help="drive the replica's request path (ChatRunner + EngineLoop) in this process, without Ray, "
+                         "Serve or HTTP (results in serve-open-loop-in-process.md)")  # fmt: skip
     args = ap.parse_args(argv)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if args.open_loop:
@@ -262,16 +270,164 @@ def run_order(loads: list[float]) -> list[tuple[str, float | None]]:
     return out
 
 
+class HttpDriver:
+    """Open-loop runs against the Serve endpoint: each batching mode deployed as one replica behind Serve's
+    HTTP proxy on loopback, requests streamed by this process's async HTTP client."""
+
+    def __init__(self, url: str, bodies: list[dict], model: dict, actor: dict, slots: int, wait_s: float):
+        self.url, self.bodies, self.model = url, bodies, model
+        self.actor, self.slots, self.wait_s = actor, slots, wait_s
+
+    def deploy(self, mode: str, batching: str, max_rows: int) -> None:
+        from ray import serve
+
+        from actors.serving import build_app
+
+        batching_cfg = {"mode": batching, "max_batch_size": max_rows, "batch_wait_timeout_s": self.wait_s}
+        cfg = app_config(self.model, mode, batching_cfg, self.actor, self.slots)
+        cfg["limits"] = {"max_active_requests": self.slots}
+        with contextlib.suppress(Exception):
+            serve.delete("bench")
+        serve.run(build_app(cfg), name="bench", route_prefix="/", logging_config={"enable_access_log": False})
+
+    def closed(self, order: list[int], concurrency: int):
+        from benchmarks.open_loop import closed_loop
+
+        return asyncio.run(closed_loop(self.url, self.bodies, order, concurrency))
+
+    def open(self, order: list[int], times: list[float]):
+        from benchmarks.open_loop import open_loop
+
+        return asyncio.run(open_loop(self.url, self.bodies, order, times))
+
+    def close(self) -> None:
+        from ray import serve
+
+        serve.delete("bench")
+
+
+class InProcessDriver:
+    """``--in-process``: the replica's own request path below HTTP, driven from this process: the requests are
+    prepared by `ChatRunner.prepare` (images, chat template, processor) before the clock starts, then submitted
+    at their times to an `EngineLoop` on its engine thread, as the replica does. No Ray, no Serve proxy, no
+    HTTP client sharing the cores: the latencies are the engine loop's own (waiting for a place, prefill,
+    rounds), which is what the batching mode changes."""
+
+    def __init__(self, bodies: list[dict], model: dict, wait_s: float):
+        from actors.image_urls import image_bytes
+        from actors.openai_protocol import ChatRequest
+        from actors.serve_config import ServeAppConfig
+
+        self.cfg = ServeAppConfig(model=model)
+        self.wait_s, self.runners, self.loop, self.thread = wait_s, {}, None, None
+        self.requests = [ChatRequest.model_validate(b) for b in bodies]
+        fetch, limit = self.cfg.image_fetch, self.cfg.limits.max_image_bytes
+        self.images = [[asyncio.run(image_bytes(url, fetch, limit, param)) for param, url in r.image_urls()]
+                       for r in self.requests]  # fmt: skip
+
+    def deploy(self, mode: str, batching: str, max_rows: int) -> None:
+        from actors.chat_runner import ChatRunner
+        from actors.engine_loop import EngineLoop
+        from specvlm.loading import load_engine
+
+        self.close()
+        if mode not in self.runners:
+            engine, processor, _ = load_engine(self.cfg.model, self.cfg.engine.model_copy(update={"mode": mode}))
+            self.runners[mode] = ChatRunner(engine, processor, self.cfg.limits)
+        self.runner = self.runners[mode]
+        self.loop = EngineLoop(self.runner.engine, self.runner.pad_id, max_rows, batching, self.wait_s)
+        self.thread = threading.Thread(target=self.loop.run, name="specvlm-engine", daemon=True)
+        self.thread.start()
+
+    def _run(self, order: list[int], times: list[float] | None = None, concurrency: int = 0):
+        """Submit ``order``'s requests at ``times`` (open loop) or with ``concurrency`` in flight (closed loop);
+        returns their `Result`s and the wall time, as the HTTP client's functions do."""
+        from benchmarks.open_loop import SSE_ERROR, Result
+
+        jobs = [self.runner.prepare(self.requests[b], self.images[b]) for b in order]
+        results = [Result(b, 0.0) for b in order]
+        done: queue.SimpleQueue[int] = queue.SimpleQueue()
+        start = time.perf_counter()
+
+        def sink_for(i: int):
+            r, parts = results[i], []
+
+            def sink(update) -> None:  # the engine thread, after every round of this row
+                now = time.perf_counter() - start
+                if update.text:
+                    r.ttft = now - r.arrival if r.ttft is None else r.ttft
+                    parts.append(update.text)
+                if update.error is not None or update.finish_reason is not None:  # its last update
+                    r.status = 200 if update.error is None else SSE_ERROR
+                    r.text, r.end, r.e2e = "".join(parts), now, now - r.arrival
+                    r.completion_tokens = (update.usage or {}).get("completion_tokens", 0)
+                    done.put(i)
+
+            return sink
+
+        def send(i: int, at: float) -> None:
+            results[i].arrival = at
+            results[i].send_lag = time.perf_counter() - start - at
+            self.loop.submit(jobs[i], sink_for(i))
+
+        if times is not None:
+            for i, t in enumerate(times):
+                time.sleep(max(0.0, t - (time.perf_counter() - start)))
+                send(i, t)
+            for _ in order:
+                done.get()
+        else:
+            sent = min(concurrency, len(order))
+            for i in range(sent):
+                send(i, time.perf_counter() - start)
+            for _ in order:
+                done.get()
+                if sent < len(order):
+                    send(sent, time.perf_counter() - start)
+                    sent += 1
+        return results, time.perf_counter() - start
+
+    def closed(self, order: list[int], concurrency: int):
+        return self._run(order, concurrency=concurrency)
+
+    def open(self, order: list[int], times: list[float]):
+        return self._run(order, times=times)
+
+    def close(self) -> None:
+        if self.loop is not None:
+            self.loop.stop()
+            self.thread.join()
+            self.loop = None
+
+
+@contextlib.contextmanager
+def open_loop_driver(args, bodies: list[dict], model: dict, wait_s: float, slots: int):
+    """The driver `open_loop_main` runs its points through: `InProcessDriver` (``--in-process``) or
+    `HttpDriver` on a local Serve."""
+    actor, cpus = replica_options()
+    if args.in_process:
+        import torch
+
+        torch.set_num_threads(actor.get("num_cpus", 1))  # the replica's CPUs
+        driver = InProcessDriver(bodies, model, wait_s)
+        try:
+            yield driver
+        finally:
+            driver.close()
+        return
+    with local_serve(cpus) as url:
+        driver = HttpDriver(url, bodies, model, actor, slots, wait_s)
+        yield driver
+        driver.close()
+
+
 def open_loop_main(args) -> None:
     """``--open-loop``: see the module docstring."""
-    from ray import serve
-
     from actors.serve_config import BatchingConfig, ServeAppConfig
-    from actors.serving import build_app
-    from benchmarks.open_loop import arrivals, closed_loop, open_loop, summarize
+    from benchmarks.open_loop import arrivals, summarize
 
     t_start = time.perf_counter()
-    model, (actor, cpus) = model_paths(args), replica_options()
+    model, (actor, _) = model_paths(args), replica_options()
     loads = [float(x) for x in args.loads.split(",")]
     n, batch = args.requests_per_point, args.max_batch_size
     sat_c = args.saturation_concurrency or 2 * batch
@@ -283,17 +439,6 @@ def open_loop_main(args) -> None:
     wait_s = BatchingConfig().batch_wait_timeout_s
     slots = max(64, n, sat_c)  # no 429 within a run: an overload shows as queueing, in the latencies
     tree = ServeAppConfig().engine.tree
-
-    def deploy(mode: str, batching: str, max_rows: int) -> None:
-        batching_cfg = {"mode": batching, "max_batch_size": max_rows, "batch_wait_timeout_s": wait_s}
-        cfg = app_config(model, mode, batching_cfg, actor, slots)
-        cfg["limits"] = {"max_active_requests": slots}
-        with contextlib.suppress(Exception):
-            serve.delete("bench")
-        serve.run(build_app(cfg), name="bench", route_prefix="/", logging_config={"enable_access_log": False})
-        # warm-up: batches up to max_rows (the engine's buffers grow to their shapes) before anything is timed
-        asyncio.run(closed_loop(url, bodies, order[: 2 * max_rows], max_rows))
-
     rows, reference, rate = [], None, None
 
     def record(row: dict) -> None:
@@ -301,22 +446,29 @@ def open_loop_main(args) -> None:
         rows.append(row)
         print(to_markdown([row], OPEN_COLS).splitlines()[-1], flush=True)
 
-    def saturation(batching: str) -> float:
-        results, wall = asyncio.run(closed_loop(url, bodies, order[: args.saturation_requests], sat_c))
-        row = summarize(results, wall, reference)
-        record(dict(kind="saturation", batching=batching, load=f"closed c={sat_c}", **row))
-        return row["requests_per_s"]
+    print(f"open loop ({'in process' if args.in_process else 'Serve'}): {machine()}; {n} requests per point, "
+          f"loads {loads}", flush=True)  # fmt: skip
+    with open_loop_driver(args, bodies, model, wait_s, slots) as driver:
 
-    def point(batching: str, load: float) -> None:
-        times = [t / (load * rate) for t in unit]
-        results, wall = asyncio.run(open_loop(url, bodies, order[:n], times))
-        record(dict(kind="open_loop", batching=batching, load=load, offered_per_s=load * rate,
-                    **summarize(results, wall - times[0], reference)))  # fmt: skip
+        def deploy(mode: str, batching: str, max_rows: int) -> None:
+            driver.deploy(mode, batching, max_rows)
+            # warm-up: batches up to max_rows (the engine's buffers grow to their shapes) before anything is timed
+            driver.closed(order[: 2 * max_rows], max_rows)
 
-    print(f"open loop: {machine()}; {n} requests per point, loads {loads}", flush=True)
-    with local_serve(cpus) as url:
+        def saturation(batching: str) -> float:
+            results, wall = driver.closed(order[: args.saturation_requests], sat_c)
+            row = summarize(results, wall, reference)
+            record(dict(kind="saturation", batching=batching, load=f"closed c={sat_c}", **row))
+            return row["requests_per_s"]
+
+        def point(batching: str, load: float) -> None:
+            times = [t / (load * rate) for t in unit]
+            results, wall = driver.open(order[:n], times)
+            record(dict(kind="open_loop", batching=batching, load=load, offered_per_s=load * rate,
+                        **summarize(results, wall - times[0], reference)))  # fmt: skip
+
         deploy("ar", "continuous", 1)  # the reference: `ar` without batching, every body once
-        results, _ = asyncio.run(closed_loop(url, bodies, list(range(args.bodies)), 2))
+        results, _ = driver.closed(list(range(args.bodies)), 2)
         reference = {r.body: r.text for r in results if r.ok}
         print(f"reference: ar, {len(reference)}/{args.bodies} answered", flush=True)
         deployed = None
@@ -329,15 +481,19 @@ def open_loop_main(args) -> None:
                 rate = sat if batching == "continuous" else rate
             else:
                 point(batching, what)
-        serve.delete("bench")
     elapsed = time.perf_counter() - t_start
-    report = open_loop_report(args, rows, dict(machine=machine(), actor=actor, tree=tree, rate=rate, sat_c=sat_c,
-                                               wait_s=wait_s, elapsed=elapsed, budgets=budgets))  # fmt: skip
+    where = (f"1 replica ({actor}) on {machine()}; greedy, streamed (SSE)" if not args.in_process else
+             f"in process: the replica's ChatRunner and EngineLoop driven directly ({actor.get('num_cpus', 1)} torch "
+             f"thread(s) on {machine()}; no Ray, Serve or HTTP; each request prepared before the clock starts, "
+             "time to first token = the first update with text); greedy")  # fmt: skip
+    report = open_loop_report(args, rows, dict(where=where, tree=tree, rate=rate, sat_c=sat_c, wait_s=wait_s,
+                                               elapsed=elapsed, budgets=budgets))  # fmt: skip
     print("\n" + report)
-    meta = dict(kind="meta", machine=machine(), mode=args.mode, saturation_rate=rate, saturation_concurrency=sat_c,
-                loads=loads, seed=args.seed, requests_per_point=n, bodies=args.bodies, max_tokens=budgets,
-                elapsed_s=elapsed)  # fmt: skip
-    write_results(args.out, "serve-open-loop", report, [meta, *rows])
+    meta = dict(kind="meta", machine=machine(), mode=args.mode, in_process=args.in_process, saturation_rate=rate,
+                saturation_concurrency=sat_c, loads=loads, seed=args.seed, requests_per_point=n, bodies=args.bodies,
+                max_tokens=budgets, elapsed_s=elapsed)  # fmt: skip
+    write_results(args.out, "serve-open-loop-in-process" if args.in_process else "serve-open-loop", report,
+                  [meta, *rows])  # fmt: skip
 
 
 def open_loop_report(args, rows: list[dict], info: dict) -> str:
@@ -346,8 +502,7 @@ def open_loop_report(args, rows: list[dict], info: dict) -> str:
     tree, choices = info["tree"], [int(x) for x in args.max_tokens_choices.split(",")]
     header = (f"## Serve, open loop: static vs continuous batching (up to {args.max_batch_size} rows; static batches "
               f"wait up to {info['wait_s']:g} s to fill), demo model, `{args.mode}` (tree top_k={tree.top_k} "
-              f"total={tree.total_tokens} depth={tree.depth}), 1 replica ({info['actor']}) on {info['machine']}; "
-              f"greedy, streamed (SSE)\n\n"
+              f"total={tree.total_tokens} depth={tree.depth}), {info['where']}\n\n"
               f"Saturation rate: {info['rate']:.2f} requests/s, continuous batching's closed-loop throughput at "
               f"concurrency {info['sat_c']} (rows `closed`), measured in this run; loads are fractions of it. "
               f"{args.requests_per_point} requests per point, Poisson arrivals (seed {args.seed}; the same schedule, "

@@ -268,20 +268,25 @@ class SpecVLMEngine:
 
     @torch.inference_mode()
     def step(self) -> TokenEvent:
-        """One step: a round for the decoding rows, the prefill of queued rows, then finished rows leave."""
+        """One step: the prefill of queued rows (each emits its first token), then a round for every decoding
+        row, the new ones included; finished rows leave. Prefill first: a new row's first round runs in the
+        step of its prefill rather than the next one, so every row spends one step less in the engine (its
+        first token comes with its first round's tokens) and frees its place a step sooner."""
         self._retire()
         emitted: dict[int, list[int]] = {}
+        self._prefill_queued(emitted)
+        ended = [r for r in self._live if r.done and r.rid in emitted]  # done at their first token: no round
+        stats = {r.rid: r.stats.to_dict() for r in ended}
+        self._retire()
         if self._live:
             tree = None if self.drafter is None else self.policy.tree_for(len(self._live))
             if tree is None:
                 self._ar_step(emitted)
             else:
                 self._spec_round(emitted, tree)
-        queued, self._queued = self._queued, []
-        for group in queued:
-            self._prefill(group, emitted)
-        finished = {r.rid for r in self._live if r.done and r.rid in emitted}
-        event = TokenEvent(emitted, finished, {r.rid: r.stats.to_dict() for r in self._live if r.rid in emitted})
+        done = [r for r in self._live if r.done and r.rid in emitted]
+        stats |= {r.rid: r.stats.to_dict() for r in self._live if r.rid in emitted}
+        event = TokenEvent(emitted, {r.rid for r in ended + done}, stats)
         self._retire()
         return event
 
@@ -355,7 +360,7 @@ class SpecVLMEngine:
         vocab = tgt.lm_head.weight.shape[0]
         ordinary = torch.tensor([t for t in range(vocab) if t not in special], dtype=torch.long)  # [V']
         gen = torch.Generator().manual_seed(0)
-        budget = (rounds + 1) * (tree.depth + 2) + 1  # every timed round's and step's tokens fit each row's slots
+        budget = (rounds + 1) * (tree.depth + 2) + 1  # every timed round's tokens fit each row's slots
         costs = []
         policy, self.policy = self.policy, TablePolicy(self.config)  # synthetic rounds teach the policy nothing
         try:
@@ -363,7 +368,7 @@ class SpecVLMEngine:
                 ids = ordinary[torch.randint(len(ordinary), (rows, prompt_tokens), generator=gen)]  # [R, T]
                 self.add(ids, sampling=SamplingConfig(max_new_tokens=budget))
                 try:
-                    self.step()  # the prefill
+                    self._prefill_queued({})
                     spec = self._median_ms(lambda: self._spec_round({}, tree), rounds)
                     ar = self._median_ms(lambda: self._ar_step({}), rounds)
                 finally:
@@ -455,6 +460,12 @@ class SpecVLMEngine:
                 path[at, : p.shape[1]] = p
                 n_acc[at], bonus[at] = n, b
         return path, n_acc, bonus
+
+    def _prefill_queued(self, emitted: dict) -> None:
+        """Prefill every queued group: its rows join the live rows with their first token emitted."""
+        queued, self._queued = self._queued, []
+        for group in queued:
+            self._prefill(group, emitted)
 
     def _prefill(self, group: _Group, emitted: dict) -> None:
         """The target over the group's prompts (into new pool rows), each row's first token, the draft's prefill."""
@@ -561,7 +572,7 @@ class SpecVLMEngine:
                     row.done = True
                     break
             row.stats.num_tokens = len(row.seq)
-            emitted[row.rid] = row.seq[start:]
+            emitted.setdefault(row.rid, []).extend(row.seq[start:])  # a new row: its first token, then its round's
 
     def _retire(self) -> None:
         """Finished rows leave the pools; queued rows that were ended before joining are dropped."""

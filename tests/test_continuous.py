@@ -236,14 +236,14 @@ def test_draft_catches_up_on_rounds_without_speculation_in_one_forward():
     for lazy in (True, False):
         engine = _engine(model, "eagle")
         engine.add(**{k: v[:1] for k, v in inputs.items()}, sampling=[SamplingConfig(max_new_tokens=30)])
-        engine.step()  # prefill row 0
+        engine.step()  # prefill row 0, then its first round
         with torch.inference_mode():
             for _ in range(3):
                 engine._ar_step({})  # a round the policy runs without speculation
                 if not lazy:
                     engine.drafter.sync(engine._pos)
         engine.add(**{k: v[1:] for k, v in inputs.items()}, sampling=[SamplingConfig(max_new_tokens=30)])
-        engine.step()  # a speculative round for row 0 (its catch-up first), then row 1's prefill
+        engine.step()  # row 1's prefill, then a speculative round for both (row 0's catch-up first)
         d = engine.drafter
         states.append((d.hidden.clone(), d.kv.lengths.clone(), d.kv.keys[:, :, :, : int(d.kv.lengths.max())].clone()))
     (h1, n1, k1), (h2, n2, k2) = states

@@ -49,8 +49,9 @@ def _joining(engine, batch: dict, rows: int, n_tokens: int, seed: int) -> list[t
     part = lambda a, b: {k: v[a:b] for k, v in batch.items()}  # noqa: E731
     rids = engine.add(**part(0, half), sampling=settings[:half])
     seqs, stats, steps = {}, {}, 0
-    while engine.num_rows:
-        if steps == 2:
+    while engine.num_rows or steps < 2:
+        if steps == 1:  # after the first step: the first half's prefill and first round
+            assert engine.num_rows, "the first half finished before the second could join it"
             rids += engine.add(**part(half, rows), sampling=settings[half:])
         event = engine.step()
         for rid, toks in event.tokens.items():
