@@ -126,6 +126,20 @@ def ceiling(base: dict, paths: list[Path], drafts: dict[str, Path | None], round
             for name, draft in drafts.items()]  # fmt: skip
 
 
+def bench_setup(args) -> tuple[Path, Path, dict]:
+    """The benchmark's inputs folder (written once), its starting draft (built once) and the caption job's
+    settings every run shares."""
+    src = args.work / f"inputs-{args.num}"
+    if not src.is_dir():
+        src.mkdir(parents=True)
+        write_inputs(src, args.num, seed=2027)
+    draft = args.weak_draft or weak_draft(args.work, args.weak_steps)
+    base = {"input": str(src), "batch_size": args.batch_size, "rows_per_file": 50,
+            "sampling": {"max_new_tokens": args.max_new_tokens},
+            "model": {"target": "demo", "draft": str(draft)}}  # fmt: skip
+    return src, draft, base
+
+
 def plot(rows: list[dict], versions: list[dict], path: Path, smooth: int = 50) -> None:
     """Accept length of the online run's rows (moving mean over ``smooth`` rows) against rows processed,
     a vertical line where each promoted version starts decoding."""
@@ -197,16 +211,9 @@ def main(argv: list[str] | None = None) -> None:
     ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1")
     ray.data.DataContext.get_current().enable_progress_bars = False
     work = args.work
-    src = work / f"inputs-{args.num}"
-    if not src.is_dir():
-        src.mkdir(parents=True)
-        write_inputs(src, args.num, seed=2027)
-    draft = args.weak_draft or weak_draft(work, args.weak_steps)
+    src, draft, base = bench_setup(args)
     for out in [work / "ar", *work.glob("weak-*"), *work.glob("online-*")]:  # every run writes a fresh output
         shutil.rmtree(out, ignore_errors=True)
-    sampling = {"max_new_tokens": args.max_new_tokens}
-    base = {"input": str(src), "batch_size": args.batch_size, "rows_per_file": 50, "sampling": sampling,
-            "model": {"target": "demo", "draft": str(draft)}}  # fmt: skip
     online = {"enabled": True, "publish_every": args.publish_every, "max_steps": args.max_steps,
               "patience": args.patience or None}  # fmt: skip
     runs = {}
@@ -255,6 +262,7 @@ def main(argv: list[str] | None = None) -> None:
             "compared_with_ar": sum(r["id"] in ar_captions for r in rows),
             "versions": [{"version": v, "rows": len(by_version[v]), "accept_length": acc[v]} for v in order],
         })  # fmt: skip
+    differ = any(r["diff_vs_ar"] for r in table)  # the runs' own rows, before the medians join them
     for kind in ("weak", "online"):  # medians of the interleaved runs, with their ranges
         mine = [r for r in table if r["run"].startswith(kind + " #")]
         med = {"run": f"{kind}: median (range) of {len(mine)}"}
@@ -271,6 +279,7 @@ def main(argv: list[str] | None = None) -> None:
         f"{args.weak_steps} steps; trainer max_steps {args.max_steps}, patience {args.patience or None}; CPU (2 cores, "
         "float32)"
     )
+    start_accept = online_summary["start_draft"]["held_out_accept_length"]  # None: the job ended before it was measured
     versions = "\n".join(f"- {v['version']}: step {v['step']}, held-out accept {v['held_out_accept_length']:.3f}, "
                          f"{'promoted' if v['promoted'] else 'not promoted'}, decoded {v['rows_decoded']} rows"
                          for v in online_summary["versions"])  # fmt: skip
@@ -285,7 +294,7 @@ def main(argv: list[str] | None = None) -> None:
         "whose caption differs from ar's (must be 0).\n\nTraining (the last online run): "
         f"{online_summary['status']} ({online_summary['reason']}), {online_summary['steps']} steps; rows "
         f"{json.dumps(online_summary['rows'])}; "
-        f"starting draft's held-out accept {online_summary['start_draft']['held_out_accept_length']:.3f}.\n\n"
+        f"starting draft's held-out accept {start_accept if start_accept is None else round(start_accept, 3)}.\n\n"
         f"Versions of the last online run (plotted):\n\n{versions}\n\n"
     )
     load = (f"1-minute load average of the machine: {load_before:.1f} before, {os.getloadavg()[0]:.1f} after "
@@ -296,7 +305,7 @@ def main(argv: list[str] | None = None) -> None:
     report += load
     print(report)
     write_results(args.out, args.name, report, table)
-    if any(r["diff_vs_ar"] for r in table if " #" in r["run"] or r["run"] == "ar"):  # not the median rows
+    if differ:
         raise SystemExit("some captions differ from ar's")
 
 
@@ -313,13 +322,7 @@ def ceiling_section(rows: list[dict], num: int, batch: int, rounds: int) -> str:
 def main_ceiling(args) -> None:
     """``--ceiling-only``: ar, the starting draft and each of ``args.ceiling_only`` on the first ``--ceiling-num``
     inputs, written to ``results/<name>-ceiling.md``."""
-    src = args.work / f"inputs-{args.num}"
-    if not src.is_dir():
-        src.mkdir(parents=True)
-        write_inputs(src, args.num, seed=2027)
-    draft = args.weak_draft or weak_draft(args.work, args.weak_steps)
-    base = {"input": str(src), "batch_size": args.batch_size, "sampling": {"max_new_tokens": args.max_new_tokens},
-            "model": {"target": "demo", "draft": str(draft)}}  # fmt: skip
+    src, draft, base = bench_setup(args)
     drafts = {"starting (weak)": draft, **{str(d): d for d in args.ceiling_only}, "none": None}
     rows = ceiling(base, sorted(src.iterdir())[: args.ceiling_num], drafts, args.repeats)
     report = ceiling_section(rows, args.ceiling_num, args.batch_size, args.repeats)

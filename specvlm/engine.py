@@ -276,7 +276,6 @@ class SpecVLMEngine:
         emitted: dict[int, list[int]] = {}
         self._prefill_queued(emitted)
         ended = [r for r in self._live if r.done and r.rid in emitted]  # done at their first token: no round
-        stats = {r.rid: r.stats.to_dict() for r in ended}
         self._retire()
         if self._live:
             tree = None if self.drafter is None else self.policy.tree_for(len(self._live))
@@ -284,9 +283,8 @@ class SpecVLMEngine:
                 self._ar_step(emitted)
             else:
                 self._spec_round(emitted, tree)
-        done = [r for r in self._live if r.done and r.rid in emitted]
-        stats |= {r.rid: r.stats.to_dict() for r in self._live if r.rid in emitted}
-        event = TokenEvent(emitted, {r.rid for r in ended + done}, stats)
+        out = ended + [r for r in self._live if r.rid in emitted]  # every row that emitted this step
+        event = TokenEvent(emitted, {r.rid for r in out if r.done}, {r.rid: r.stats.to_dict() for r in out})
         self._retire()
         return event
 
