@@ -74,8 +74,9 @@ class EngineLoop:
     Each iteration (`run_once`) ends the rows whose owner cancelled them, admits waiting rows (a cancelled one
     gets its last update, ``Job.fail(CANCELLED)``, without decoding) while fewer than ``max_rows`` rows decode,
     adds them to the engine as one left-padded batch (`collate`, each row with its own `Job.sampling`), runs
-    one `SpecVLMEngine.step` (a round for the rows decoding, the prefill of the rows just added) and routes
-    each row's new tokens to its job (`Job.push`), sending the updates it returns to the row's sink. A row
+    one `SpecVLMEngine.step` (the prefill of the rows just added, then a round for every row decoding) and
+    routes each row's new tokens to its job (`Job.push`), sending the updates it returns to the row's sink:
+    the new rows' first tokens as soon as their prefill is done, before the round. A row
     that ends early (a stop string, its owner gone) is finished in the engine and frees its place at the
     next round.
 
@@ -109,7 +110,7 @@ class EngineLoop:
         self._cond = threading.Condition()
         self._stopped = False
         self._depth = (0, 0)
-        self.steps = 0  # engine steps run
+        self.steps = 0  # engine steps started (updates posted during step k see k)
         self.draft_version = draft_version
         self._next_draft: tuple[Any, str] | None = None  # (draft, its name), swapped in once the engine is empty
 
@@ -186,8 +187,8 @@ class EngineLoop:
         self._add(self._admit())
         if self.engine.num_rows:
             try:
-                event = self.engine.step()
                 self.steps += 1
+                event = self.engine.step(on_prefill=self._route)  # first tokens go out before the round
                 if self.on_round is not None and event.tokens:
                     self.on_round(len(event.tokens))
                 self._route(event)

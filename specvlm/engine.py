@@ -95,7 +95,8 @@ class GenerateOutput:
 
 @dataclass
 class TokenEvent:
-    """What one step emitted (the prefill's first token, then each round), passed to ``generate(on_tokens=)``."""
+    """What one step emitted (the prefill's first token, then each round), passed to ``generate(on_tokens=)``;
+    `SpecVLMEngine.step(on_prefill=)` gets the first tokens in an event of their own."""
 
     tokens: dict[int, list[int]]  # row id -> ids emitted this step (a stop id included when reached)
     finished: set[int]  # rows that ended this step (a stop id or their max_new_tokens)
@@ -267,15 +268,25 @@ class SpecVLMEngine:
                     row.done = True
 
     @torch.inference_mode()
-    def step(self) -> TokenEvent:
+    def step(self, on_prefill: Callable[[TokenEvent], None] | None = None) -> TokenEvent:
         """One step: the prefill of queued rows (each emits its first token), then a round for every decoding
         row, the new ones included; finished rows leave. Prefill first: a new row's first round runs in the
-        step of its prefill rather than the next one, so every row spends one step less in the engine (its
-        first token comes with its first round's tokens) and frees its place a step sooner."""
+        step of its prefill rather than the next one, so every row spends one step less in the engine and
+        frees its place a step sooner.
+
+        ``on_prefill``: called with the prefilled rows' first tokens as soon as the prefill is done, before
+        the round (a server streams them at once, so time to first token does not include the round); the
+        returned event then holds only the round's tokens. It may `finish` rows, which then skip the round.
+        Without it the first tokens come in the returned event, ahead of the round's.
+        """
         self._retire()
         emitted: dict[int, list[int]] = {}
         self._prefill_queued(emitted)
-        ended = [r for r in self._live if r.done and r.rid in emitted]  # done at their first token: no round
+        new = [r for r in self._live if r.rid in emitted]
+        if on_prefill is not None and new:
+            on_prefill(self._event(new, emitted))
+            emitted, new = {}, []
+        ended = [r for r in new if r.done]  # done at their first token: no round
         self._retire()
         if self._live:
             tree = None if self.drafter is None else self.policy.tree_for(len(self._live))
@@ -283,10 +294,14 @@ class SpecVLMEngine:
                 self._ar_step(emitted)
             else:
                 self._spec_round(emitted, tree)
-        out = ended + [r for r in self._live if r.rid in emitted]  # every row that emitted this step
-        event = TokenEvent(emitted, {r.rid for r in out if r.done}, {r.rid: r.stats.to_dict() for r in out})
+        event = self._event(ended + [r for r in self._live if r.rid in emitted], emitted)
         self._retire()
         return event
+
+    @staticmethod
+    def _event(rows: list[_Row], emitted: dict[int, list[int]]) -> TokenEvent:
+        """The event of ``rows``, every row that emitted ``emitted[rid]``."""
+        return TokenEvent(emitted, {r.rid for r in rows if r.done}, {r.rid: r.stats.to_dict() for r in rows})
 
     @torch.inference_mode()
     def generate(

@@ -86,7 +86,7 @@ def overlapping(cap, batches, fail_at: int | None = None) -> tuple[list, list[in
     raises a simulated CUDA OOM. Returns each call's output or exception, and the steps run (one per step)."""
     step, steps = cap.engine.step, []
 
-    def held():
+    def held(**kw):
         steps.append(len(steps) + 1)
         if len(steps) == 2:
             for _ in range(3000):
@@ -95,7 +95,7 @@ def overlapping(cap, batches, fail_at: int | None = None) -> tuple[list, list[in
                 threading.Event().wait(0.01)
         if len(steps) == fail_at:
             raise RuntimeError("CUDA out of memory (simulated)")
-        return step()
+        return step(**kw)
 
     cap.engine.step = held
     results: list = [None, None]

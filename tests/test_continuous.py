@@ -72,6 +72,40 @@ def test_rows_joining_mid_flight_decode_as_alone(mode, tree):
     assert engine.num_rows == 0 and engine.kv.rows == 0  # every row left the pool
 
 
+def test_first_tokens_go_out_before_the_round_and_a_row_ended_there_skips_it():
+    """``step(on_prefill=)``: the new rows' first tokens come in an event of their own, before the round (one
+    token per new row); with the round's tokens they are the rows' `generate` tokens. A row its owner ends in
+    that callback (a stop string at the first token) leaves before the round; its neighbours are unchanged."""
+    model = tiny_llava(dtype=torch.float64, kv_heads=2)
+    inputs = tiny_inputs(model, [5, 11, 2], seed=7)
+    ref = greedy_reference(model, inputs, 12)
+    engine = _engine(model, "eagle")
+    rows = _rows(inputs)
+    budget = [SamplingConfig(max_new_tokens=12)]
+    arrivals = {0: rows[:2], 2: rows[2:]}
+    seqs, firsts, s = {}, [], 0
+
+    def on_prefill(event):
+        assert all(len(t) == 1 for t in event.tokens.values()) and not seqs.keys() & event.tokens.keys()
+        firsts.append(sorted(event.tokens))
+        for rid, toks in event.tokens.items():
+            seqs[rid] = list(toks)
+        if 1 in event.tokens:
+            engine.finish([1])  # its owner ends row 1 at its first token
+
+    while s <= max(arrivals) or engine.num_rows:
+        if s in arrivals:
+            engine.add(**collate(arrivals[s], PAD), sampling=budget * len(arrivals[s]))
+        event = engine.step(on_prefill=on_prefill)
+        assert 1 not in event.tokens
+        for rid, toks in event.tokens.items():
+            seqs[rid] += toks
+        s += 1
+    assert firsts == [[0, 1], [2]]
+    assert seqs[0] == ref[0] and seqs[2] == ref[2] and seqs[1] == ref[1][:1]
+    assert engine.num_rows == 0 and engine.kv.rows == 0
+
+
 def test_qwen_rows_of_any_media_join_mid_flight():
     """Images of two sizes, a video and a text-only row join a running Qwen2.5-VL batch one by one."""
     model = tiny_qwen("qwen2_5_vl", dtype=torch.float64, init_std=0.2)

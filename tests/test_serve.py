@@ -431,8 +431,9 @@ def test_loop_a_short_request_joins_mid_decode_and_finishes_first(tiny):
     loop.run_once()  # the long request's prefill, then a round
     assert depths[-1] == (0, 1) and loop.active == 1 and long.updates[-1][0] == 2
     short = Request(tiny, loop, 1, max_tokens=4).submit()
-    loop.run_once()  # a round for the long one + the short one's prefill
-    assert short.updates[0][0] == 3 and short.updates[0][1].text  # its first token, at the next round
+    loop.run_once()  # the short one's prefill, then a round for both
+    # its first token went out in that step after the prefill, before the round's tokens
+    assert [n for n, _ in short.updates[:2]] == [3, 3] and short.updates[0][1].text == tiny_text(tiny.ar[1][:1])
     assert rounds[:3] == [1, 1, 2] and loop.active == 2
     drain(loop)
     assert short.done_at < long.done_at
@@ -512,7 +513,7 @@ def test_loop_an_engine_failure_fails_its_rows_and_goes_on(tiny, monkeypatch):
     loop.run_once()
     step = tiny.engine.step
 
-    def boom():
+    def boom(**kw):
         monkeypatch.setattr(tiny.engine, "step", step)  # fails once
         raise RuntimeError("boom")
 
@@ -662,7 +663,7 @@ def test_runner_ends_cancelled_rows(runner, scenes):
 
 
 def test_runner_turns_engine_failures_into_row_errors(runner, scenes, monkeypatch):
-    def boom():
+    def boom(**kw):
         raise RuntimeError("boom")
 
     jobs = [job(runner, "describe the image.", scenes[:1], max_tokens=4) for _ in range(2)]
