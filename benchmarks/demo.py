@@ -28,7 +28,7 @@ import torch
 
 from benchmarks.report import RESULTS, to_markdown, write_results
 from specvlm import EngineConfig, SpecVLMEngine, TreeConfig
-from specvlm.config import CPU_TREE
+from specvlm.config import CPU_TREE, TREE_PRESETS
 from specvlm.demo import load_demo
 from specvlm.demo.recipe import DEMO_FAMILIES, DemoRecipe, distill_demo_draft, examples
 from specvlm.distill import encode_samples, evaluate_accept_length
@@ -38,10 +38,12 @@ ROOT = Path(__file__).resolve().parent.parent
 TREES = {
     "k2-n14-d8": TreeConfig(top_k=2, total_tokens=14, depth=8),
     "k2-n14-d8 bounded": CPU_TREE,
+    "k2-n18-d12 bounded": TREE_PRESETS["cpu-deep"],
     "paper k10-n60-d7": TreeConfig(),
 }
 # The trees compared: the CPU tree's shape without its confidence bounds (FIXED_TREE, what the compressor benchmark
-# runs), the CPU tree itself (specvlm.config.CPU_TREE), and the paper's GPU tree
+# runs), the CPU tree itself (specvlm.config.CPU_TREE), the deeper CPU preset (tree: cpu-deep), and the paper's
+# GPU tree
 FIXED_TREE = "k2-n14-d8"
 CPU_TREE_NAME = "k2-n14-d8 bounded"
 SPECVLM_TREES = (CPU_TREE_NAME,)  # specvlm (elastic compressor draft) runs on the CPU default

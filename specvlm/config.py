@@ -71,9 +71,12 @@ class TreeConfig(StrictModel):
 
 # The named trees: ``cpu`` is deep and narrow with confidence bounds, for CPUs, where every verified node and
 # draft step costs a share of a target forward (README, Benchmarks, compares trees on the demo model);
-# ``paper`` is the SpecVLM paper's GPU tree (the `TreeConfig` defaults).
+# ``cpu-deep`` the same with room for longer sure runs (depth 12, 18 nodes): it pays where outputs are long and
+# predictable (video captions) and costs draft steps on short answers; ``paper`` is the SpecVLM paper's GPU
+# tree (the `TreeConfig` defaults).
 TREE_PRESETS: dict[str, TreeConfig] = {
     "cpu": TreeConfig(top_k=2, total_tokens=14, depth=8, depth_min_prob=0.2, node_min_prob=0.05),
+    "cpu-deep": TreeConfig(top_k=2, total_tokens=18, depth=12, depth_min_prob=0.2, node_min_prob=0.05),
     "paper": TreeConfig(),
 }
 CPU_TREE = TREE_PRESETS["cpu"]

@@ -58,8 +58,9 @@ def test_a_tree_can_be_named_by_its_preset():
 
     assert EngineConfig(tree="cpu").tree == CPU_TREE == TREE_PRESETS["cpu"]
     assert EngineConfig(tree="paper").tree == TreeConfig()
+    assert EngineConfig(tree="cpu-deep").tree == CPU_TREE.model_copy(update=dict(total_tokens=18, depth=12))
     assert CPU_TREE == TreeConfig(top_k=2, total_tokens=14, depth=8, depth_min_prob=0.2, node_min_prob=0.05)
-    with pytest.raises(ValueError, match=r"unknown tree preset 'gpu'; one of \['cpu', 'paper'\]"):
+    with pytest.raises(ValueError, match=r"unknown tree preset 'gpu'; one of \['cpu', 'cpu-deep', 'paper'\]"):
         EngineConfig(tree="gpu")
 
 
