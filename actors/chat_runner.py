@@ -26,6 +26,7 @@ own ``max_tokens`` or a client that went away ends that row
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -47,6 +48,29 @@ class RowUpdate:
     usage: dict | None = None  # on the last update: token counts + accept length
     stats: dict | None = None  # on the last update: the engine's RowStats.to_dict()
     error: str | None = None  # the engine failed on this row's batch (a server error, not the client's)
+
+    @property
+    def last(self) -> bool:
+        """Whether this is the request's last update."""
+        return bool(self.finish_reason or self.error)
+
+    def then(self, later: RowUpdate) -> RowUpdate:
+        """This update followed by ``later`` as one: the texts joined, the later one's ending."""
+        return RowUpdate(self.text + later.text, later.finish_reason, later.usage, later.stats, later.error)
+
+
+async def next_update(updates: asyncio.Queue) -> RowUpdate:
+    """The next `RowUpdate` from ``updates``, merged with every one already queued behind it (`RowUpdate.then`).
+
+    A reader that falls behind the engine (a busy event loop, a slow client) then sends one chunk for all the
+    rounds it missed instead of one per round, so a backlog shrinks instead of growing; as vLLM's output
+    collector merges a request's deltas when its consumer is slower than the engine. A reader that keeps up
+    gets each round's update alone, as it comes.
+    """
+    update = await updates.get()
+    while not update.last and not updates.empty():
+        update = update.then(updates.get_nowait())
+    return update
 
 
 @dataclass

@@ -188,9 +188,16 @@ class EngineLoop:
         if self.engine.num_rows:
             try:
                 self.steps += 1
-                event = self.engine.step(on_prefill=self._route)  # first tokens go out before the round
-                if self.on_round is not None and event.tokens:
-                    self.on_round(len(event.tokens))
+                prefilled: set[int] = set()
+
+                def first_tokens(event) -> None:  # they go out before the round
+                    prefilled.update(event.tokens)
+                    self._route(event)
+
+                event = self.engine.step(on_prefill=first_tokens)
+                rows = len(prefilled | event.tokens.keys())  # a row that ended at its first token counts too
+                if self.on_round is not None and rows:
+                    self.on_round(rows)
                 self._route(event)
             except Exception as e:  # an engine failure fails its rows, never the loop
                 log.exception("engine step failed with %d rows", len(self._rows))

@@ -32,7 +32,8 @@ at the round after. ``static`` keeps the older behaviour for comparison: a
 batch of every request waiting (up to ``max_batch_size``, after an idle engine
 waited ``batch_wait_timeout_s`` for it to fill) decodes to its end before the
 next starts. Each round sends one `RowUpdate` per request that got text, so a
-streamed request sees each speculative round's tokens as one chunk. An engine
+streamed request sees each speculative round's tokens as one chunk (and, if its
+reader fell behind, every round it missed as one: `chat_runner.next_update`). An engine
 failure fails the rows it was decoding (500, or an SSE error event) and the
 loop goes on with a reset engine. When nothing waits or decodes the engine
 thread sleeps on a condition variable.
@@ -60,7 +61,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .chat_runner import ChatJob, ChatRunner, RowUpdate
+from .chat_runner import ChatJob, ChatRunner, RowUpdate, next_update
 from .engine_loop import EngineLoop
 from .image_urls import image_bytes
 from .openai_protocol import (
@@ -374,9 +375,9 @@ class SpecVLMServer:
         self.engine_loop.submit(job, lambda update: loop.call_soon_threadsafe(updates.put_nowait, update))
         try:
             while True:
-                update = await updates.get()
+                update = await next_update(updates)  # what came since the last read, as one update
                 yield update
-                if update.finish_reason or update.error:
+                if update.last:
                     return
         finally:
             job.cancelled = True  # no-op once finished

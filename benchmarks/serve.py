@@ -34,6 +34,7 @@ import asyncio
 import base64
 import contextlib
 import io
+import json
 import os
 import queue
 import random
@@ -123,12 +124,23 @@ def available_modes(model_cfg, modes: list[str]) -> dict[str, str | None]:
     return out
 
 
-def app_config(model: dict, mode: str, batching: dict, actor: dict, slots: int) -> dict:
-    """The benchmark's `ServeAppConfig` args: ``mode`` with the CPU tree of configs/serve.yaml, one replica with
-    ``slots`` ongoing requests."""
+def batch_trees_arg(text: str):
+    """``--batch-trees``: "auto", or a JSON object of live rows -> a tree (preset name or fields) or "off",
+    checked as `EngineConfig.batch_trees`."""
+    from specvlm.config import EngineConfig
+
+    value = text if text == "auto" else json.loads(text)
+    return EngineConfig(batch_trees=value).model_dump()["batch_trees"]
+
+
+def app_config(model: dict, mode: str, batching: dict, actor: dict, slots: int, batch_trees=None) -> dict:
+    """The benchmark's `ServeAppConfig` args: ``mode`` with the CPU tree of configs/serve.yaml (and
+    ``batch_trees``, `EngineConfig.batch_trees`, when given), one replica with ``slots`` ongoing requests."""
     from actors.serve_config import ServeAppConfig
 
     engine = {**ServeAppConfig().engine.model_dump(), "mode": mode}
+    if batch_trees is not None:
+        engine["batch_trees"] = batch_trees
     deployment = {"max_ongoing_requests": slots, "ray_actor_options": actor}
     return {"model": model, "served_model_name": "bench", "engine": engine, "deployment": deployment,
             "batching": batching}  # fmt: skip
@@ -194,6 +206,9 @@ def main(argv: list[str] | None = None) -> None:
     ol.add_argument("--in-process", action="store_true",
                     help="drive the replica's request path (ChatRunner + EngineLoop) in this process, without Ray, "
                          "Serve or HTTP (results in serve-open-loop-in-process.md)")  # fmt: skip
+    ol.add_argument("--batch-trees", type=batch_trees_arg, metavar="auto|JSON",
+                    help='the engine\'s batch_trees (both batching modes): "auto", or JSON rows -> tree preset, fields '
+                         'or "off", e.g. \'{"6": "off"}\' (default: the Serve config\'s, none)')  # fmt: skip
     args = ap.parse_args(argv)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if args.open_loop:
@@ -274,9 +289,10 @@ class HttpDriver:
     """Open-loop runs against the Serve endpoint: each batching mode deployed as one replica behind Serve's
     HTTP proxy on loopback, requests streamed by this process's async HTTP client."""
 
-    def __init__(self, url: str, bodies: list[dict], model: dict, actor: dict, slots: int, wait_s: float):
+    def __init__(self, url: str, bodies: list[dict], model: dict, actor: dict, slots: int, wait_s: float,
+                 batch_trees=None):  # fmt: skip
         self.url, self.bodies, self.model = url, bodies, model
-        self.actor, self.slots, self.wait_s = actor, slots, wait_s
+        self.actor, self.slots, self.wait_s, self.batch_trees = actor, slots, wait_s, batch_trees
 
     def deploy(self, mode: str, batching: str, max_rows: int) -> None:
         from ray import serve
@@ -284,7 +300,8 @@ class HttpDriver:
         from actors.serving import build_app
 
         batching_cfg = {"mode": batching, "max_batch_size": max_rows, "batch_wait_timeout_s": self.wait_s}
-        cfg = app_config(self.model, mode, batching_cfg, self.actor, self.slots)
+        trees = self.batch_trees if mode != "ar" else None
+        cfg = app_config(self.model, mode, batching_cfg, self.actor, self.slots, trees)
         cfg["limits"] = {"max_active_requests": self.slots}
         with contextlib.suppress(Exception):
             serve.delete("bench")
@@ -313,13 +330,13 @@ class InProcessDriver:
     HTTP client sharing the cores: the latencies are the engine loop's own (waiting for a place, prefill,
     rounds), which is what the batching mode changes."""
 
-    def __init__(self, bodies: list[dict], model: dict, wait_s: float):
+    def __init__(self, bodies: list[dict], model: dict, wait_s: float, batch_trees=None):
         from actors.image_urls import image_bytes
         from actors.openai_protocol import ChatRequest
         from actors.serve_config import ServeAppConfig
 
         self.cfg = ServeAppConfig(model=model)
-        self.wait_s, self.runners, self.loop, self.thread = wait_s, {}, None, None
+        self.batch_trees, self.wait_s, self.runners, self.loop, self.thread = batch_trees, wait_s, {}, None, None
         self.requests = [ChatRequest.model_validate(b) for b in bodies]
         fetch, limit = self.cfg.image_fetch, self.cfg.limits.max_image_bytes
         self.images = [[asyncio.run(image_bytes(url, fetch, limit, param)) for param, url in r.image_urls()]
@@ -328,11 +345,14 @@ class InProcessDriver:
     def deploy(self, mode: str, batching: str, max_rows: int) -> None:
         from actors.chat_runner import ChatRunner
         from actors.engine_loop import EngineLoop
+        from specvlm.config import EngineConfig
         from specvlm.loading import load_engine
 
         self.close()
         if mode not in self.runners:
-            engine, processor, _ = load_engine(self.cfg.model, self.cfg.engine.model_copy(update={"mode": mode}))
+            trees = {"batch_trees": self.batch_trees} if mode != "ar" and self.batch_trees is not None else {}
+            engine_cfg = EngineConfig.model_validate({**self.cfg.engine.model_dump(), "mode": mode, **trees})
+            engine, processor, _ = load_engine(self.cfg.model, engine_cfg)
             self.runners[mode] = ChatRunner(engine, processor, self.cfg.limits)
         self.runner = self.runners[mode]
         self.loop = EngineLoop(self.runner.engine, self.runner.pad_id, max_rows, batching, self.wait_s)
@@ -409,14 +429,14 @@ def open_loop_driver(args, bodies: list[dict], model: dict, wait_s: float, slots
         import torch
 
         torch.set_num_threads(actor.get("num_cpus", 1))  # the replica's CPUs
-        driver = InProcessDriver(bodies, model, wait_s)
+        driver = InProcessDriver(bodies, model, wait_s, args.batch_trees)
         try:
             yield driver
         finally:
             driver.close()
         return
     with local_serve(cpus) as url:
-        driver = HttpDriver(url, bodies, model, actor, slots, wait_s)
+        driver = HttpDriver(url, bodies, model, actor, slots, wait_s, args.batch_trees)
         yield driver
         driver.close()
 
@@ -489,7 +509,8 @@ def open_loop_main(args) -> None:
     report = open_loop_report(args, rows, dict(where=where, tree=tree, rate=rate, sat_c=sat_c, wait_s=wait_s,
                                                elapsed=elapsed, budgets=budgets))  # fmt: skip
     print("\n" + report)
-    meta = dict(kind="meta", machine=machine(), mode=args.mode, in_process=args.in_process, saturation_rate=rate,
+    meta = dict(kind="meta", machine=machine(), mode=args.mode, batch_trees=args.batch_trees,
+                in_process=args.in_process, saturation_rate=rate,
                 saturation_concurrency=sat_c, loads=loads, seed=args.seed, requests_per_point=n, bodies=args.bodies,
                 max_tokens=budgets, elapsed_s=elapsed)  # fmt: skip
     write_results(args.out, "serve-open-loop-in-process" if args.in_process else "serve-open-loop", report,
@@ -500,9 +521,10 @@ def open_loop_report(args, rows: list[dict], info: dict) -> str:
     """The open-loop table (saturation rows, then each load static before continuous) with its header and
     the issue's two targets computed."""
     tree, choices = info["tree"], [int(x) for x in args.max_tokens_choices.split(",")]
+    trees = f"; batch_trees {json.dumps(args.batch_trees)}" if args.batch_trees is not None else ""
     header = (f"## Serve, open loop: static vs continuous batching (up to {args.max_batch_size} rows; static batches "
               f"wait up to {info['wait_s']:g} s to fill), demo model, `{args.mode}` (tree top_k={tree.top_k} "
-              f"total={tree.total_tokens} depth={tree.depth}), {info['where']}\n\n"
+              f"total={tree.total_tokens} depth={tree.depth}{trees}), {info['where']}\n\n"
               f"Saturation rate: {info['rate']:.2f} requests/s, continuous batching's closed-loop throughput at "
               f"concurrency {info['sat_c']} (rows `closed`), measured in this run; loads are fractions of it. "
               f"{args.requests_per_point} requests per point, Poisson arrivals (seed {args.seed}; the same schedule, "

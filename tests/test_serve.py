@@ -21,7 +21,7 @@ import pytest
 import torch
 from PIL import Image
 
-from actors.chat_runner import ChatJob, ChatRunner
+from actors.chat_runner import ChatJob, ChatRunner, RowUpdate, next_update
 from actors.engine_loop import EngineLoop
 from actors.image_urls import check_url, decode_data_url, fetch_image_bytes, image_bytes, is_public
 from actors.openai_protocol import OpenAIError, TextStream, parse_chat_request
@@ -299,6 +299,23 @@ def run_stream(rounds, max_tokens=50, stop=(), engine_finished_last=False):
     return ts, deltas
 
 
+def test_a_reader_behind_the_engine_gets_the_rounds_it_missed_as_one_update():
+    async def read(queued):
+        q = asyncio.Queue()
+        for u in queued:
+            q.put_nowait(u)
+        out = [await next_update(q)]
+        while not out[-1].last:
+            out.append(await next_update(q))
+        return out
+
+    usage = {"completion_tokens": 3}
+    merged = asyncio.run(read([RowUpdate("a"), RowUpdate("b"), RowUpdate("c", "length", usage, {"n": 3})]))
+    assert merged == [RowUpdate("abc", "length", usage, {"n": 3})]
+    failed = asyncio.run(read([RowUpdate("a"), RowUpdate(error="boom")]))
+    assert failed == [RowUpdate("a", error="boom")] and failed[0].last
+
+
 def test_text_stream_deltas_add_up_to_the_text():
     ts, deltas = run_stream([[1], [2, 3], [6, 4], [5, 0]])
     assert "".join(deltas) == ts.sent == "a red circle. on blue"
@@ -442,6 +459,9 @@ def test_loop_a_short_request_joins_mid_decode_and_finishes_first(tiny):
         last = req.updates[-1][1]
         assert last.finish_reason == "length" and last.usage["completion_tokens"] == n and last.stats["num_tokens"] == n
     assert depths[-1] == (0, 0) and tiny.engine.num_rows == 0
+    one = Request(tiny, loop, 2, max_tokens=1).submit()  # ends at its first token: no round, still a row
+    loop.run_once()
+    assert one.job.text.tokens == tiny.ar[2][:1] and rounds[-1] == 1 and tiny.engine.num_rows == 0
 
 
 def test_loop_swaps_a_draft_once_the_rows_decoding_have_finished(tiny):

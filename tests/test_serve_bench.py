@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from benchmarks import open_loop as ol
-from benchmarks.serve import OPEN_COLS, InProcessDriver, open_loop_report, requests_for, run_order
+from benchmarks.serve import OPEN_COLS, InProcessDriver, batch_trees_arg, open_loop_report, requests_for, run_order
 
 
 def test_arrivals_are_seeded_poisson_of_rate_one():
@@ -160,13 +160,13 @@ def test_report_states_the_targets():
     rows = [row("saturation", "continuous", "closed c=32", rps=20.0), row("saturation", "static", "closed c=32"),
             row("open_loop", "continuous", 0.8), row("open_loop", "static", 0.8, ttft99=400.0)]  # fmt: skip
     args = SimpleNamespace(max_batch_size=16, mode="eagle", max_tokens_choices="8,48", requests_per_point=10,
-                           seed=0, bodies=4)  # fmt: skip
+                           seed=0, bodies=4, batch_trees=batch_trees_arg('{"6": "off"}'))  # fmt: skip
     info = dict(tree=ServeAppConfig().engine.tree, wait_s=0.02, where="1 replica on 2 CPU threads", rate=20.0,
                 sat_c=32, budgets=[8, 48], elapsed=90.0)  # fmt: skip
     report = open_loop_report(args, rows, info)
     assert "p99 time to first token 100 ms continuous vs 400 ms static (0.25x; target <= 0.5x)" in report
     assert "20.00 requests/s continuous vs 10.00 static (2.00x; target >= 1x)" in report
-    assert "identical to `ar`: True" in report and "2 CPU threads" in report
+    assert "identical to `ar`: True" in report and "2 CPU threads" in report and 'batch_trees {"6": "off"}' in report
     table = [ln for ln in report.splitlines() if ln.startswith("| ")][1:]
     assert [ln.split(" | ")[1:3] for ln in table] == [["static", "closed c=32"], ["continuous", "closed c=32"],
                                                       ["static", "0.80"], ["continuous", "0.80"]]  # fmt: skip
@@ -176,12 +176,13 @@ def test_in_process_driver_answers_like_ar_in_both_loops():
     """`--in-process`: requests through the replica's ChatRunner and an EngineLoop, open and closed loop, each
     answer equal to `ar` without batching, with its latencies and token count."""
     bodies = requests_for(4, [8, 16, 8, 12])
-    driver = InProcessDriver(bodies, {"target": "demo"}, wait_s=0.0)
+    driver = InProcessDriver(bodies, {"target": "demo"}, wait_s=0.0, batch_trees=batch_trees_arg('{"3": "off"}'))
     try:
         driver.deploy("ar", "continuous", 1)
         reference, _ = driver.closed([0, 1, 2, 3], 2)
         driver.deploy("eagle", "continuous", 4)
         opened, wall = driver.open([0, 1, 2, 3, 0, 1], [0.0, 0.01, 0.02, 0.03, 0.2, 0.21])
+        assert driver.runner.engine.config.batch_trees == {3: "off"}  # plain steps from 3 rows: the same answers
         driver.deploy("eagle", "static", 4)
         closed, _ = driver.closed([3, 2, 1, 0], 3)
     finally:
@@ -194,3 +195,11 @@ def test_in_process_driver_answers_like_ar_in_both_loops():
     assert [r.arrival for r in opened] == [0.0, 0.01, 0.02, 0.03, 0.2, 0.21]
     row = ol.summarize(opened, wall, texts)
     assert row["identical_to_ar"] is True and row["errors"] == "0" and row["requests"] == 6
+
+
+def test_batch_trees_option_takes_auto_or_a_checked_table():
+    assert batch_trees_arg("auto") == "auto"
+    assert batch_trees_arg('{"1": "cpu-deep", "8": "off"}')[8] == "off"
+    for bad in ('{"0": "off"}', '{"4": "nope"}', "[1]"):
+        with pytest.raises(ValueError):  # pydantic's ValidationError is one: argparse names the option
+            batch_trees_arg(bad)
