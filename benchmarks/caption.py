@@ -33,7 +33,7 @@ import threading
 import time
 from pathlib import Path
 
-from benchmarks.report import RESULTS, to_markdown, write_results
+from benchmarks.report import add_output_args, to_markdown, write_results
 
 COLS = ["method", "actors", "rows", "wall_s", "images_per_s", "tokens_per_s", "steady_images_per_s",
         "steady_tokens_per_s", "overhead", "accept_length"]  # fmt: skip
@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3, help="--actor-sweep: interleaved rounds (medians, ranges)")
-    ap.add_argument("--out", type=Path, default=RESULTS)
+    add_output_args(ap, "caption.md / caption-actor.md (and .json)")
     ap.add_argument("--actor-sweep", action="store_true",
                     help="only the Captioner's batching, called directly: static vs continuous at batch 8 and 16 "
                     "(results/caption-actor.md)")  # fmt: skip
@@ -256,16 +256,16 @@ def main(argv: list[str] | None = None) -> None:
         "(fixed per-job cost cancelled). overhead = 1 - steady images/s of the 1-actor pipeline / direct images/s "
         "(target <= 15%). "
     )
-    _report(args.out, "caption", header, rows, COLS, notes, load_before)
+    _report(args, "caption", header, rows, COLS, notes, load_before)
 
 
-def _report(out: Path, name: str, header: str, rows: list[dict], cols: list[str], notes: str, load_before: float):
+def _report(args, name: str, header: str, rows: list[dict], cols: list[str], notes: str, load_before: float):
     """Print and write ``results/<name>``: header, table, notes and the machine's load around the run."""
     load = (f"1-minute load average of the machine: {load_before:.1f} before, {os.getloadavg()[0]:.1f} after "
             f"({os.cpu_count()} cores; other users' work shows up here).\n")  # fmt: skip
     report = header + "\n\n" + to_markdown(rows, cols) + notes + load
     print(report)
-    write_results(out, name, report, rows)
+    write_results(args.out, name, report, rows, args.label)
 
 
 def main_actor_sweep(args, base, load_before: float) -> None:
@@ -284,7 +284,7 @@ def main_actor_sweep(args, base, load_before: float) -> None:
         "speedup: median images/s over static's at the same batch. diff_rows: rows whose caption, token count or error "
         "differ from static's (must be 0: greedy rows do not depend on their neighbours). "
     )
-    _report(args.out, "caption-actor", header, rows, ACTOR_COLS, notes, load_before)
+    _report(args, "caption-actor", header, rows, ACTOR_COLS, notes, load_before)
     if any(r["diff_rows"] for r in rows):
         raise SystemExit("continuous batching changed some outputs (diff_rows > 0)")
 

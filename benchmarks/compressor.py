@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import argparse
 from collections import Counter
-from pathlib import Path
 
 import torch
 
 from benchmarks.demo import FIXED_TREE, KINDS, TREES, hf_generate, measure, speed_row
-from benchmarks.report import RESULTS, to_markdown, write_results
+from benchmarks.report import add_output_args, to_markdown, write_results
 from specvlm import EngineConfig, SpecVLMEngine
 from specvlm.config import CompressorConfig, PrimitiveConfig
 from specvlm.demo import load_demo
@@ -113,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (the demo model is fastest on 1)")
     ap.add_argument("--skip-table", action="store_true", help="only the demo drafts' comparison")
-    ap.add_argument("--out", type=Path, default=RESULTS)
+    add_output_args(ap, "compressor.md / compressor.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     demo = load_demo()
@@ -154,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
         )
         print(line, flush=True)
         report += line
-    write_results(args.out, "compressor", report, result)
+    write_results(args.out, "compressor", report, result, args.label)
 
 
 if __name__ == "__main__":

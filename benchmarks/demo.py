@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.report import RESULTS, to_markdown, write_results
+from benchmarks.report import add_output_args, to_markdown, write_results
 from specvlm import EngineConfig, SpecVLMEngine, TreeConfig
 from specvlm.config import CPU_TREE, TREE_PRESETS
 from specvlm.demo import load_demo
@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> None:
         help="torch intra-op threads for every method (a model this small runs fastest on 1)",
     )
     ap.add_argument("--device", default="cpu", help="torch device for every method (e.g. cuda)")
-    ap.add_argument("--out", type=Path, default=RESULTS)
+    add_output_args(ap, "demo[-<family>].md / .json")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     demo = load_demo(family=args.family)
@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"wrote {ROOT / 'docs' / 'accept_vs_steps.png'}")
     name = "demo" if args.family == "llava" else f"demo-{args.family}"
     name = name if args.device == "cpu" else f"{name}-{torch.device(args.device).type}"  # CPU results stay
-    write_results(args.out, name, report, result)
+    write_results(args.out, name, report, result, args.label)
 
 
 if __name__ == "__main__":

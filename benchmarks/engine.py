@@ -20,11 +20,10 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
-from benchmarks.report import RESULTS, to_markdown, write_results
+from benchmarks.report import add_output_args, to_markdown, write_results
 from specvlm import EagleDraft, EngineConfig, SpecVLMEngine, TreeConfig
 from specvlm.config import CPU_TREE
 from specvlm.engine import pooled_accept_length
@@ -153,7 +152,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch-sizes", default="1,8", help="comma-separated (default 1,8)")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--out", type=Path, default=RESULTS, help="folder for engine.md / engine.json")
+    add_output_args(ap, "engine.md / engine-batching.md (and .json)")
     ap.add_argument("--sweep", action="store_true", help="only the demo model's batch sweep (engine-batching.md)")
     ap.add_argument("--sweep-sizes", default="1,2,4,8,16")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -172,7 +171,9 @@ def main(argv: list[str] | None = None) -> None:
                   f"ms) {costs}")  # fmt: skip
         table = to_markdown(rows, SWEEP_COLS)
         print(header + "\n\n" + table)
-        write_results(args.out, "engine-batching", header + "\n\n" + table + "\n", {"rows": rows, "policy": policy})
+        write_results(
+            args.out, "engine-batching", header + "\n\n" + table + "\n", {"rows": rows, "policy": policy}, args.label
+        )
         return
     header = (
         f"## Engine: 8x512 random target, untrained draft, CPU ({torch.get_num_threads()} threads), "
@@ -182,7 +183,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = run(tuple(int(b) for b in args.batch_sizes.split(",")), args.max_new_tokens, args.repeats)
     table = to_markdown(rows, COLS)
     print(table)
-    write_results(args.out, "engine", header + "\n\n" + table + "\n", rows)
+    write_results(args.out, "engine", header + "\n\n" + table + "\n", rows, args.label)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 from benchmarks.caption import write_inputs
-from benchmarks.report import RESULTS, to_markdown, write_results
+from benchmarks.report import add_output_args, to_markdown, write_results
 from pipelines.online_distill import OnlineDistillConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--name", default="online", help="results/<name>.md and .json")
     ap.add_argument("--ar-num", type=int, help="inputs of the ar reference run (the first ones); default: all")
     ap.add_argument("--work", type=Path, default=Path("/tmp/specvlm-bench-online"), help="inputs, drafts, outputs")
-    ap.add_argument("--out", type=Path, default=RESULTS)
+    add_output_args(ap, "<name>.md / .json")
     ap.add_argument("--plot", type=Path, default=ROOT / "docs" / "online_accept.png")
     ap.add_argument("--ceiling-num", type=int, default=256,
                     help="inputs of the ceiling measurement (see `ceiling`; 0: skip it)")  # fmt: skip
@@ -304,7 +304,7 @@ def main(argv: list[str] | None = None) -> None:
         report += ceiling_section(ceiling_rows, args.ceiling_num, args.batch_size, args.repeats)
     report += load
     print(report)
-    write_results(args.out, args.name, report, table)
+    write_results(args.out, args.name, report, table, args.label)
     if differ:
         raise SystemExit("some captions differ from ar's")
 
@@ -328,7 +328,7 @@ def main_ceiling(args) -> None:
     report = ceiling_section(rows, args.ceiling_num, args.batch_size, args.repeats)
     report += f"CPU: {os.cpu_count()} cores, float32.\n"
     print(report)
-    write_results(args.out, f"{args.name}-ceiling", report, rows)
+    write_results(args.out, f"{args.name}-ceiling", report, rows, args.label)
 
 
 if __name__ == "__main__":

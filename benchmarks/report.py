@@ -18,9 +18,33 @@ def to_markdown(rows: list[dict], cols: list[str]) -> str:
     return "\n".join(lines)
 
 
-def write_results(out: Path, name: str, report: str, data) -> None:
-    """Write ``out/<name>.md`` (the report) and ``out/<name>.json`` (the raw rows) and say where."""
+def add_output_args(ap, what: str) -> None:
+    """The benchmarks' ``--out`` (folder, default `RESULTS`) and ``--label`` options; ``what``: the files written."""
+    ap.add_argument("--out", type=Path, default=RESULTS, help=f"folder for {what}")
+    ap.add_argument("--label", help="keep the earlier runs: this run goes on top of the report under '## <label>: "
+                    "...' and into the JSON's runs (default: replace both)")  # fmt: skip
+
+
+def write_results(out: Path, name: str, report: str, data, label: str | None = None) -> None:
+    """Write ``out/<name>.md`` (the report) and ``out/<name>.json`` (the raw rows) and say where.
+
+    Without ``label`` both replace what was there. With one, the earlier runs stay: the report (its first
+    ``## `` heading prefixed with the label) goes on top of the existing ``.md``, and the JSON becomes
+    ``{"runs": [{"label": ..., "data": ...}, ...]}``, newest first (an earlier unlabelled file is kept as a run
+    labelled None).
+    """
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.md").write_text(report if report.endswith("\n") else report + "\n")
-    (out / f"{name}.json").write_text(json.dumps(data, indent=2))
-    print(f"wrote {out / f'{name}.md'}")
+    md, js = out / f"{name}.md", out / f"{name}.json"
+    report = report if report.endswith("\n") else report + "\n"
+    if label:
+        first, _, rest = report.partition("\n")
+        head = f"## {label}: {first[3:]}" if first.startswith("## ") else f"## {label}\n\n{first}"
+        report = head + "\n" + rest + ("\n" + md.read_text() if md.is_file() else "")
+        runs = []
+        if js.is_file():
+            old = json.loads(js.read_text())
+            runs = old["runs"] if isinstance(old, dict) and list(old) == ["runs"] else [{"label": None, "data": old}]
+        data = {"runs": [{"label": label, "data": data}, *runs]}
+    md.write_text(report)
+    js.write_text(json.dumps(data, indent=2))
+    print(f"wrote {md}")

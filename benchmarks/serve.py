@@ -44,7 +44,7 @@ import threading
 import time
 from pathlib import Path
 
-from benchmarks.report import RESULTS, to_markdown, write_results
+from benchmarks.report import add_output_args, to_markdown, write_results
 
 COLS = ["mode", "batching", "concurrency", "requests", "requests_per_s", "p50_ms", "p99_ms", "tokens_per_s",
         "accept_length", "errors", "identical_to_ar"]  # fmt: skip
@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--max-batch-size", type=int, default=16)
     ap.add_argument("--batching", default="continuous,static", help="batching modes run at --max-batch-size")
-    ap.add_argument("--out", type=Path, default=RESULTS)
+    add_output_args(ap, "serve.md / serve-open-loop[-in-process].md (and .json)")
     ol = ap.add_argument_group("open loop (--open-loop: static vs continuous batching, Poisson arrivals, streamed)")
     ol.add_argument("--open-loop", action="store_true", help="run the open-loop benchmark instead")
     ol.add_argument("--mode", default="eagle", help="the engine mode (default: the Serve config's)")
@@ -259,7 +259,7 @@ def main(argv: list[str] | None = None) -> None:
     skipped = [f"- `{r['mode']}`: {r['batching']}" for r in rows if "concurrency" not in r]
     report = header + "\n\n" + table + "\n" + ("\nNot run:\n" + "\n".join(skipped) + "\n" if skipped else "")
     print("\n" + report)
-    write_results(args.out, "serve", report, rows)
+    write_results(args.out, "serve", report, rows, args.label)
 
 
 def model_paths(args) -> dict:
@@ -514,7 +514,7 @@ def open_loop_main(args) -> None:
                 saturation_concurrency=sat_c, loads=loads, seed=args.seed, requests_per_point=n, bodies=args.bodies,
                 max_tokens=budgets, elapsed_s=elapsed)  # fmt: skip
     write_results(args.out, "serve-open-loop-in-process" if args.in_process else "serve-open-loop", report,
-                  [meta, *rows])  # fmt: skip
+                  [meta, *rows], args.label)  # fmt: skip
 
 
 def open_loop_report(args, rows: list[dict], info: dict) -> str:

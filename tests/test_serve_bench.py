@@ -203,3 +203,17 @@ def test_batch_trees_option_takes_auto_or_a_checked_table():
     for bad in ('{"0": "off"}', '{"4": "nope"}', "[1]"):
         with pytest.raises(ValueError):  # pydantic's ValidationError is one: argparse names the option
             batch_trees_arg(bad)
+
+
+def test_labelled_results_keep_the_earlier_runs(tmp_path):
+    from benchmarks.report import write_results
+
+    write_results(tmp_path, "b", "## Bench: x\n\n| a |\n", [1])  # unlabelled: replaces
+    write_results(tmp_path, "b", "## Bench: y\n\n| b |\n", [2], label="run 1")
+    write_results(tmp_path, "b", "## Bench: z\n\n| c |\n", {"k": 3}, label="run 2")
+    md = (tmp_path / "b.md").read_text()
+    assert md == "## run 2: Bench: z\n\n| c |\n\n## run 1: Bench: y\n\n| b |\n\n## Bench: x\n\n| a |\n"
+    runs = json.loads((tmp_path / "b.json").read_text())["runs"]
+    assert runs == [{"label": "run 2", "data": {"k": 3}}, {"label": "run 1", "data": [2]}, {"label": None, "data": [1]}]
+    write_results(tmp_path, "b", "## Bench: w\n", [4])
+    assert (tmp_path / "b.md").read_text() == "## Bench: w\n" and json.loads((tmp_path / "b.json").read_text()) == [4]
