@@ -171,6 +171,35 @@ def replica_options() -> tuple[dict, int]:
     return ({"num_gpus": 1} if torch.cuda.is_available() else {"num_cpus": max(1, cpus - 1)}), cpus
 
 
+def pin_cpus() -> tuple[set[int], set[int]]:
+    """``--pin`` (Linux): make `replica_options`' split real. This process, and so the Ray it starts (Serve's
+    proxy and controller, the raylet), runs on the first CPU it may use; `pin_replicas` puts the replica on
+    the others. Returns (the first CPU, the rest)."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        raise SystemExit("--pin needs at least 2 CPUs: one for the replica, one for the rest")
+    os.sched_setaffinity(0, {cpus[0]})  # before ray.init: the processes it starts inherit it
+    return {cpus[0]}, set(cpus[1:])
+
+
+def pin_replicas(app: str, cpus: set[int]) -> int:
+    """Every thread of the running processes of ``app``'s Serve replicas (found by their process title,
+    ``ray::ServeReplica:<app>:...``) onto ``cpus``; returns the processes pinned."""
+    pinned = 0
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if f"ServeReplica:{app}:".encode() not in (proc / "cmdline").read_bytes():
+                continue
+            for task in (proc / "task").iterdir():  # threads keep their own masks: each one
+                os.sched_setaffinity(int(task.name), cpus)
+            pinned += 1
+        except (OSError, ProcessLookupError):  # gone meanwhile
+            continue
+    return pinned
+
+
 def machine() -> str:
     """The CPU model (and GPU) this runs on, for table headers."""
     import torch
@@ -209,6 +238,9 @@ def main(argv: list[str] | None = None) -> None:
     ol.add_argument("--batch-trees", type=batch_trees_arg, metavar="auto|JSON",
                     help='the engine\'s batch_trees (both batching modes): "auto", or JSON rows -> tree preset, fields '
                          'or "off", e.g. \'{"6": "off"}\' (default: the Serve config\'s, none)')  # fmt: skip
+    ol.add_argument("--pin", action="store_true",
+                    help="Linux, over HTTP: the replica's threads on every CPU but the first, this process (the "
+                         "load generator) and the rest of Ray (proxy, controller, raylet) on the first")  # fmt: skip
     args = ap.parse_args(argv)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if args.open_loop:
@@ -290,9 +322,10 @@ class HttpDriver:
     HTTP proxy on loopback, requests streamed by this process's async HTTP client."""
 
     def __init__(self, url: str, bodies: list[dict], model: dict, actor: dict, slots: int, wait_s: float,
-                 batch_trees=None):  # fmt: skip
+                 batch_trees=None, replica_cpus: set[int] | None = None):  # fmt: skip
         self.url, self.bodies, self.model = url, bodies, model
         self.actor, self.slots, self.wait_s, self.batch_trees = actor, slots, wait_s, batch_trees
+        self.replica_cpus = replica_cpus  # --pin: the replica's CPUs
 
     def deploy(self, mode: str, batching: str, max_rows: int) -> None:
         from ray import serve
@@ -306,6 +339,8 @@ class HttpDriver:
         with contextlib.suppress(Exception):
             serve.delete("bench")
         serve.run(build_app(cfg), name="bench", route_prefix="/", logging_config={"enable_access_log": False})
+        if self.replica_cpus and pin_replicas("bench", self.replica_cpus) != 1:
+            raise RuntimeError("--pin: did not find the one replica process to pin")
 
     def closed(self, order: list[int], concurrency: int):
         from benchmarks.open_loop import closed_loop
@@ -435,14 +470,17 @@ def open_loop_driver(args, bodies: list[dict], model: dict, wait_s: float, slots
         finally:
             driver.close()
         return
+    replica_cpus = pin_cpus()[1] if args.pin else None
     with local_serve(cpus) as url:
-        driver = HttpDriver(url, bodies, model, actor, slots, wait_s, args.batch_trees)
+        driver = HttpDriver(url, bodies, model, actor, slots, wait_s, args.batch_trees, replica_cpus)
         yield driver
         driver.close()
 
 
 def open_loop_main(args) -> None:
     """``--open-loop``: see the module docstring."""
+    if args.pin and args.in_process:
+        raise SystemExit("--pin splits the replica from Serve's proxy and the load generator: an HTTP run's option")
     from actors.serve_config import BatchingConfig, ServeAppConfig
     from benchmarks.open_loop import arrivals, summarize
 
@@ -506,11 +544,14 @@ def open_loop_main(args) -> None:
              f"in process: the replica's ChatRunner and EngineLoop driven directly ({actor.get('num_cpus', 1)} torch "
              f"thread(s) on {machine()}; no Ray, Serve or HTTP; each request prepared before the clock starts, "
              "time to first token = the first update with text); greedy")  # fmt: skip
+    if args.pin:
+        where += ("; pinned (--pin): the replica's threads on CPUs other than the load generator's, Serve's proxy's "
+                  "and the rest of Ray's one")  # fmt: skip
     report = open_loop_report(args, rows, dict(where=where, tree=tree, rate=rate, sat_c=sat_c, wait_s=wait_s,
                                                elapsed=elapsed, budgets=budgets))  # fmt: skip
     print("\n" + report)
     meta = dict(kind="meta", machine=machine(), mode=args.mode, batch_trees=args.batch_trees,
-                in_process=args.in_process, saturation_rate=rate,
+                in_process=args.in_process, pin=args.pin, saturation_rate=rate,
                 saturation_concurrency=sat_c, loads=loads, seed=args.seed, requests_per_point=n, bodies=args.bodies,
                 max_tokens=budgets, elapsed_s=elapsed)  # fmt: skip
     write_results(args.out, "serve-open-loop-in-process" if args.in_process else "serve-open-loop", report,

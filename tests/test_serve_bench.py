@@ -7,13 +7,19 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
 
 from benchmarks import open_loop as ol
 from benchmarks.serve import OPEN_COLS, InProcessDriver, batch_trees_arg, open_loop_report, requests_for, run_order
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_arrivals_are_seeded_poisson_of_rate_one():
@@ -217,3 +223,31 @@ def test_labelled_results_keep_the_earlier_runs(tmp_path):
     assert runs == [{"label": "run 2", "data": {"k": 3}}, {"label": "run 1", "data": [2]}, {"label": None, "data": [1]}]
     write_results(tmp_path, "b", "## Bench: w\n", [4])
     assert (tmp_path / "b.md").read_text() == "## Bench: w\n" and json.loads((tmp_path / "b.json").read_text()) == [4]
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="--pin splits at least 2 CPUs")
+def test_pin_puts_the_replica_and_the_rest_on_separate_cpus():
+    """``--pin``: this process (and what it starts) on the first CPU, a replica's every thread on the others,
+    the replica found by its Ray process title."""
+    from benchmarks.serve import pin_replicas
+
+    cpus = sorted(os.sched_getaffinity(0))
+    code = "import threading, time; threading.Thread(target=time.sleep, args=(30,)).start(); time.sleep(30)"
+    replica = subprocess.Popen([sys.executable, "-c", code, "ray::ServeReplica:bench:SpecVLMServer"])
+    other = subprocess.Popen([sys.executable, "-c", code, "ray::ServeReplica:other:SpecVLMServer"])
+    try:
+        time.sleep(0.5)  # its second thread is up
+        probe = (
+            "import json, os; from benchmarks.serve import pin_cpus; rest, mine = pin_cpus(); "
+            "print(json.dumps([sorted(rest), sorted(mine), sorted(os.sched_getaffinity(0))]))"
+        )
+        out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=ROOT)
+        assert json.loads(out.stdout) == [cpus[:1], cpus[1:], cpus[:1]]
+        assert pin_replicas("bench", set(cpus[1:])) == 1
+        threads = list(Path(f"/proc/{replica.pid}/task").iterdir())
+        assert len(threads) == 2 and all(os.sched_getaffinity(int(t.name)) == set(cpus[1:]) for t in threads)
+        assert os.sched_getaffinity(other.pid) == set(cpus)  # another app's replica is left alone
+        assert os.sched_getaffinity(0) == set(cpus)  # pinning ran in the probe, not here
+    finally:
+        replica.kill()
+        other.kill()
