@@ -87,6 +87,10 @@ class EngineLoop:
     row's last update), resets the engine and the loop goes on. `run` blocks on a condition variable while
     nothing decodes or waits. ``max_rows`` bounds the rows in the engine, and so its KV pools.
 
+    ``prefill_passes``: a step admits waiting rows before its prefill and, in continuous mode, again after
+    each prefill up to this many prefills in all, so a request that arrived during a prefill is prefilled in
+    the same step (its first token a round sooner) while the rows decoding wait for that prefill too.
+
     ``on_round(rows)`` is called after each step with the rows it decoded or prefilled, ``on_depth(waiting,
     active)`` whenever the queue depth or the rows decoding change. Only the engine thread touches the
     engine; `submit`, `swap_draft` and `stop` may be called from any thread.
@@ -100,9 +104,11 @@ class EngineLoop:
     def __init__(self, engine, pad_id: int, max_rows: int, mode: BatchingMode = "continuous", wait_s: float = 0.0,
                  on_round: Callable[[int], None] | None = None,
                  on_depth: Callable[[int, int], None] | None = None,
-                 draft_version: str | None = None):  # fmt: skip
-        if max_rows < 1 or mode not in ("continuous", "static"):
-            raise ValueError(f"max_rows must be >= 1 and mode continuous or static, got {max_rows}, {mode!r}")
+                 draft_version: str | None = None, prefill_passes: int = 2):  # fmt: skip
+        if max_rows < 1 or mode not in ("continuous", "static") or prefill_passes < 1:
+            raise ValueError(f"max_rows and prefill_passes must be >= 1 and mode continuous or static, got "
+                             f"{max_rows}, {prefill_passes}, {mode!r}")  # fmt: skip
+        self.prefill_passes = prefill_passes
         self.engine, self.pad_id, self.max_rows, self.mode, self.wait_s = engine, pad_id, max_rows, mode, wait_s
         self.on_round, self.on_depth = on_round, on_depth
         self._waiting: deque[_Request] = deque()
@@ -190,9 +196,14 @@ class EngineLoop:
                 self.steps += 1
                 prefilled: set[int] = set()
 
+                passes = [1]
+
                 def first_tokens(event) -> None:  # they go out before the round
                     prefilled.update(event.tokens)
                     self._route(event)
+                    if passes[0] < self.prefill_passes:  # rows that came during that prefill join this step
+                        passes[0] += 1
+                        self._add(self._admit())
 
                 event = self.engine.step(on_prefill=first_tokens)
                 rows = len(prefilled | event.tokens.keys())  # a row that ended at its first token counts too

@@ -119,6 +119,10 @@ class BatchingConfig(StrictModel):
         "a batch decodes to its end before the next one starts (for comparison)",
     )  # fmt: skip
     max_batch_size: int = Field(16, ge=1, description="the most requests decoding at once; 1 = no batching")
+    prefill_passes: int = Field(
+        2, ge=1, description="continuous: prefills per engine step; requests that arrive during one are prefilled "
+        "in the same step, before its round (their first token a round sooner; decoding rows wait for it too)",
+    )  # fmt: skip
     batch_wait_timeout_s: float = Field(
         0.02, ge=0, description="static mode: how long an idle engine waits for a batch to fill (continuous: unused, "
         "requests join at the next round)",

@@ -242,7 +242,7 @@ class SpecVLMServer:
         b, m = cfg.batching, self.metrics
         self.engine_loop = EngineLoop(engine, self.runner.pad_id, b.max_batch_size, b.mode, b.batch_wait_timeout_s,
                                       on_round=m.batch_rows.observe, on_depth=m.depth,
-                                      draft_version=info["draft_version"])  # fmt: skip
+                                      draft_version=info["draft_version"], prefill_passes=b.prefill_passes)  # fmt: skip
         self._engine_thread = threading.Thread(target=self.engine_loop.run, name="specvlm-engine", daemon=True)
         self._engine_thread.start()
         self._following: threading.Event | None = None  # set to stop the draft-store follower (reconfigure)

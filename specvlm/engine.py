@@ -276,16 +276,19 @@ class SpecVLMEngine:
 
         ``on_prefill``: called with the prefilled rows' first tokens as soon as the prefill is done, before
         the round (a server streams them at once, so time to first token does not include the round); the
-        returned event then holds only the round's tokens. It may `finish` rows, which then skip the round.
+        returned event then holds only the round's tokens. It may `finish` rows, which then skip the round,
+        and `add` rows, which are prefilled next (another ``on_prefill`` call) and join this step's round.
         Without it the first tokens come in the returned event, ahead of the round's.
         """
         self._retire()
         emitted: dict[int, list[int]] = {}
         self._prefill_queued(emitted)
         new = [r for r in self._live if r.rid in emitted]
-        if on_prefill is not None and new:
-            on_prefill(self._event(new, emitted))
-            emitted, new = {}, []
+        while on_prefill is not None and new:
+            on_prefill(self._event(new, emitted))  # rows it adds are prefilled now too, before the round
+            emitted = {}
+            self._prefill_queued(emitted)
+            new = [r for r in self._live if r.rid in emitted]
         ended = [r for r in new if r.done]  # done at their first token: no round
         self._retire()
         if self._live:

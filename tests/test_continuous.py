@@ -106,6 +106,40 @@ def test_first_tokens_go_out_before_the_round_and_a_row_ended_there_skips_it():
     assert engine.num_rows == 0 and engine.kv.rows == 0
 
 
+def test_rows_added_in_on_prefill_are_prefilled_in_the_same_step_and_join_its_round():
+    """A row `add`-ed from ``on_prefill`` (a request that arrived during the prefill) is prefilled next, in a
+    second ``on_prefill`` call of the same step, and decodes in that step's round; every row keeps its
+    `generate` tokens."""
+    model = tiny_llava(dtype=torch.float64, kv_heads=2)
+    inputs = tiny_inputs(model, [5, 11, 2], seed=7)
+    ref = greedy_reference(model, inputs, 12)
+    engine = _engine(model, "eagle")
+    rows = _rows(inputs)
+    budget = [SamplingConfig(max_new_tokens=12)]
+    seqs, firsts, steps = {}, [], [0]
+
+    def on_prefill(event):
+        firsts.append((steps[0], sorted(event.tokens)))
+        for rid, toks in event.tokens.items():
+            seqs[rid] = list(toks)
+        if steps[0] == 1 and len(firsts) == 2:  # in step 1, during row 1's prefill: row 2 arrives
+            engine.add(**collate(rows[2:], PAD), sampling=budget)
+
+    engine.add(**collate(rows[:1], PAD), sampling=budget)
+    while steps[0] < 2 or engine.num_rows:
+        if steps[0] == 1:
+            engine.add(**collate(rows[1:2], PAD), sampling=budget)
+        event = engine.step(on_prefill=on_prefill)
+        if steps[0] == 1:
+            assert sorted(event.tokens) == [0, 1, 2]  # the late row decoded in this step's round
+        for rid, toks in event.tokens.items():
+            seqs[rid] += toks
+        steps[0] += 1
+    assert firsts == [(0, [0]), (1, [1]), (1, [2])]
+    assert [seqs[i] for i in range(3)] == ref
+    assert engine.num_rows == 0 and engine.kv.rows == 0
+
+
 def test_qwen_rows_of_any_media_join_mid_flight():
     """Images of two sizes, a video and a text-only row join a running Qwen2.5-VL batch one by one."""
     model = tiny_qwen("qwen2_5_vl", dtype=torch.float64, init_std=0.2)

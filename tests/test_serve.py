@@ -464,6 +464,29 @@ def test_loop_a_short_request_joins_mid_decode_and_finishes_first(tiny):
     assert one.job.text.tokens == tiny.ar[2][:1] and rounds[-1] == 1 and tiny.engine.num_rows == 0
 
 
+@pytest.mark.parametrize("passes", [1, 2])
+def test_loop_a_request_arriving_during_a_prefill_joins_that_step_with_two_passes(tiny, passes):
+    loop = EngineLoop(tiny.engine, 0, max_rows=4, prefill_passes=passes)
+    first, late = Request(tiny, loop, 0), Request(tiny, loop, 1)
+    sink = first.sink
+
+    def arrive_during_the_prefill(update):  # the engine thread, right after first's prefill
+        sink(update)
+        if len(first.updates) == 1:
+            late.submit()
+
+    first.sink = arrive_during_the_prefill
+    first.submit()
+    loop.run_once()
+    assert first.updates[0][0] == 1 and loop.active == (2 if passes == 2 else 1)
+    assert late.updates[:1] == ([(1, late.updates[0][1])] if passes == 2 else [])  # its first token, same step
+    drain(loop)
+    for req, row in ((first, 0), (late, 1)):
+        assert req.job.text.tokens == tiny.ar[row] and req.text == tiny_text(tiny.ar[row])
+    with pytest.raises(ValueError, match="prefill_passes"):
+        EngineLoop(tiny.engine, 0, max_rows=4, prefill_passes=0)
+
+
 def test_loop_swaps_a_draft_once_the_rows_decoding_have_finished(tiny):
     """`EngineLoop.swap_draft`: the row decoding keeps its draft to the end, a row arriving meanwhile waits and
     decodes with the new one; usage names the draft of each; a draft the engine refuses leaves the old one."""
