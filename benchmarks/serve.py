@@ -238,9 +238,10 @@ def main(argv: list[str] | None = None) -> None:
     ol.add_argument("--batch-trees", type=batch_trees_arg, metavar="auto|JSON",
                     help='the engine\'s batch_trees (both batching modes): "auto", or JSON rows -> tree preset, fields '
                          'or "off", e.g. \'{"6": "off"}\' (default: the Serve config\'s, none)')  # fmt: skip
-    ol.add_argument("--pin", action="store_true",
-                    help="Linux, over HTTP: the replica's threads on every CPU but the first, this process (the "
-                         "load generator) and the rest of Ray (proxy, controller, raylet) on the first")  # fmt: skip
+    ol.add_argument("--pin", action=argparse.BooleanOptionalAction, default=None,
+                    help="over HTTP: the replica's threads on every CPU but the first, this process (the load "
+                         "generator) and the rest of Ray (proxy, controller, raylet) on the first (default: on "
+                         "Linux with 2 CPUs or more; --no-pin lets them share every CPU)")  # fmt: skip
     args = ap.parse_args(argv)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if args.open_loop:
@@ -481,6 +482,8 @@ def open_loop_main(args) -> None:
     """``--open-loop``: see the module docstring."""
     if args.pin and args.in_process:
         raise SystemExit("--pin splits the replica from Serve's proxy and the load generator: an HTTP run's option")
+    if args.pin is None:  # the replica's num_cpus split made real wherever it can be
+        args.pin = not args.in_process and len(getattr(os, "sched_getaffinity", lambda _: ())(0)) >= 2
     from actors.serve_config import BatchingConfig, ServeAppConfig
     from benchmarks.open_loop import arrivals, summarize
 
