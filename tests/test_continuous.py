@@ -72,16 +72,24 @@ def test_rows_joining_mid_flight_decode_as_alone(mode, tree):
     assert engine.num_rows == 0 and engine.kv.rows == 0  # every row left the pool
 
 
+def _three_rows():
+    """Three float64 tiny-LLaVA rows of prompt lengths 5, 11, 2: their greedy `generate` tokens (12 each), an
+    eagle engine, the rows' processor inputs and a 12-token budget."""
+    model = tiny_llava(dtype=torch.float64, kv_heads=2)
+    inputs = tiny_inputs(model, [5, 11, 2], seed=7)
+    return (
+        greedy_reference(model, inputs, 12),
+        _engine(model, "eagle"),
+        _rows(inputs),
+        [SamplingConfig(max_new_tokens=12)],
+    )
+
+
 def test_first_tokens_go_out_before_the_round_and_a_row_ended_there_skips_it():
     """``step(on_prefill=)``: the new rows' first tokens come in an event of their own, before the round (one
     token per new row); with the round's tokens they are the rows' `generate` tokens. A row its owner ends in
     that callback (a stop string at the first token) leaves before the round; its neighbours are unchanged."""
-    model = tiny_llava(dtype=torch.float64, kv_heads=2)
-    inputs = tiny_inputs(model, [5, 11, 2], seed=7)
-    ref = greedy_reference(model, inputs, 12)
-    engine = _engine(model, "eagle")
-    rows = _rows(inputs)
-    budget = [SamplingConfig(max_new_tokens=12)]
+    ref, engine, rows, budget = _three_rows()
     arrivals = {0: rows[:2], 2: rows[2:]}
     seqs, firsts, s = {}, [], 0
 
@@ -110,12 +118,7 @@ def test_rows_added_in_on_prefill_are_prefilled_in_the_same_step_and_join_its_ro
     """A row `add`-ed from ``on_prefill`` (a request that arrived during the prefill) is prefilled next, in a
     second ``on_prefill`` call of the same step, and decodes in that step's round; every row keeps its
     `generate` tokens."""
-    model = tiny_llava(dtype=torch.float64, kv_heads=2)
-    inputs = tiny_inputs(model, [5, 11, 2], seed=7)
-    ref = greedy_reference(model, inputs, 12)
-    engine = _engine(model, "eagle")
-    rows = _rows(inputs)
-    budget = [SamplingConfig(max_new_tokens=12)]
+    ref, engine, rows, budget = _three_rows()
     seqs, firsts, steps = {}, [], [0]
 
     def on_prefill(event):
