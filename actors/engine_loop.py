@@ -194,15 +194,15 @@ class EngineLoop:
         if self.engine.num_rows:
             try:
                 self.steps += 1
-                prefilled: set[int] = set()
-
-                passes = [1]
+                prefilled: set[int] = set()  # rows prefilled in this step
+                passes = 1  # prefills in this step
 
                 def first_tokens(event) -> None:  # they go out before the round
+                    nonlocal passes
                     prefilled.update(event.tokens)
                     self._route(event)
-                    if passes[0] < self.prefill_passes:  # rows that came during that prefill join this step
-                        passes[0] += 1
+                    if passes < self.prefill_passes:  # rows that came during that prefill join this step
+                        passes += 1
                         self._add(self._admit())
 
                 event = self.engine.step(on_prefill=first_tokens)

@@ -133,14 +133,20 @@ def batch_trees_arg(text: str):
     return EngineConfig(batch_trees=value).model_dump()["batch_trees"]
 
 
-def app_config(model: dict, mode: str, batching: dict, actor: dict, slots: int, batch_trees=None) -> dict:
-    """The benchmark's `ServeAppConfig` args: ``mode`` with the CPU tree of configs/serve.yaml (and
-    ``batch_trees``, `EngineConfig.batch_trees`, when given), one replica with ``slots`` ongoing requests."""
+def engine_args(mode: str, batch_trees=None) -> dict:
+    """The benchmark's `EngineConfig` args: the Serve default's (the CPU tree of configs/serve.yaml) in ``mode``,
+    with ``batch_trees`` when given (`ar` has no trees to choose)."""
     from actors.serve_config import ServeAppConfig
 
     engine = {**ServeAppConfig().engine.model_dump(), "mode": mode}
-    if batch_trees is not None:
+    if batch_trees is not None and mode != "ar":
         engine["batch_trees"] = batch_trees
+    return engine
+
+
+def app_config(model: dict, mode: str, batching: dict, actor: dict, slots: int, batch_trees=None) -> dict:
+    """The benchmark's `ServeAppConfig` args: `engine_args`, one replica with ``slots`` ongoing requests."""
+    engine = engine_args(mode, batch_trees)
     deployment = {"max_ongoing_requests": slots, "ray_actor_options": actor}
     return {"model": model, "served_model_name": "bench", "engine": engine, "deployment": deployment,
             "batching": batching}  # fmt: skip
@@ -334,8 +340,7 @@ class HttpDriver:
         from actors.serving import build_app
 
         batching_cfg = {"mode": batching, "max_batch_size": max_rows, "batch_wait_timeout_s": self.wait_s}
-        trees = self.batch_trees if mode != "ar" else None
-        cfg = app_config(self.model, mode, batching_cfg, self.actor, self.slots, trees)
+        cfg = app_config(self.model, mode, batching_cfg, self.actor, self.slots, self.batch_trees)
         cfg["limits"] = {"max_active_requests": self.slots}
         with contextlib.suppress(Exception):
             serve.delete("bench")
@@ -386,8 +391,7 @@ class InProcessDriver:
 
         self.close()
         if mode not in self.runners:
-            trees = {"batch_trees": self.batch_trees} if mode != "ar" and self.batch_trees is not None else {}
-            engine_cfg = EngineConfig.model_validate({**self.cfg.engine.model_dump(), "mode": mode, **trees})
+            engine_cfg = EngineConfig.model_validate(engine_args(mode, self.batch_trees))
             engine, processor, _ = load_engine(self.cfg.model, engine_cfg)
             self.runners[mode] = ChatRunner(engine, processor, self.cfg.limits)
         self.runner = self.runners[mode]
