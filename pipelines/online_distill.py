@@ -218,7 +218,10 @@ def train_loop_per_worker(config: dict) -> None:
         why = "max_steps reached"
     if rank == 0:
         report["ended"] = why
-        buffer.report.remote(report)
+        try:  # landed before the job reads it: fit() may return before a fire-and-forget call arrives
+            ray.get(buffer.report.remote(report))
+        except ray.exceptions.RayError:  # the buffer is gone: the job is ending without it
+            pass
         if why != "the caption job ended":  # stopped for good: the actors stop sending rows
             buffer.retire.remote()
         print(f"[online-distill] trainer stopped after {step - first} steps ({why})", flush=True)
