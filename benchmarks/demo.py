@@ -46,9 +46,11 @@ TREES = {
 # GPU tree
 FIXED_TREE = "k2-n14-d8"
 CPU_TREE_NAME = "k2-n14-d8 bounded"
-SPECVLM_TREES = (CPU_TREE_NAME,)  # specvlm (elastic compressor draft) runs on the CPU default
-COLS = ["task", "method", "tokens", "tokens_per_s", "speedup", "speedup_range", "accept_length", "draft_visual_tokens",
-        "prefill_ms", "draft_prefill_ms", "draft_ms", "verify_ms", "identical_to_hf"]  # fmt: skip
+# specvlm (the elastic compressor draft) runs on the fixed tree, where both drafts verify the same nodes so accept
+# lengths compare the drafts alone, and on the CPU default, where each draft's confidence sizes its own trees
+SPECVLM_TREES = (FIXED_TREE, CPU_TREE_NAME)
+COLS = ["task", "method", "tokens", "tokens_per_s", "speedup", "speedup_range", "accept_length", "nodes_per_round",
+        "draft_visual_tokens", "prefill_ms", "draft_prefill_ms", "draft_ms", "verify_ms", "identical_to_hf"]  # fmt: skip
 PROMPT_LOOKUP = 10  # HF generate's prompt_lookup_num_tokens: the speculation a user gets for free
 
 
@@ -120,6 +122,9 @@ def speed_row(name: str, result, hf_result, **extra) -> dict:
         keys = ("prefill_ms", "draft_prefill_ms", "draft_ms", "verify_ms", "draft_visual_tokens")
         row.update({k: statistics.mean(s[k] for s in stats) for k in keys})
         row["accept_length"] = pooled_accept_length(stats)
+        rounds = sum(s["target_forwards"] - 1 for s in stats)
+        if any(s["tree_nodes"] for s in stats):  # tree nodes verified per round, roots included
+            row["nodes_per_round"] = sum(s["tree_nodes"] for s in stats) / rounds
     return row
 
 

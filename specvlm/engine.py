@@ -70,6 +70,7 @@ class RowStats:
     verify_ms: float = 0.0  # target forwards after prefill, acceptance and KV commit
     compressor: str = "none"  # specvlm mode: the primitive the gate chose for this row
     draft_visual_tokens: int = 0  # visual tokens in the draft's context (= the target's unless compressed)
+    tree_nodes: int = 0  # nodes of the row's own trees over its rounds, roots included (what confidence bounds cut)
 
     @property
     def accept_length(self) -> float:
@@ -554,7 +555,8 @@ class SpecVLMEngine:
             tgt.embed_tokens(tree.tokens), pos[:, None] + tree.depth, mask4, self.kv, self._rope
         )  # [R, K, D]
         path, n_acc, bonus = self._accept(tree, tgt.logits(tf), rows)
-        n_list = n_acc.tolist()  # the round's one read-back the host needs: what each row emits
+        nodes = tree.valid.sum(1) if tree.valid is not None else torch.full_like(n_acc, tree.num_nodes)  # [R]
+        n_list, node_list = torch.stack([n_acc, nodes]).tolist()  # the round's one read-back: what each row emits
         self.kv.commit(path, n_acc, n_list)
         verify_ms = clock.lap()
         # draft catch-up over the accepted path: entry a = (target feature of node a, the token after it)
@@ -566,9 +568,10 @@ class SpecVLMEngine:
         self._pos = pos + n_acc
         self._root = bonus
         draft_ms += clock.lap()
-        for r in rows:
+        for r, n_nodes in zip(rows, node_list):
             st = r.stats
             st.target_forwards += 1
+            st.tree_nodes += n_nodes
             st.draft_forwards += tree.levels  # tree steps + the catch-up
             st.draft_ms += draft_ms
             st.verify_ms += verify_ms

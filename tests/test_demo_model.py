@@ -135,7 +135,9 @@ def test_half_precision_on_a_cpu_without_it(tmp_path, monkeypatch):
 
 def test_small_qwen_demo_builds_reads_videos_natively_and_benchmarks(tmp_path):
     """The Qwen2.5-VL demo recipe (reduced): a Qwen target reading videos as video input, its drafts, and the
-    demo benchmark's methods (HF generate, HF prompt lookup, ar, eagle, specvlm) token-identical on it."""
+    demo benchmark's methods (HF generate, HF prompt lookup, ar, eagle, specvlm) token-identical on it, and the
+    compressor benchmark's eagle-vs-specvlm comparison."""
+    from benchmarks.compressor import demo_drafts
     from benchmarks.demo import speed
     from specvlm.demo.recipe import build_demo
     from specvlm.distill import encode_samples
@@ -155,6 +157,14 @@ def test_small_qwen_demo_builds_reads_videos_natively_and_benchmarks(tmp_path):
     assert any("prompt_lookup" in r["method"] for r in rows)
     spec = [r for r in rows if r["method"].startswith("specvlm") and r["task"] == "video"]
     assert spec and spec[0]["draft_visual_tokens"] < 72
+    assert {r["method"] for r in spec} == {"specvlm k2-n14-d8", "specvlm k2-n14-d8 bounded"}
+    fixed = [r for r in rows if r["method"].endswith("k2-n14-d8")]  # the same nodes for both drafts
+    assert len(fixed) == 6 and all(r["nodes_per_round"] == 14 for r in fixed)
+    drafts, choices = demo_drafts(demo, n=2, max_new_tokens=8, repeats=1)  # `specvlm bench compressor`'s comparison
+    by = {(r["task"], r["draft"]): r for r in drafts}
+    assert by[("video", "eagle (none)")]["visual_reduction"] == 1.0
+    assert by[("video", "specvlm (elastic)")]["visual_reduction"] > 1.0 and len(choices) == 4
+    assert all(r["identical_to_hf"] for r in drafts)
 
 
 def test_a_build_from_before_the_family_field_still_counts(small_demo, tmp_path):

@@ -76,6 +76,12 @@ def test_trained_draft_accepts_many_tokens_losslessly(trained64, tree):
             assert st["draft_forwards"] == 1 + tree.depth * rounds
         else:  # the confidence bound may stop growing early: between 1 and `depth` forwards per round
             assert 1 + rounds <= st["draft_forwards"] <= 1 + tree.depth * rounds
+        candidates = tree.top_k + (tree.depth - 1) * tree.top_k**2  # k at depth 1, k * k at each deeper level
+        full = min(tree.total_tokens, 1 + candidates)  # the root and the best total_tokens - 1 candidates
+        if tree.node_min_prob == 0:
+            assert st["tree_nodes"] == full * rounds
+        else:
+            assert 2 * rounds <= st["tree_nodes"] <= full * rounds
 
 
 def test_confidence_bounds_shrink_the_tree_not_the_output(trained64):
@@ -91,6 +97,7 @@ def test_confidence_bounds_shrink_the_tree_not_the_output(trained64):
     )
     assert full.sequences == bounded.sequences == ref
     assert sum(s["draft_forwards"] for s in bounded.stats) < sum(s["draft_forwards"] for s in full.stats)
+    assert sum(s["tree_nodes"] for s in bounded.stats) < sum(s["tree_nodes"] for s in full.stats)
 
 
 def test_max_new_tokens_and_eos(trained64):
