@@ -50,7 +50,8 @@ CPU_TREE_NAME = "k2-n14-d8 bounded"
 # lengths compare the drafts alone, and on the CPU default, where each draft's confidence sizes its own trees
 SPECVLM_TREES = (FIXED_TREE, CPU_TREE_NAME)
 COLS = ["task", "method", "tokens", "tokens_per_s", "speedup", "speedup_range", "accept_length", "nodes_per_round",
-        "draft_visual_tokens", "prefill_ms", "draft_prefill_ms", "draft_ms", "verify_ms", "identical_to_hf"]  # fmt: skip
+        "draft_visual_tokens", "prefill_ms", "draft_prefill_ms", "draft_ms", "verify_ms",
+        "identical_to_hf"]  # fmt: skip
 PROMPT_LOOKUP = 10  # HF generate's prompt_lookup_num_tokens: the speculation a user gets for free
 
 
