@@ -20,6 +20,7 @@ same for single modules (the draft's ``fc``, LM heads) when autograd is off.
 from __future__ import annotations
 
 import weakref
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +57,14 @@ def fast_path_ok(layer) -> bool:
     )
 
 
+def _weight_bias(module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A module's ``(weight, bias)`` (bias None where it has none), read from its parameter dict when it is there:
+    ``nn.Module.__getattr__`` costs about a microsecond a lookup, and a decode step makes hundreds."""
+    p = module._parameters
+    w = p.get("weight")
+    return (w, p.get("bias")) if w is not None else (module.weight, getattr(module, "bias", None))
+
+
 def _rms_norm(x: torch.Tensor, norm) -> torch.Tensor:
     """HF LlamaRMSNorm: normalise in (at least) float32, scale in the input dtype.
 
@@ -63,12 +72,13 @@ def _rms_norm(x: torch.Tensor, norm) -> torch.Tensor:
     step's norms are many tiny ops); half types keep HF's exact up- and down-casts.
     """
     dtype = x.dtype
-    if dtype == torch.float32 and norm.weight.dtype == dtype:
-        return F.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon)
+    weight = _weight_bias(norm)[0]
+    if dtype == torch.float32 and weight.dtype == dtype:
+        return F.rms_norm(x, weight.shape, weight, norm.variance_epsilon)
     if dtype in (torch.float16, torch.bfloat16):
         x = x.to(torch.float32)
     x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
-    return norm.weight * (x if x.dtype == dtype else x.to(dtype))
+    return weight * (x if x.dtype == dtype else x.to(dtype))
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -112,7 +122,7 @@ def _pack(weights: list[torch.Tensor]) -> torch.Tensor:
 
 def _project(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     """``x [..., in]`` through a `_pack`-ed weight (and bias) -> ``[..., out]``."""
-    if w.device.type != "cpu":
+    if not w.is_cpu:
         return F.linear(x, w, b)
     if b is None:
         return x @ w
@@ -123,26 +133,61 @@ def linear(x: torch.Tensor, module: torch.nn.Linear) -> torch.Tensor:
     """``module(x)`` through a `_pack`-ed copy of its weight when autograd is off (decoding), else as is."""
     if torch.is_grad_enabled():
         return module(x)
-    params = [module.weight] + ([module.bias] if module.bias is not None else [])
-    w = _cached(module, params, lambda: _pack([module.weight]))
-    return module(x) if w is None else _project(x, w, module.bias)
+    weight, bias = _weight_bias(module)
+    w = _cached(module, [weight] if bias is None else [weight, bias], lambda: _pack([weight]))
+    return module(x) if w is None else _project(x, w, bias)
 
 
-def _packed(layer):
+class _Plan(NamedTuple):
+    """A Llama-family layer's parts, looked up once (`_plan`): its projections in `_packed`'s groups, norms
+    and head counts."""
+
+    groups: tuple  # ((q_proj, k_proj, v_proj), (o_proj,), (gate_proj, up_proj), (down_proj,))
+    input_norm: torch.nn.Module
+    post_norm: torch.nn.Module
+    q_norm: torch.nn.Module | None  # Qwen3: RMSNorm per head on q and k, before rotary
+    k_norm: torch.nn.Module | None
+    head_dim: int
+    nq: int  # query heads
+    nk: int  # kv heads
+    layer_idx: int
+    scaling: float
+
+
+_PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> _Plan
+
+
+def _plan(layer) -> _Plan:
+    """`layer`'s `_Plan`, made on first use (an engine binds its model's layers once; their weights may change,
+    which `_cached` checks, but not which modules they are)."""
+    plan = _PLANS.get(layer)
+    if plan is None:
+        attn, mlp = layer.self_attn, layer.mlp
+        d = attn.head_dim
+        groups = ((attn.q_proj, attn.k_proj, attn.v_proj), (attn.o_proj,), (mlp.gate_proj, mlp.up_proj),
+                  (mlp.down_proj,))  # fmt: skip
+        plan = _PLANS[layer] = _Plan(
+            groups, layer.input_layernorm, layer.post_attention_layernorm, getattr(attn, "q_norm", None),
+            getattr(attn, "k_norm", None), d, attn.q_proj.out_features // d, attn.k_proj.out_features // d,
+            attn.layer_idx, attn.scaling,
+        )  # fmt: skip
+    return plan
+
+
+def _packed(layer, plan: _Plan):
     """``(qkv_w, qkv_b, o_w, o_b, gate_up_w, gate_up_b, down_w, down_b)`` of a small Llama layer, or None.
 
     ``qkv_w`` packs cat(q, k, v) and ``gate_up_w`` cat(gate, up) (see `_pack`; biases are
     concatenated, or None), so q/k/v and gate/up each run as one matmul.
     """
-    attn, mlp = layer.self_attn, layer.mlp
-    groups = ((attn.q_proj, attn.k_proj, attn.v_proj), (attn.o_proj,), (mlp.gate_proj, mlp.up_proj), (mlp.down_proj,))
-    params = [t for g in groups for m in g for t in (m.weight, m.bias) if t is not None]
+    groups = [[_weight_bias(m) for m in g] for g in plan.groups]
+    params = [t for g in groups for wb in g for t in wb if t is not None]
 
     def build():
         out = []
         for g in groups:
-            out.append(_pack([m.weight for m in g]))
-            out.append(None if g[0].bias is None else torch.cat([m.bias for m in g]))
+            out.append(_pack([w for w, _ in g]))
+            out.append(None if g[0][1] is None else torch.cat([b for _, b in g]))
         return tuple(out)
 
     return _cached(layer, params, build)
@@ -150,29 +195,30 @@ def _packed(layer):
 
 def _llama_layer(layer, h, cos, sin, mask, cache):
     """One Llama-family decoder layer. h ``[B, Q, D]`` -> ``[B, Q, D]``."""
-    attn, mlp = layer.self_attn, layer.mlp
+    plan = _plan(layer)
     B, Q, _ = h.shape
-    d = attn.head_dim
-    x = _rms_norm(h, layer.input_layernorm)
-    packed = _packed(layer)
-    qk_norm = getattr(attn, "q_norm", None) is not None  # Qwen3: RMSNorm per head on q and k, before rotary
+    d = plan.head_dim
+    x = _rms_norm(h, plan.input_norm)
+    packed = _packed(layer, plan)
+    qk_norm = plan.q_norm is not None
     if packed is not None:
-        nq, nk = attn.q_proj.out_features // d, attn.k_proj.out_features // d
+        nq, nk = plan.nq, plan.nk
         qkv = _project(x, packed[0], packed[1]).view(B, Q, -1, d).transpose(1, 2)  # [B, H + 2 Hk, Q, d]
         if qk_norm:
             q, k, v = qkv.split([nq, nk, nk], dim=1)
-            q, k = _rotate(_rms_norm(q, attn.q_norm), cos, sin), _rotate(_rms_norm(k, attn.k_norm), cos, sin)
+            q, k = _rotate(_rms_norm(q, plan.q_norm), cos, sin), _rotate(_rms_norm(k, plan.k_norm), cos, sin)
         else:
             q, k = _rotate(qkv[:, : nq + nk], cos, sin).split([nq, nk], dim=1)  # [B, H, Q, d], [B, Hk, Q, d]
             v = qkv[:, nq + nk :]  # [B, Hk, Q, d]
     else:
-        q = F.linear(x, attn.q_proj.weight, attn.q_proj.bias).view(B, Q, -1, d).transpose(1, 2)  # [B, H, Q, d]
-        k = F.linear(x, attn.k_proj.weight, attn.k_proj.bias).view(B, Q, -1, d).transpose(1, 2)  # [B, Hk, Q, d]
-        v = F.linear(x, attn.v_proj.weight, attn.v_proj.bias).view(B, Q, -1, d).transpose(1, 2)  # [B, Hk, Q, d]
+        (q_proj, k_proj, v_proj), (o_proj,), (gate_proj, up_proj), (down_proj,) = plan.groups
+        q = F.linear(x, q_proj.weight, q_proj.bias).view(B, Q, -1, d).transpose(1, 2)  # [B, H, Q, d]
+        k = F.linear(x, k_proj.weight, k_proj.bias).view(B, Q, -1, d).transpose(1, 2)  # [B, Hk, Q, d]
+        v = F.linear(x, v_proj.weight, v_proj.bias).view(B, Q, -1, d).transpose(1, 2)  # [B, Hk, Q, d]
         if qk_norm:
-            q, k = _rms_norm(q, attn.q_norm), _rms_norm(k, attn.k_norm)
+            q, k = _rms_norm(q, plan.q_norm), _rms_norm(k, plan.k_norm)
         q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-    k, v = cache.update(k, v, attn.layer_idx)  # [B, Hk, V, d]
+    k, v = cache.update(k, v, plan.layer_idx)  # [B, Hk, V, d]
     gqa = {}
     if k.shape[1] != q.shape[1]:  # GQA: SDPA maps query heads to kv heads itself; older torch: repeat kv heads
         if _SDPA_GQA:
@@ -180,16 +226,16 @@ def _llama_layer(layer, h, cos, sin, mask, cache):
         else:
             rep = q.shape[1] // k.shape[1]
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # [B, H, V, d]
-    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling, **gqa)  # [B, H, Q, d]
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=plan.scaling, **gqa)  # [B, H, Q, d]
     o = o.transpose(1, 2).reshape(B, Q, -1)
     if packed is None:
-        h = h + F.linear(o, attn.o_proj.weight, attn.o_proj.bias)
-        x = _rms_norm(h, layer.post_attention_layernorm)
-        up = F.linear(x, mlp.up_proj.weight, mlp.up_proj.bias)
-        gate = F.linear(x, mlp.gate_proj.weight, mlp.gate_proj.bias)
-        return h + F.linear(F.silu(gate) * up, mlp.down_proj.weight, mlp.down_proj.bias)
+        h = h + F.linear(o, o_proj.weight, o_proj.bias)
+        x = _rms_norm(h, plan.post_norm)
+        up = F.linear(x, up_proj.weight, up_proj.bias)
+        gate = F.linear(x, gate_proj.weight, gate_proj.bias)
+        return h + F.linear(F.silu(gate) * up, down_proj.weight, down_proj.bias)
     h = h + _project(o, packed[2], packed[3])
-    gate, up = _project(_rms_norm(h, layer.post_attention_layernorm), packed[4], packed[5]).chunk(2, dim=-1)
+    gate, up = _project(_rms_norm(h, plan.post_norm), packed[4], packed[5]).chunk(2, dim=-1)
     return h + _project(F.silu(gate) * up, packed[6], packed[7])
 
 
@@ -197,7 +243,7 @@ def run_layer(layer, h, position_ids, pos_emb, mask, cache, fast: bool):
     """One decoder layer over the cache. h ``[B, Q, D]``, pos_emb ``(cos, sin)`` each ``[B, Q, d]``."""
     if fast:
         cos, sin = pos_emb
-        return _llama_layer(layer, h, cos[:, None], sin[:, None], mask, cache)
+        return _llama_layer(layer, h, cos.unsqueeze(1), sin.unsqueeze(1), mask, cache)
     return layer(h, attention_mask=mask, position_ids=position_ids, cache=cache, use_cache=True,
                  position_embeddings=pos_emb)  # fmt: skip
 

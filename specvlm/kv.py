@@ -161,32 +161,37 @@ class SlotKVCache(Cache):
         Returns:
             ``[B, 1, Q, V]`` additive float mask over the cache view of V slots.
         """
-        B = self.lengths.shape[0]
+        # every draft tree level calls this for a handful of tokens: written as few tensor ops as it can be
+        a, b = self._win
+        lengths = self._lengths[a:b].unsqueeze(1)  # [B, 1]
+        B = b - a
         P = offset + q
         assert tree_mask.shape == (B, q, P), (tree_mask.shape, (B, q, P))
-        pending = self.lengths[:, None] + self._arange[:P]  # [B, P] slots of this round's writes
-        self._slots = pending[:, offset:]  # [B, Q]
-        view = max(self.host_lengths, default=0) + P
+        pending = lengths + self._arange[:P]  # [B, P] slots of this round's writes
+        self._slots = pending.narrow(1, offset, q)  # [B, Q]
+        view = max(self._host[a:b], default=0) + P
         if view > self.max_len:
             raise RuntimeError(f"KV cache overflow: need {view} slots, have {self.max_len}")
         self._view_len = view
-        prefix = self.valid[:, None, :view] & (self._arange[:view] < self.lengths[:, None, None])  # [B, 1, V]
-        visible = prefix.expand(B, q, view).clone()  # [B, Q, V]; pending columns are False here
-        visible.scatter_(2, pending[:, None, :].expand(B, q, P), tree_mask)
-        return (~visible[:, None]).to(self.keys.dtype) * torch.finfo(self.keys.dtype).min  # [B, 1, Q, V]
+        prefix = (self._arange[:view] < lengths).logical_and_(self._valid[a:b, :view])  # [B, V]
+        visible = prefix.unsqueeze(1).expand(B, q, view).clone()  # [B, Q, V]; pending columns are False here
+        visible.scatter_(2, pending.unsqueeze(1).expand(B, q, P), tree_mask)
+        return visible.logical_not_().unsqueeze(1).to(self.keys.dtype).mul_(torch.finfo(self.keys.dtype).min)
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         """HF hook: write ``[B, H, Q, D]`` at the pending slots, return the ``[B, H, V, D]`` view."""
         layer = layer_idx - self.layer_offset
         B, H, Q, D = key_states.shape
         assert self._slots is not None and self._slots.shape == (B, Q), "call begin() before a forward"
-        idx = self._slots[:, None, :, None].expand(B, H, Q, D)
+        idx = self._slots.view(B, 1, Q, 1).expand(B, H, Q, D)
         a, b = self._win
         keys, values = self.keys[layer, a:b], self.values[layer, a:b]  # [W, H, S, D] views
-        keys.scatter_(2, idx, key_states.to(keys.dtype))
-        values.scatter_(2, idx, value_states.to(values.dtype))
+        if key_states.dtype != keys.dtype:
+            key_states, value_states = key_states.to(keys.dtype), value_states.to(keys.dtype)
+        keys.scatter_(2, idx, key_states)
+        values.scatter_(2, idx, value_states)
         v = self._view_len
-        return keys[:, :, :v], values[:, :, :v]
+        return keys.narrow(2, 0, v), values.narrow(2, 0, v)
 
     # ----------------------------------------------------------------- commit
     def _count(self, n: torch.Tensor | int, n_host: list[int] | None) -> None:
