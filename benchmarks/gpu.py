@@ -1,8 +1,9 @@
-"""GPU engine benchmark: a random-init LLaVA-1.5-7B-shaped target in bf16, HF generate vs the engine's `ar`
-loop, and the cost of verifying a tree relative to one decode step.
+"""GPU engine benchmark: a random-init Qwen2.5-VL-7B-shaped target in bf16 (or LLaVA-1.5-7B-shaped), HF generate
+vs the engine's `ar` loop, the cost of verifying a tree and of a draft step relative to one decode step, and the
+speedup those imply.
 
-Run on the device machine (one H200), from the repository root, as ONE command (~2-4 minutes with the
-model build; ``--time-limit`` skips what is left after 450 s, so it ends well inside 8 minutes):
+Run on the device machine (one H200), from the repository root, as ONE command (a few minutes with the
+model build; ``--time-limit`` skips the sections left after 450 s, so it ends well inside 8 minutes):
 
     PYTHONUNBUFFERED=1 PYTHONPATH=. python3 -m benchmarks.gpu --out $OUT
 
@@ -11,13 +12,24 @@ downloaded: the model is built in code. CPU smoke test: ``python -m benchmarks.g
 
 What it measures (written to ``gpu.md`` / ``gpu.json`` in ``--out``, after each section):
 
+``--family qwen2_5_vl`` (the default): Qwen2.5-VL-7B's shape (28-layer 3584-wide decoder with GQA and M-RoPE,
+32-block windowed vision tower); each prompt holds one 672 x 672 image (576 visual tokens). ``--family llava``:
+LLaVA-1.5-7B's (Llama-2-7B decoder, CLIP ViT-L/14-336 tower: 576 image tokens).
+
 1. Verify cost (``kind: verify``): one target forward (embeddings, decoder over the KV cache, LM head)
    over Q = 1, 16, 60 new tokens under a tree mask (a binary tree in heap order; the mask's shape does
    not change the work) after a ~600-token prompt (576 image tokens), at batch 1 and 16, through
    `TargetAdapter` + `SlotKVCache` as the engine's prefill and tree verify run; the cache length is
    restored after every repeat. ``relative`` = time / time at Q = 1 (one decode step): T_target(tree) /
    T_target(1) in DESIGN.md's cost model.
-2. Generation (``kind: generate``): tokens/s of HF ``generate`` and of the engine's ``ar`` loop
+2. Draft cost (``kind: draft``): a random-init `EagleDraft.from_target` (one decoder layer of the target's
+   family, its embedding and LM head) proposes a 16-node (top-k 4, depth 5) and a 60-node (the paper's
+   top-k 10, depth 7) tree after the same prompts, through the engine's drafter (`SpecVLMEngine`, nothing
+   committed); ``step_ms`` = propose time / its draft forwards, ``relative`` = step_ms / T_target(1).
+   ``kind: implied`` then gives the speedup over one decode step those costs imply at accept length 4
+   and 5: accept * T_target(1) / (depth * step_ms + T_target(tree)) (a round's draft forwards, the
+   catch-up included, and its verify), and over HF ``generate`` (times the ``ar`` loop's speedup).
+3. Generation (``kind: generate``): tokens/s of HF ``generate`` and of the engine's ``ar`` loop
    (`SpecVLMEngine.generate`), greedy, EOS disabled (every row runs ``--max-new-tokens``), same inputs,
    at batch 1 and 16, median of ``--repeats`` runs after a warm-up. ``rows_identical`` is the fraction
    of rows whose tokens equal HF's and ``prefix_match`` the mean fraction before the first difference:
@@ -42,14 +54,32 @@ except ImportError:
              "annotated-types, typing-inspection) and put them on PYTHONPATH")  # fmt: skip
 
 from benchmarks.report import RESULTS, to_markdown, write_results  # noqa: E402
-from specvlm import EngineConfig, SpecVLMEngine  # noqa: E402
+from specvlm import EngineConfig, SpecVLMEngine, TreeConfig  # noqa: E402
+from specvlm.draft import EagleDraft  # noqa: E402
 from specvlm.inputs import left_pad  # noqa: E402
 from specvlm.target import TargetAdapter  # noqa: E402
-from specvlm.tiny import BOS, IMAGE, PAD, num_image_tokens  # noqa: E402
+from specvlm.tiny import (  # noqa: E402
+    BOS,
+    EOS,
+    IMAGE,
+    PAD,
+    VIDEO,
+    VISION_END,
+    VISION_START,
+    num_image_tokens,
+    tiny_qwen,
+    tiny_qwen_inputs,
+)
 
 GEN_COLS = ["method", "batch", "prompt_tokens", "new_tokens", "tokens_per_s", "speedup", "prefill_ms",
             "ms_per_step", "rows_identical", "prefix_match"]  # fmt: skip
 VERIFY_COLS = ["batch", "nodes", "prompt_tokens", "ms", "ms_min", "relative"]
+DRAFT_COLS = ["batch", "tree", "nodes", "depth", "propose_ms", "step_ms", "relative"]
+IMPLIED_COLS = ["batch", "tree", "accept_length", "round_ms", "speedup_vs_step", "speedup_vs_hf"]
+# the trees whose draft cost is measured: (name, config); their node counts are verified in section 1
+DRAFT_TREES = [("k4-n16-d5", TreeConfig(top_k=4, total_tokens=16, depth=5)), ("paper k10-n60-d7", TreeConfig())]
+FIRST_TEXT = max(IMAGE, VIDEO, VISION_START, VISION_END) + 1  # random prompt text stays clear of special ids
+TARGETS = {"qwen2_5_vl": "Qwen2.5-VL-7B-shaped Qwen2.5-VL", "llava": "LLaVA-1.5-7B-shaped LLaVA"}
 T0 = time.perf_counter()
 
 
@@ -57,7 +87,7 @@ def log(msg: str) -> None:
     print(f"[{time.perf_counter() - T0:7.1f}s] {msg}", flush=True)
 
 
-def target_config(tiny: bool):
+def llava_config(tiny: bool):
     """LLaVA-1.5-7B's shape (Llama-2-7B decoder, CLIP ViT-L/14-336 tower: 576 image tokens), or a tiny one."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
@@ -79,16 +109,42 @@ def target_config(tiny: bool):
                        vision_feature_select_strategy="default", projector_hidden_act="gelu")  # fmt: skip
 
 
-def build_target(tiny: bool, device: torch.device, dtype: torch.dtype, seed: int = 0):
-    """Random init directly on ``device`` in ``dtype`` (7B parameters: seconds on a GPU, no CPU copy).
+def qwen_config():
+    """Qwen2.5-VL-7B's shape: a 28-layer 3584-wide decoder (28 query / 4 kv heads, M-RoPE sections 16/24/24,
+    rope theta 1e6) and a 32-block 1280-wide vision tower (14-pixel patches merged 2 x 2, 112-pixel attention
+    windows, full attention in blocks 7, 15, 23, 31), with `specvlm.tiny`'s special token ids."""
+    from transformers import AutoConfig
+
+    text = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                num_key_value_heads=4, vocab_size=152064, max_position_embeddings=32768, rms_norm_eps=1e-6,
+                rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
+                pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS)  # fmt: skip
+    vision = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
+                  patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112, in_channels=3,
+                  fullatt_block_indexes=[7, 15, 23, 31], tokens_per_second=2, hidden_act="silu")  # fmt: skip
+    return AutoConfig.for_model(
+        "qwen2_5_vl", text_config=text, vision_config=vision, image_token_id=IMAGE, video_token_id=VIDEO,
+        vision_start_token_id=VISION_START, vision_end_token_id=VISION_END, tie_word_embeddings=False,
+    )  # fmt: skip
+
+
+def build_target(family: str, tiny: bool, device: torch.device, dtype: torch.dtype, seed: int = 0):
+    """Random init directly on ``device`` in ``dtype`` (7-8B parameters: seconds on a GPU, no CPU copy); a tiny
+    Qwen2.5-VL is `specvlm.tiny.tiny_qwen`'s.
 
     EOS is disabled so every run is full length.
     """
-    from transformers import LlavaForConditionalGeneration
+    from transformers import LlavaForConditionalGeneration, Qwen2_5_VLForConditionalGeneration
 
     torch.manual_seed(seed)
-    with torch.device(device):
-        model = LlavaForConditionalGeneration._from_config(target_config(tiny), dtype=dtype)
+    if family == "qwen2_5_vl" and tiny:
+        model = tiny_qwen("qwen2_5_vl", dtype=dtype).to(device)
+    else:
+        with torch.device(device):
+            if family == "qwen2_5_vl":
+                model = Qwen2_5_VLForConditionalGeneration._from_config(qwen_config(), dtype=dtype)
+            else:
+                model = LlavaForConditionalGeneration._from_config(llava_config(tiny), dtype=dtype)
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = PAD
     model.generation_config.bos_token_id = BOS
@@ -98,15 +154,22 @@ def build_target(tiny: bool, device: torch.device, dtype: torch.dtype, seed: int
 
 
 def bench_inputs(model, batch: int, text_base: int, seed: int) -> dict:
-    """Left-padded ``[bos, <image> * 576, text...]`` prompts (text ``text_base`` + 0..9 tokens), random pixels,
-    on the model's device."""
+    """Left-padded prompts of one image each (text ``text_base`` + 0..9 tokens), random pixels, on the model's
+    device: LLaVA ``[bos, <image> * 576, text...]``; Qwen-VL one 672 x 672 image (576 merged patches; a 16 x 16
+    one on a tiny model) as `specvlm.tiny.tiny_qwen_inputs` lays it out."""
     g = torch.Generator().manual_seed(seed)
     p = next(model.parameters())
     vc, vocab = model.config.vision_config, model.config.text_config.vocab_size
+    if model.config.model_type == "qwen2_5_vl":
+        side = 672 if vc.patch_size == 14 else 4 * vc.patch_size
+        rows = [(("image", side, side), text_base + 3 * (b % 4)) for b in range(batch)]
+        inputs = tiny_qwen_inputs(model, rows, seed=seed)
+        return {k: v.to(device=p.device, dtype=p.dtype if v.is_floating_point() else v.dtype)
+                for k, v in inputs.items()}  # fmt: skip
     pv = torch.randn(batch, 3, vc.image_size, vc.image_size, generator=g).to(device=p.device, dtype=p.dtype)
     rows = []
     for b, n in enumerate(num_image_tokens(model, pv)):
-        text = torch.randint(IMAGE + 1, vocab, (text_base + 3 * (b % 4),), generator=g).tolist()
+        text = torch.randint(FIRST_TEXT, vocab, (text_base + 3 * (b % 4),), generator=g).tolist()
         rows.append([BOS] + [IMAGE] * n + text)
     return {**{k: v.to(p.device) for k, v in left_pad(rows, PAD).items()}, "pixel_values": pv}
 
@@ -150,7 +213,7 @@ def verify_cost(model, inputs: dict, nodes: list[int], repeats: int, device: tor
     tgt = TargetAdapter(model)
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     B, T = ids.shape
-    prompt = tgt.prompt(ids, mask, inputs["pixel_values"])
+    prompt = tgt.prompt(ids, mask, **{k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")})
     kv = tgt.new_cache(B, T + max(nodes) + 1)
     kv.valid[:, :T] = mask.bool()
     causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()[None] & mask.bool()[:, None, :]  # [B, T, T]
@@ -164,7 +227,7 @@ def verify_cost(model, inputs: dict, nodes: list[int], repeats: int, device: tor
     rows, base = [], None
     for q in nodes:
         anc, depth = tree_mask(q, device)  # [Q, Q], [Q]
-        tokens = torch.randint(IMAGE + 1, tgt.text_config.vocab_size, (B, q), generator=g).to(device)  # [B, Q]
+        tokens = torch.randint(FIRST_TEXT, tgt.text_config.vocab_size, (B, q), generator=g).to(device)  # [B, Q]
         tokens[:, 0] = root
         positions = pos[:, None] + depth  # [B, Q]
         visible = anc.expand(B, q, q)  # [B, Q, Q]
@@ -183,6 +246,52 @@ def verify_cost(model, inputs: dict, nodes: list[int], repeats: int, device: tor
     return rows
 
 
+def draft_cost(model, draft, inputs: dict, step_ms: float, repeats: int, device: torch.device) -> list[dict]:
+    """A random-init ``draft`` of the target's family (`EagleDraft.from_target`) proposes each of `DRAFT_TREES`
+    after the prompts, through the engine (prefill and one round by `SpecVLMEngine.step`, then
+    `Drafter.propose`, which commits nothing); ``step_ms``: one decode step (verify at Q = 1) at this batch."""
+    B = inputs["input_ids"].shape[0]
+    rows = []
+    for name, tree in DRAFT_TREES:
+        engine = SpecVLMEngine(model, draft, EngineConfig(mode="eagle", tree=tree))
+        engine.add(**inputs)
+        engine.step()  # the prompts' prefill (target and draft) and a first round: the draft's state is a round's
+
+        def propose(engine=engine, tree=tree):
+            return engine.drafter.propose(engine._root, engine._pos, tree)
+
+        with torch.inference_mode():
+            times, out = _timed(propose, repeats, device, warmup=3)
+        ms = statistics.median(times) * 1e3
+        step = ms / max(out.levels - 1, 1)  # the tree's draft forwards (its first level reads the last round's)
+        rows.append(dict(kind="draft", batch=B, tree=name, nodes=tree.total_tokens, depth=tree.depth, propose_ms=ms,
+                         step_ms=step, relative=step / step_ms))  # fmt: skip
+        log(f"draft batch {B}, {name}: propose {ms:7.2f} ms, {step:.2f} ms per draft step ({step / step_ms:.2f}x "
+            "a decode step)")  # fmt: skip
+        del engine
+    return rows
+
+
+def implied(rows: list[dict], accepts=(4.0, 5.0)) -> list[dict]:
+    """Speedups the measured costs imply (`draft_cost`): per batch and draft tree, a round costs ``depth`` draft
+    steps (the tree's and the catch-up) and one verify of the tree's nodes; it emits ``accept`` tokens where a
+    decode step emits one. Over HF ``generate``: times the ``ar`` loop's own speedup at that batch."""
+    verify = {(r["batch"], r["nodes"]): r["ms"] for r in rows if r["kind"] == "verify"}
+    base = {r["batch"]: r["ms"] for r in rows if r["kind"] == "verify" and r["relative"] == 1.0}
+    ar = {r["batch"]: r["speedup"] for r in rows if r["kind"] == "generate" and r["method"] == "ar"}
+    out = []
+    for d in (r for r in rows if r["kind"] == "draft"):
+        B, tv = d["batch"], verify.get((d["batch"], d["nodes"]))
+        if tv is None or B not in base:
+            continue
+        round_ms = d["depth"] * d["step_ms"] + tv
+        for a in accepts:
+            vs_step = a * base[B] / round_ms
+            out.append(dict(kind="implied", batch=B, tree=d["tree"], accept_length=a, round_ms=round_ms,
+                            speedup_vs_step=vs_step, speedup_vs_hf=vs_step * ar[B] if B in ar else None))  # fmt: skip
+    return out
+
+
 def _agreement(ours: list[list[int]], ref: list[list[int]]) -> tuple[float, float]:
     """Fraction of rows identical, and mean fraction of each row before its first difference."""
     prefix = []
@@ -197,9 +306,12 @@ def generation(model, inputs: dict, max_new_tokens: int, repeats: int, device: t
     B, T = inputs["input_ids"].shape
     tokens = B * max_new_tokens
 
+    cfg = model.config
+    placeholders = [t for t in (cfg.image_token_id, getattr(cfg, "video_token_id", None)) if t is not None]
+
     def hf():
-        return model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, suppress_tokens=[IMAGE],
-                              pad_token_id=PAD)  # fmt: skip
+        return model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                              suppress_tokens=placeholders, pad_token_id=PAD)  # fmt: skip
 
     times, out = _timed(hf, repeats, device)
     hf_s = statistics.median(times)
@@ -234,10 +346,17 @@ def report(meta: dict, rows: list[dict]) -> str:
     )
     ver = [r for r in rows if r["kind"] == "verify"]
     gen = [r for r in rows if r["kind"] == "generate"]
+    drafts = [r for r in rows if r["kind"] == "draft"]
     parts = [head]
     if ver:
         parts.append("### Verify cost: one target forward over Q tree nodes after the prompt, relative to Q = 1\n\n"
                      + to_markdown(ver, VERIFY_COLS))  # fmt: skip
+    if drafts:
+        parts.append("### Draft cost: a random-init draft of the target's family proposing a tree; step_ms per "
+                     "draft forward, relative to one decode step (Q = 1)\n\n"
+                     + to_markdown(drafts, DRAFT_COLS))  # fmt: skip
+        parts.append("### Implied speedup: accept * T(Q=1) / (depth * step_ms + T(Q=nodes)); vs HF = that * the "
+                     "ar loop's speedup\n\n" + to_markdown(implied(rows), IMPLIED_COLS))  # fmt: skip
     if gen:
         parts.append(f"### Generation: HF generate vs the engine's ar loop, greedy, EOS off, median of "
                      f"{meta['repeats']} runs\n\n" + to_markdown(gen, GEN_COLS))  # fmt: skip
@@ -246,7 +365,8 @@ def report(meta: dict, rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.gpu", description=__doc__.splitlines()[0])
-    ap.add_argument("--tiny", action="store_true", help="a tiny LLaVA on the CPU (smoke test)")
+    ap.add_argument("--tiny", action="store_true", help="a tiny model on the CPU (smoke test)")
+    ap.add_argument("--family", default="qwen2_5_vl", choices=sorted(TARGETS), help="the target's shape")
     ap.add_argument("--device", default=None, help="default: cuda (cpu with --tiny)")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--batch-sizes", default="1,16", help="comma-separated (default 1,16)")
@@ -269,14 +389,15 @@ def main(argv: list[str] | None = None) -> None:
     ver_repeats = args.repeats or (2 if args.tiny else 20)
     text_base = 4 if args.tiny else 24  # ~600-token prompts with 576 image tokens
 
-    log(f"building {'a tiny' if args.tiny else 'a LLaVA-1.5-7B-shaped'} target on {device} in {args.dtype}")
+    target = f"tiny {args.family}" if args.tiny else TARGETS[args.family]
+    log(f"building a {target} target on {device} in {args.dtype}")
     t = time.perf_counter()
-    model = build_target(args.tiny, device, dtype)
+    model = build_target(args.family, args.tiny, device, dtype)
     _sync(device)
     import transformers
 
     meta = dict(
-        kind="meta", target="tiny LLaVA" if args.tiny else "LLaVA-1.5-7B-shaped LLaVA", dtype=args.dtype,
+        kind="meta", target=target, dtype=args.dtype,
         params_b=sum(p.numel() for p in model.parameters()) / 1e9, build_s=time.perf_counter() - t,
         device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
         torch=torch.__version__, transformers=transformers.__version__, repeats=gen_repeats,
@@ -289,9 +410,10 @@ def main(argv: list[str] | None = None) -> None:
         if device.type == "cuda":
             meta["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         meta["total_s"] = time.perf_counter() - T0
-        write_results(args.out, "gpu", report(meta, rows), [meta, *rows])
+        write_results(args.out, "gpu", report(meta, rows), [meta, *rows, *implied(rows)])
 
-    sections = [("verify", B) for B in batches] + [("generate", B) for B in batches]
+    sections = [(kind, B) for kind in ("verify", "draft", "generate") for B in batches]
+    draft = None
     for section, B in sections:
         name = f"{section} batch {B}"
         if time.perf_counter() - T0 > args.time_limit:
@@ -302,6 +424,15 @@ def main(argv: list[str] | None = None) -> None:
         inputs = bench_inputs(model, B, text_base, seed=B)
         if section == "verify":
             rows += verify_cost(model, inputs, nodes, ver_repeats, device)
+        elif section == "draft":
+            base = next((r["ms"] for r in rows if r["kind"] == "verify" and r["batch"] == B and r["relative"] == 1.0),
+                        None)  # fmt: skip
+            if base is None:
+                log(f"skipping {name}: no decode-step time at batch {B}")
+                meta["skipped"].append(name)
+                continue
+            draft = draft or EagleDraft.from_target(model, seed=0)  # built once, outside inference mode
+            rows += draft_cost(model, draft, inputs, base, ver_repeats, device)
         else:
             rows += generation(model, inputs, max_new, gen_repeats, device)
         if device.type == "cuda":

@@ -97,7 +97,10 @@ def _cached(owner, params: list[torch.Tensor], build):
     The entry is rebuilt when any source tensor changes: an optimizer step or ``load_state_dict``
     bumps its version, so a draft evaluated between training steps never reads stale weights.
     """
-    key = (FUSE_MAX_BYTES, *((t.data_ptr(), t._version) for t in params))
+    try:
+        key = (FUSE_MAX_BYTES, *((t.data_ptr(), t._version) for t in params))
+    except RuntimeError:  # weights made under inference mode keep no version: only a new tensor shows
+        key = (FUSE_MAX_BYTES, *(t.data_ptr() for t in params))
     hit = _PACKED.get(owner)
     if hit is not None and hit[0] == key:  # the decode loop's case: sizes were checked when the entry was made
         return hit[1]
