@@ -44,6 +44,17 @@ def test_greedy_matches_hf_generate(variant, mode, lengths):
             assert st["accept_length"] == 1.0 and st["target_forwards"] == len(seq)
 
 
+def test_a_model_and_draft_made_under_inference_mode_decode():
+    """Weights made under ``torch.inference_mode`` keep no version counter; the decoder's packed-weight cache
+    (`specvlm.decoder._cached`) then keys them by storage alone rather than failing."""
+    with torch.inference_mode():
+        model = tiny_llava(dtype=torch.float64, kv_heads=2)
+        draft = EagleDraft.from_target(model, seed=0)
+    inputs = tiny_inputs(model, [6, 3], seed=7)
+    out = _engine(model, "eagle", draft=draft).generate(**inputs, max_new_tokens=12)
+    assert out.sequences == greedy_reference(model, inputs, 12)
+
+
 @pytest.fixture(scope="module")
 def trained64(trained_pair):
     model, draft = trained_pair
