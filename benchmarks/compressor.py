@@ -32,6 +32,7 @@ from specvlm.config import CompressorConfig, PrimitiveConfig
 from specvlm.demo import load_demo
 from specvlm.demo.recipe import DEMO_FAMILIES, DemoRecipe, distill_demo_draft, draft_data, examples
 from specvlm.distill import encode_samples
+from specvlm.target import TargetAdapter
 
 TREE = TREES[FIXED_TREE]  # a fixed tree: both drafts verify the same number of nodes per round
 PRIMITIVES = [
@@ -49,11 +50,10 @@ MIX = dict(p_video=0.25, p_qa=0.35)
 def _inputs(demo, n: int, seed: int, **mix) -> tuple[list, float]:
     """``n`` held-out batch-1 inputs (videos as video input where the target takes them) and their mean
     visual tokens (image and video placeholders: a Qwen video has more than an image)."""
-    cfg = demo.target.config
-    native = getattr(cfg, "video_token_id", None) is not None
+    tgt = TargetAdapter(demo.target)
+    native = tgt.video_token_id is not None
     inputs = [encode_samples(demo.processor, [s]) for s in examples(seed=seed, n=n, native_video=native, **mix)]
-    ids = [t for t in (cfg.image_token_id, getattr(cfg, "video_token_id", None)) if t is not None]
-    return inputs, sum(int(torch.isin(x["input_ids"], torch.tensor(ids)).sum()) for x in inputs) / n
+    return inputs, sum(int(tgt.is_visual(x["input_ids"]).sum()) for x in inputs) / n
 
 
 def _rows(results: dict, hf, visual: float) -> list[dict]:

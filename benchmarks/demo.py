@@ -33,6 +33,7 @@ from specvlm.demo import load_demo
 from specvlm.demo.recipe import DEMO_FAMILIES, DemoRecipe, distill_demo_draft, examples
 from specvlm.distill import encode_samples, evaluate_accept_length
 from specvlm.engine import pooled_accept_length
+from specvlm.target import TargetAdapter
 
 ROOT = Path(__file__).resolve().parent.parent
 TREES = {
@@ -65,7 +66,7 @@ KINDS = {
 def hf_generate(model, max_new_tokens: int, **kw):
     """The target's own HF ``generate`` (greedy, image and video placeholders suppressed; ``kw``: more
     generate options, e.g. ``prompt_lookup_num_tokens``) as a method for `measure`."""
-    placeholders = [t for t in (model.config.image_token_id, getattr(model.config, "video_token_id", None)) if t]
+    placeholders = TargetAdapter(model).placeholder_ids.tolist()
     eos = model.generation_config.eos_token_id
 
     def run(enc):

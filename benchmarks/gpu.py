@@ -61,6 +61,7 @@ from specvlm.target import TargetAdapter  # noqa: E402
 from specvlm.tiny import (  # noqa: E402
     BOS,
     EOS,
+    FIRST_TEXT,
     IMAGE,
     PAD,
     VIDEO,
@@ -78,7 +79,6 @@ DRAFT_COLS = ["batch", "tree", "nodes", "depth", "propose_ms", "step_ms", "relat
 IMPLIED_COLS = ["batch", "tree", "accept_length", "round_ms", "speedup_vs_step", "speedup_vs_hf"]
 # the trees whose draft cost is measured: (name, config); their node counts are verified in section 1
 DRAFT_TREES = [("k4-n16-d5", TreeConfig(top_k=4, total_tokens=16, depth=5)), ("paper k10-n60-d7", TreeConfig())]
-FIRST_TEXT = max(IMAGE, VIDEO, VISION_START, VISION_END) + 1  # random prompt text stays clear of special ids
 TARGETS = {"qwen2_5_vl": "Qwen2.5-VL-7B-shaped Qwen2.5-VL", "llava": "LLaVA-1.5-7B-shaped LLaVA"}
 T0 = time.perf_counter()
 
@@ -157,7 +157,6 @@ def bench_inputs(model, batch: int, text_base: int, seed: int) -> dict:
     """Left-padded prompts of one image each (text ``text_base`` + 0..9 tokens), random pixels, on the model's
     device: LLaVA ``[bos, <image> * 576, text...]``; Qwen-VL one 672 x 672 image (576 merged patches; a 16 x 16
     one on a tiny model) as `specvlm.tiny.tiny_qwen_inputs` lays it out."""
-    g = torch.Generator().manual_seed(seed)
     p = next(model.parameters())
     vc, vocab = model.config.vision_config, model.config.text_config.vocab_size
     if model.config.model_type == "qwen2_5_vl":
@@ -166,6 +165,7 @@ def bench_inputs(model, batch: int, text_base: int, seed: int) -> dict:
         inputs = tiny_qwen_inputs(model, rows, seed=seed)
         return {k: v.to(device=p.device, dtype=p.dtype if v.is_floating_point() else v.dtype)
                 for k, v in inputs.items()}  # fmt: skip
+    g = torch.Generator().manual_seed(seed)
     pv = torch.randn(batch, 3, vc.image_size, vc.image_size, generator=g).to(device=p.device, dtype=p.dtype)
     rows = []
     for b, n in enumerate(num_image_tokens(model, pv)):
@@ -272,12 +272,17 @@ def draft_cost(model, draft, inputs: dict, step_ms: float, repeats: int, device:
     return rows
 
 
+def decode_step_ms(rows: list[dict]) -> dict[int, float]:
+    """Per batch size, the verify section's one-token forward (``relative`` 1: one decode step), in ms."""
+    return {r["batch"]: r["ms"] for r in rows if r["kind"] == "verify" and r["relative"] == 1.0}
+
+
 def implied(rows: list[dict], accepts=(4.0, 5.0)) -> list[dict]:
     """Speedups the measured costs imply (`draft_cost`): per batch and draft tree, a round costs ``depth`` draft
     steps (the tree's and the catch-up) and one verify of the tree's nodes; it emits ``accept`` tokens where a
     decode step emits one. Over HF ``generate``: times the ``ar`` loop's own speedup at that batch."""
     verify = {(r["batch"], r["nodes"]): r["ms"] for r in rows if r["kind"] == "verify"}
-    base = {r["batch"]: r["ms"] for r in rows if r["kind"] == "verify" and r["relative"] == 1.0}
+    base = decode_step_ms(rows)
     ar = {r["batch"]: r["speedup"] for r in rows if r["kind"] == "generate" and r["method"] == "ar"}
     out = []
     for d in (r for r in rows if r["kind"] == "draft"):
@@ -306,8 +311,7 @@ def generation(model, inputs: dict, max_new_tokens: int, repeats: int, device: t
     B, T = inputs["input_ids"].shape
     tokens = B * max_new_tokens
 
-    cfg = model.config
-    placeholders = [t for t in (cfg.image_token_id, getattr(cfg, "video_token_id", None)) if t is not None]
+    placeholders = TargetAdapter(model).placeholder_ids.tolist()
 
     def hf():
         return model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
@@ -425,13 +429,13 @@ def main(argv: list[str] | None = None) -> None:
         if section == "verify":
             rows += verify_cost(model, inputs, nodes, ver_repeats, device)
         elif section == "draft":
-            base = next((r["ms"] for r in rows if r["kind"] == "verify" and r["batch"] == B and r["relative"] == 1.0),
-                        None)  # fmt: skip
+            base = decode_step_ms(rows).get(B)
             if base is None:
                 log(f"skipping {name}: no decode-step time at batch {B}")
                 meta["skipped"].append(name)
                 continue
-            draft = draft or EagleDraft.from_target(model, seed=0)  # built once, outside inference mode
+            if draft is None:  # built once, outside inference mode
+                draft = EagleDraft.from_target(model, seed=0)
             rows += draft_cost(model, draft, inputs, base, ver_repeats, device)
         else:
             rows += generation(model, inputs, max_new, gen_repeats, device)

@@ -161,21 +161,21 @@ class SlotKVCache(Cache):
         Returns:
             ``[B, 1, Q, V]`` additive float mask over the cache view of V slots.
         """
-        # every draft tree level calls this for a handful of tokens: written as few tensor ops as it can be
-        a, b = self._win
-        lengths = self._lengths[a:b].unsqueeze(1)  # [B, 1]
-        B = b - a
+        # every draft tree level calls this for a handful of tokens: written in few tensor ops
+        lengths = self.lengths.unsqueeze(1)  # [B, 1]
+        B = lengths.shape[0]
         P = offset + q
         assert tree_mask.shape == (B, q, P), (tree_mask.shape, (B, q, P))
         pending = lengths + self._arange[:P]  # [B, P] slots of this round's writes
         self._slots = pending.narrow(1, offset, q)  # [B, Q]
-        view = max(self._host[a:b], default=0) + P
+        view = max(self.host_lengths, default=0) + P
         if view > self.max_len:
             raise RuntimeError(f"KV cache overflow: need {view} slots, have {self.max_len}")
         self._view_len = view
-        prefix = (self._arange[:view] < lengths).logical_and_(self._valid[a:b, :view])  # [B, V]
+        prefix = (self._arange[:view] < lengths).logical_and_(self.valid[:, :view])  # [B, V]
         visible = prefix.unsqueeze(1).expand(B, q, view).clone()  # [B, Q, V]; pending columns are False here
         visible.scatter_(2, pending.unsqueeze(1).expand(B, q, P), tree_mask)
+        # [B, 1, Q, V]: 0 where visible, the dtype's min elsewhere
         return visible.logical_not_().unsqueeze(1).to(self.keys.dtype).mul_(torch.finfo(self.keys.dtype).min)
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):

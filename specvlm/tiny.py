@@ -24,6 +24,7 @@ from .inputs import left_pad
 
 PAD, BOS, EOS, IMAGE = 0, 1, 2, 3
 VIDEO, VISION_START, VISION_END = 4, 5, 6  # Qwen-VL only
+FIRST_TEXT = VISION_END + 1  # the first id with no special meaning in either family: random prompt text
 QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 
@@ -203,7 +204,6 @@ def tiny_qwen_inputs(model, rows: list[tuple], seed: int = 0) -> dict:
     dtype = next(model.parameters()).dtype
     vocab = model.config.text_config.vocab_size
     family = model.config.model_type
-    first_text = VISION_END + 1
     ids, pix = [], {"image": [], "video": []}
     grids = {"image": [], "video": []}
     for media, length in rows:
@@ -218,11 +218,11 @@ def tiny_qwen_inputs(model, rows: list[tuple], seed: int = 0) -> dict:
             pad = IMAGE if kind == "image" else VIDEO
             if kind == "video" and family == "qwen3_vl":
                 for _ in range(t):  # "<t seconds>" timestamp text, then the frame
-                    row += [int(torch.randint(first_text, vocab, (1,), generator=g)), VISION_START]
+                    row += [int(torch.randint(FIRST_TEXT, vocab, (1,), generator=g)), VISION_START]
                     row += [pad] * per + [VISION_END]
             else:
                 row += [VISION_START] + [pad] * (t * per) + [VISION_END]
-        row += torch.randint(first_text, vocab, (length,), generator=g).tolist()
+        row += torch.randint(FIRST_TEXT, vocab, (length,), generator=g).tolist()
         ids.append(row)
     out = left_pad(ids, PAD)
     ii = out["input_ids"]
